@@ -1,0 +1,129 @@
+"""`hsd-serve`: generate (in-process), zoo (build the bundled models)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from hsd_serve.engine.types import METHODS
+
+
+def _bundled(name: str) -> Optional[str]:
+    from hsd_serve.zoo import bundled_model_dir
+
+    try:
+        return str(bundled_model_dir(name))
+    except FileNotFoundError:
+        return None
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="generate in-process with a target and a drafter",
+                       description="Lossless speculative generation in this process. Without "
+                                   "--target/--drafter the bundled pair is used.")
+    g.add_argument("prompt", help="prompt text ('-' reads standard input)")
+    g.add_argument("--target", help="target model: local directory or Hugging Face hub id "
+                                    "(default: the bundled target)")
+    g.add_argument("--drafter", help="drafter model: local directory or hub id (default: the "
+                                     "bundled drafter; 'none' for AR only)")
+    g.add_argument("--method", default="auto", choices=METHODS)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--lookahead", type=int, default=4)
+    g.add_argument("--adaptive-lookahead", action="store_true",
+                   help="grow/shrink the lookahead per round from the acceptance (max = --lookahead)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--slrs-max-forwards", type=int, default=64,
+                   help="refuse SLRS when its estimated drafter forwards per round exceed this")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model repositories to run their own code (off by default)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hsd_serve.core.sampling import SamplingParams
+    from hsd_serve.engine.local import Engine
+    from hsd_serve.engine.types import GenerationRequest
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed)
+    target_path = args.target or _bundled("target")
+    if target_path is None:
+        raise ValueError("no --target given and the bundled target is missing "
+                         "(build it with `hsd-serve zoo build`)")
+    drafter_path = args.drafter if args.drafter is not None else _bundled("drafter")
+    if args.method == "ar" or (drafter_path or "").lower() == "none":
+        drafter_path = None
+    req = GenerationRequest(prompt=prompt, max_new_tokens=args.max_new_tokens, params=params,
+                            method=args.method, lookahead=args.lookahead,
+                            adaptive_lookahead=args.adaptive_lookahead, stop=tuple(args.stop))
+    req.validate()
+    target = LoadedModel(ModelSpec(target_path, dtype=args.dtype, device=args.device,
+                                   trust_remote_code=args.trust_remote_code))
+    drafter = None
+    if drafter_path is not None:
+        drafter = LoadedModel(ModelSpec(drafter_path, dtype=args.dtype, device=args.device,
+                                        trust_remote_code=args.trust_remote_code))
+    engine = Engine(target, drafter, slrs_max_forwards=args.slrs_max_forwards)
+    if args.json:
+        result = engine.generate(req)
+        print(json.dumps(result.as_dict()))
+        return 0
+    result = None
+    for chunk in engine.stream(req):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        result = chunk.result
+    s = result.stats
+    print(f"\n[{s.method}] {s.emitted} tokens in {s.wall_s:.2f}s ({s.tokens_per_s:.1f} tok/s), "
+          f"acceptance {s.acceptance_rate:.2f}, {s.tokens_per_round:.2f} tokens/round, "
+          f"finish={result.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    z = sub.add_parser("zoo", help="build the bundled demo models (trains on this CPU)")
+    z.add_argument("zoo_args", nargs=argparse.REMAINDER,
+                   help="arguments for `python -m hsd_serve.zoo` (e.g. build --help)")
+    z.set_defaults(func=cmd_zoo)
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from hsd_serve.zoo.__main__ import main as zoo_main
+
+    return int(zoo_main(args.zoo_args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hsd-serve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_zoo(sub)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+        print(f"hsd-serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

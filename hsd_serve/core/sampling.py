@@ -1,0 +1,128 @@
+"""Sampling parameters, the target's processed distribution, and position-keyed randomness.
+
+Losslessness is defined against the *processed* distribution ``p``: the target's logits after
+temperature, top-k and top-p.  Temperature 0 means greedy: ``p`` is one-hot on the first argmax.
+
+Seeding (DESIGN.md §3).  Every random draw is keyed by ``(seed, absolute output position, stream)``
+and nothing else, using a counter-based construction (a fresh ``torch.Generator`` seeded with a
+splitmix64 hash of the key).  The target's own sample at position ``n`` is a Gumbel-max draw from the
+``TARGET`` stream at ``n``; AR and SLEM therefore emit identical tokens for the same seed, and neither
+batching, retries nor the number of rounds can change an output.  Different decisions at the same
+position use different streams, so they are independent.  A draw at position ``n`` is only ever used
+by decisions about position ``n``; drafts at ``n`` discarded by an earlier rejection never influenced
+an emitted token, so re-drawing them from the same key later is still fresh randomness with respect
+to everything already emitted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Randomness streams: one per kind of decision made about a position.
+TARGET = 0  # the target's own sample (AR, SLEM, bonus tokens)
+DRAFT = 1  # the drafter's proposal
+ACCEPT = 2  # the accept/reject uniform of speculative sampling
+RESIDUAL = 3  # the draw from the residual distribution after a rejection
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def key(seed: int, position: int, stream: int, salt: int = 0) -> int:
+    """A 63-bit generator seed that depends only on ``(seed, position, stream, salt)``."""
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (position & _MASK64))
+    h = _splitmix64(h ^ ((stream << 32) | (salt & 0xFFFFFFFF)))
+    return h & ((1 << 63) - 1)
+
+
+def uniforms(seed: int, position: int, stream: int, n: int, salt: int = 0) -> torch.Tensor:
+    """``n`` float64 uniforms in the open interval (0, 1), keyed as described in the module doc."""
+    g = torch.Generator().manual_seed(key(seed, position, stream, salt))
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    return u.clamp_(min=1e-300, max=1.0 - 1e-16)
+
+
+def uniform(seed: int, position: int, stream: int, salt: int = 0) -> float:
+    return float(uniforms(seed, position, stream, 1, salt)[0])
+
+
+def gumbel_sample(probs: torch.Tensor, seed: int, position: int, stream: int = TARGET,
+                  salt: int = 0) -> int:
+    """An exact sample from ``probs`` (1-D, need not be normalised) by the Gumbel-max trick.
+
+    ``argmax(log p_i - log(-log u_i))`` is distributed as ``p``; tokens with ``p_i = 0`` never win.
+    """
+    u = uniforms(seed, position, stream, probs.shape[-1], salt)
+    scores = torch.log(probs.to(torch.float64)) - torch.log(-torch.log(u))
+    return int(torch.argmax(scores))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target's logits become the distribution ``p`` that the output must follow."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not math.isfinite(self.top_p) \
+                or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0 \
+                or self.seed >= 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Processed distribution ``p`` over the last dimension (``[..., V]``), float32 or wider.
+
+    Greedy: one-hot on the first maximal logit.  Otherwise softmax(logits / T) restricted to the
+    top-k tokens and then to the smallest set whose mass reaches top-p (ties at the cut kept in
+    index order), renormalised.
+    """
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if params.greedy:
+        out = torch.zeros_like(logits)
+        out.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        return out
+    scaled = logits / params.temperature
+    vocab = scaled.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each token
+        drop_sorted = before >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def target_choice(p: torch.Tensor, params: SamplingParams, position: int) -> int:
+    """The target's own token at absolute output ``position`` given its processed ``p`` ([V])."""
+    if params.greedy:
+        return int(torch.argmax(p))
+    return gumbel_sample(p, params.seed, position, TARGET)

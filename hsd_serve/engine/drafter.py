@@ -1,0 +1,151 @@
+"""The drafter worker: per-request drafter state and the drafting half of every method.
+
+A session holds the drafter's KV cache and what it knows of the committed text: the committed
+target ids themselves for SD (shared vocabulary), or a ``DrafterText`` (its own tokenization of
+the committed bytes) for SLEM/TLI/SLRS.  Each ``draft`` call first re-synchronises with what the
+coordinator says is committed, keeping the previous round's drafted tokens that agree with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.core.vocab import Vocab, build_id_map, same_vocabulary
+from hsd_serve.engine.protocol import Draft, SessionMissing, SLRSOutcome
+from hsd_serve.engine.sync import DrafterText
+from hsd_serve.models.hf import LoadedModel, Session
+
+DRAFTING_METHODS = ("sd", "slem", "tli", "slrs")
+
+
+@dataclass
+class DrafterState:
+    method: str
+    params: SamplingParams
+    session: Session
+    text: Optional[DrafterText] = None  # heterogeneous methods
+    committed: list[int] = field(default_factory=list)  # SD: committed target ids
+    last_drafted: list[int] = field(default_factory=list)
+    forwards: int = 0
+    draft_s: float = 0.0
+
+    def row(self, context: list[int]) -> torch.Tensor:
+        """Raw drafter logits after ``context`` (one forward of its uncached suffix)."""
+        t0 = time.perf_counter()
+        out = self.session.forward_from(context)[-1]
+        self.draft_s += time.perf_counter() - t0
+        self.forwards += 1
+        return out
+
+    def context(self) -> list[int]:
+        return self.committed if self.text is None else self.text.ids
+
+
+class DrafterWorker:
+    def __init__(self, model: LoadedModel, target_vocab: Vocab, *, proposal_top_m: int = 64,
+                 slrs_max_forwards: int = 64, max_sessions: int = 256):
+        self.model = model
+        self.target_vocab = target_vocab
+        self.proposal_top_m = proposal_top_m
+        self.slrs_max_forwards = slrs_max_forwards
+        self.max_sessions = max_sessions
+        self.same_vocab = same_vocabulary(model.vocab, target_vocab)
+        self.sessions: "OrderedDict[str, DrafterState]" = OrderedDict()
+        self.evictions = 0
+        self._id_map: Optional[torch.Tensor] = None
+        self._slrs = None
+
+    # ---- pair-level tables, built on first use ------------------------------------------------
+    @property
+    def id_map(self) -> torch.Tensor:
+        if self._id_map is None:
+            self._id_map = build_id_map(self.model.vocab, self.target_vocab)
+        return self._id_map
+
+    def slrs(self):
+        """The SLRS proposal builder for this pair (raises SLRSBudgetError when too costly)."""
+        if self._slrs is None:
+            from hsd_serve.core.slrs import SLRS
+
+            self._slrs = SLRS(self.model.vocab, self.target_vocab,
+                              drafter_eos_ids=self.model.eos_ids,
+                              max_forwards=self.slrs_max_forwards)
+        return self._slrs
+
+    # ---- sessions ------------------------------------------------------------------------------
+    def open(self, rid: str, method: str, prompt: str, params: SamplingParams,
+             prompt_ids: Sequence[int] = ()) -> None:
+        if method not in DRAFTING_METHODS:
+            raise ValueError(f"method {method!r} does not use a drafter")
+        if method == "sd" and not self.same_vocab:
+            raise ValueError("sd needs drafter and target to share one vocabulary")
+        if method == "slrs":
+            self.slrs()  # refuse early when over budget
+        self.free(rid)
+        while len(self.sessions) >= self.max_sessions:
+            _, old = self.sessions.popitem(last=False)
+            old.session.free()
+            self.evictions += 1
+        st = DrafterState(method=method, params=params, session=self.model.new_session())
+        if method == "sd":
+            st.committed = list(prompt_ids)
+        else:
+            st.text = DrafterText(self.model.tokenizer, prompt)
+        self.sessions[rid] = st
+
+    def _state(self, rid: str) -> DrafterState:
+        st = self.sessions.get(rid)
+        if st is None:
+            raise SessionMissing(rid)
+        self.sessions.move_to_end(rid)
+        return st
+
+    def _sync(self, st: DrafterState, committed: Optional[Sequence[int]],
+              generated: Optional[bytes]) -> None:
+        if st.text is None:
+            st.committed = list(committed)
+        else:
+            st.text.update(generated, st.last_drafted)
+        st.last_drafted = []
+
+    def draft(self, rid: str, k: int, position: int, *, committed: Optional[Sequence[int]] = None,
+              generated: Optional[bytes] = None) -> Draft:
+        """Propose up to ``k`` tokens after the committed text (SD: ``committed`` ids; others:
+        the ``generated`` bytes after the prompt)."""
+        from hsd_serve.engine.methods import DRAFT_FUNCTIONS
+
+        st = self._state(rid)
+        f0, t0 = st.forwards, st.draft_s
+        self._sync(st, committed, generated)
+        if st.text is not None and st.text.pending(generated):  # mid-character: nothing useful
+            return Draft()
+        out = DRAFT_FUNCTIONS[st.method](self, st, k, position)
+        st.last_drafted = list(out.drafter_ids)
+        out.forwards, out.draft_s = st.forwards - f0, st.draft_s - t0
+        return out
+
+    def slrs_step(self, rid: str, generated: bytes, row: torch.Tensor,
+                  position: int) -> SLRSOutcome:
+        from hsd_serve.engine.methods.slrs import slrs_step
+
+        st = self._state(rid)
+        self._sync(st, None, generated)
+        f0, t0 = st.forwards, st.draft_s
+        if st.text.pending(generated):
+            return SLRSOutcome(token=-1, accepted=False, proposed=False)
+        out = slrs_step(self, st, row, position)
+        st.last_drafted = list(out.drafter_ids)
+        out.forwards, out.draft_s = st.forwards - f0, st.draft_s - t0
+        return out
+
+    def free(self, rid: str) -> bool:
+        st = self.sessions.pop(rid, None)
+        if st is not None:
+            st.session.free()
+        return st is not None

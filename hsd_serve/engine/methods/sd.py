@@ -1,0 +1,32 @@
+"""SD: standard speculative sampling when drafter and target share one vocabulary.
+
+The drafter runs on the committed target ids directly.  Each draft token is sampled from the
+drafter's processed distribution cut to the target's logit size and to its top-m entries and
+renormalised (argmax when greedy); that exact row is sent as the proposal, so the target's
+speculative rule (``core.speculative``) is lossless.
+"""
+
+import torch
+
+from hsd_serve.core.sampling import DRAFT, gumbel_sample, process_logits
+from hsd_serve.core.speculative import truncate_proposal
+from hsd_serve.engine.protocol import Draft
+
+
+def draft_sd(worker, st, k: int, position: int) -> Draft:
+    v_target = worker.target_vocab.size
+    drafts: list[int] = []
+    rows = []
+    for i in range(k):
+        logits = st.row(st.committed + drafts)[:v_target]
+        if st.params.greedy:
+            t = int(torch.argmax(logits))
+            q = torch.zeros(v_target)
+            q[t] = 1.0
+        else:
+            q = truncate_proposal(process_logits(logits, st.params), worker.proposal_top_m)
+            t = gumbel_sample(q, st.params.seed, position + i, DRAFT)
+        drafts.append(t)
+        rows.append(q)
+    return Draft(drafter_ids=drafts, target_ids=list(drafts),
+                 proposals=torch.stack(rows) if rows else None)

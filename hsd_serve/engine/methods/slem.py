@@ -1,0 +1,36 @@
+"""SLEM: string-level exact match.
+
+Drafter side (``draft_slem``): continue the committed text greedily for ``k`` drafter tokens and
+send their bytes.  Coordinator side (``candidates``): re-encode those bytes with the target
+tokenizer after a window of the committed text (``engine.sync.encode_after``).  Target side: the
+``EXACT`` rule (``core.exact_match``): every emitted token is the target's own choice, so the output
+is the target's whatever the candidates are.
+"""
+
+import torch
+
+from hsd_serve.core.detok import valid_utf8_prefix_len
+from hsd_serve.engine.protocol import Draft
+from hsd_serve.engine.sync import encode_after
+
+CANDIDATES_PER_DRAFT = 3  # cap on target candidates per drafted token (long drafter tokens)
+
+
+def draft_slem(worker, st, k: int, position: int) -> Draft:
+    token_bytes = worker.model.vocab.token_bytes
+    drafted: list[int] = []
+    for _ in range(k):
+        d = int(torch.argmax(st.row(st.text.ids + drafted)))
+        if not token_bytes[d]:  # EOS or another special: the drafter's text ends here
+            break
+        drafted.append(d)
+    return Draft(drafter_ids=drafted, text=b"".join(token_bytes[d] for d in drafted))
+
+
+def candidates(target_tokenizer, committed_bytes: bytes, text: bytes, k: int) -> list[int]:
+    """Candidate target ids for drafted ``text`` following ``committed_bytes`` (prompt + output)."""
+    text = text[:valid_utf8_prefix_len(text)]
+    if not text:
+        return []
+    ids = encode_after(target_tokenizer, committed_bytes, text.decode("utf-8", errors="replace"))
+    return ids[:CANDIDATES_PER_DRAFT * k]

@@ -1,0 +1,160 @@
+"""Hugging Face adapters: load any causal LM + tokenizer, and per-request KV-cache sessions.
+
+Hugging Face types stop here: the engine sees ``LoadedModel`` (logit size, context length, a
+``TokenizerAdapter``) and ``Session`` (token ids in, float logits out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hsd_serve.models.tokenizer import TokenizerAdapter, load_tokenizer
+
+_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded (message names the path and the reason)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how to run it."""
+
+    path: str  # local directory or hub id
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+
+class LoadedModel:
+    """A causal LM with its tokenizer, ready to open sessions."""
+
+    def __init__(self, spec: ModelSpec):
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        self.spec = spec
+        path = spec.path
+        local = Path(path).expanduser()
+        if (path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+            raise ModelLoadError(f"model directory not found: {path}")
+        try:
+            hf_tok = load_tokenizer(str(local) if local.is_dir() else path,
+                                    trust_remote_code=spec.trust_remote_code)
+            kwargs = {"trust_remote_code": spec.trust_remote_code}
+            if _DTYPES[spec.dtype] is not None:
+                kwargs["dtype"] = _DTYPES[spec.dtype]
+            else:
+                kwargs["dtype"] = "auto"
+            model = AutoModelForCausalLM.from_pretrained(str(local) if local.is_dir() else path,
+                                                         **kwargs)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+            raise ModelLoadError(f"cannot load model {path!r}: {exc}") from exc
+        model.to(spec.device)
+        model.eval()
+        self.model = model
+        self.device = torch.device(spec.device)
+        self.logit_size = int(model.get_output_embeddings().weight.shape[0])
+        self.tokenizer = TokenizerAdapter(hf_tok, model_vocab_size=self.logit_size)
+        cfg = model.config
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2**31 - 1)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = set(self.tokenizer.eos_ids)
+        if isinstance(gen_eos, int):
+            eos.add(gen_eos)
+        elif isinstance(gen_eos, (list, tuple)):
+            eos.update(int(e) for e in gen_eos)
+        self.eos_ids = frozenset(eos)
+        self.name = path
+
+    @property
+    def vocab(self):
+        return self.tokenizer.vocab
+
+    def new_session(self) -> "Session":
+        return Session(self)
+
+
+class Session:
+    """One request's KV cache on one model.
+
+    ``ids`` are the tokens whose keys/values are in the cache.  ``forward_from(context, extra)``
+    makes the cache hold ``context + extra`` (cropping to the longest common prefix first, so
+    only new tokens are computed) and returns the logits after ``context`` and after each extra
+    token: ``[len(extra) + 1, V]`` float32.
+    """
+
+    def __init__(self, owner: LoadedModel):
+        from transformers import DynamicCache
+
+        self.owner = owner
+        self._cache = DynamicCache()
+        self.ids: list[int] = []
+        self.forwards = 0  # model calls made by this session
+        self.tokens_computed = 0  # tokens pushed through the model by this session
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def crop(self, n: int) -> None:
+        """Keep only the first ``n`` cached tokens."""
+        drop = len(self.ids) - n
+        if drop > 0:
+            self._cache.crop(-drop)
+            del self.ids[n:]
+
+    def common_prefix(self, context: list[int]) -> int:
+        n = min(len(self.ids), len(context))
+        i = 0
+        ids = self.ids
+        while i < n and ids[i] == context[i]:
+            i += 1
+        return i
+
+    @torch.inference_mode()
+    def forward_from(self, context: list[int], extra: list[int] = ()) -> torch.Tensor:
+        if not context:
+            raise ValueError("forward_from needs a non-empty context")
+        extra = list(extra)
+        keep = self.common_prefix(context)
+        if keep == len(context):
+            keep -= 1  # the logits after the last context token are not stored: recompute it
+        self.crop(keep)
+        new = context[keep:] + extra
+        total = keep + len(new)
+        if total > self.owner.max_context:
+            raise ValueError(f"sequence of {total} tokens exceeds the model context of "
+                             f"{self.owner.max_context}")
+        input_ids = torch.tensor([new], dtype=torch.long, device=self.owner.device)
+        out = self.owner.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True,
+                               logits_to_keep=len(extra) + 1)
+        self.ids.extend(new)
+        self.forwards += 1
+        self.tokens_computed += len(new)
+        return out.logits[0, -(len(extra) + 1):].float()
+
+    def free(self) -> None:
+        from transformers import DynamicCache
+
+        self._cache = DynamicCache()
+        self.ids = []

@@ -1,0 +1,126 @@
+"""``python -m hsd_serve.zoo {build,train,finalize}``.
+
+build     train all three models (target in one process, the two drafters one after the other in a
+          second process; each process uses one thread), then finalize.
+train     train one or more models in this process (sequentially).
+finalize  copy the trained Hugging Face folders into ``--out``, measure decode latency and the
+          validation loss per token / per byte, write README.md model cards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import BUNDLED_DIR, MODEL_NAMES
+
+DEFAULT_WORKDIR = Path("runs/zoo")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                   help="where checkpoints/logs go (default: runs/zoo)")
+    p.add_argument("--assets", type=Path, default=None,
+                   help="folder with mistral-v0.1/ and gpt2/ tokenizer files "
+                        "(default: $HSD_TOKENIZER_ASSETS or /work/shared/assets/tokenizers)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--corpus-root", type=Path, default=None,
+                   help="override the corpus root (default: this interpreter's stdlib)")
+
+
+def _add_minutes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--minutes-target", type=float, default=None, help="wall-clock budget (default 70)")
+    p.add_argument("--minutes-drafter", type=float, default=None, help="default 20")
+    p.add_argument("--minutes-byte", type=float, default=None, help="default 12")
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+
+
+def _minutes_for(args, name: str):
+    return {"target": args.minutes_target, "drafter": args.minutes_drafter,
+            "byte_drafter": args.minutes_byte}[name]
+
+
+def _forward_args(args) -> list[str]:
+    out = ["--workdir", str(args.workdir), "--seed", str(args.seed), "--threads", str(args.threads),
+           "--ckpt-minutes", str(args.ckpt_minutes)]
+    if args.assets is not None:
+        out += ["--assets", str(args.assets)]
+    if args.corpus_root is not None:
+        out += ["--corpus-root", str(args.corpus_root)]
+    for flag, v in (("--minutes-target", args.minutes_target), ("--minutes-drafter", args.minutes_drafter),
+                    ("--minutes-byte", args.minutes_byte), ("--max-steps", args.max_steps)):
+        if v is not None:
+            out += [flag, str(v)]
+    return out
+
+
+def cmd_train(args) -> int:
+    from .specs import SPECS
+    from .train import train
+
+    for name in args.only:
+        train(SPECS[name], args.workdir, minutes=_minutes_for(args, name), seed=args.seed,
+              threads=args.threads, ckpt_minutes=args.ckpt_minutes, assets=args.assets,
+              corpus_root=args.corpus_root, max_steps=args.max_steps)
+    return 0
+
+
+def cmd_finalize(args) -> int:
+    from .finalize import finalize
+
+    finalize(args.workdir, args.out, names=args.only, threads=args.bench_threads,
+             assets=args.assets, corpus_root=args.corpus_root, seed=args.seed)
+    return 0
+
+
+def cmd_build(args) -> int:
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "hsd_serve.zoo", "train"] + _forward_args(args)
+    groups = [[n for n in ("target",) if n in args.only],
+              [n for n in ("drafter", "byte_drafter") if n in args.only]]
+    procs = []
+    for g in groups:
+        if not g:
+            continue
+        log = open(args.workdir / f"build-{'-'.join(g)}.log", "a")
+        procs.append(subprocess.Popen(base + ["--only", *g], stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}))
+        print(f"started {' '.join(g)} (pid {procs[-1].pid}), log {log.name}", flush=True)
+    rcs = [p.wait() for p in procs]
+    if any(rcs):
+        print(f"training failed: return codes {rcs}", file=sys.stderr)
+        return 1
+    return cmd_finalize(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m hsd_serve.zoo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pb = sub.add_parser("build", help="train all models and write the bundled folders")
+    pt = sub.add_parser("train", help="train models in this process")
+    pf = sub.add_parser("finalize", help="export trained folders + model cards")
+    for p in (pb, pt, pf):
+        _add_common(p)
+        p.add_argument("--only", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    for p in (pb, pt):
+        _add_minutes(p)
+    for p in (pb, pf):
+        p.add_argument("--out", type=Path, default=BUNDLED_DIR,
+                       help=f"output folder for the HF model folders (default: {BUNDLED_DIR})")
+        p.add_argument("--bench-threads", type=int, default=1,
+                       help="torch threads when measuring decode latency (default 1)")
+    pb.set_defaults(func=cmd_build)
+    pt.set_defaults(func=cmd_train)
+    pf.set_defaults(func=cmd_finalize)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,181 @@
+"""Fast tests of the bundled model zoo (hsd_serve/zoo)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hsd_serve.zoo as zoo
+from hsd_serve.zoo.corpus import Corpus, list_corpus_files, split_files, stdlib_root
+
+# ---------------------------------------------------------------- corpus
+
+
+def _touch(root: Path, rel: str, text: str = "x = 1\n") -> None:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+
+
+def test_corpus_includes_and_excludes_the_right_files(tmp_path):
+    keep = ["a.py", "pkg/__init__.py", "pkg/sub/b.py", "test/test_x.py", "site_packages_like.py",
+            "packages/site.py"]
+    drop = ["site-packages/x.py", "lib/site-packages/pkg/y.py", "dist-packages/z.py",
+            "pkg/__pycache__/c.py", "notes.txt", "a.pyc", "pkg/data.json"]
+    for rel in keep + drop:
+        _touch(tmp_path, rel)
+    (tmp_path / "link.py").symlink_to(tmp_path / "a.py")
+    assert list_corpus_files(tmp_path) == sorted(keep)
+
+
+def test_corpus_split_is_deterministic_disjoint_and_complete(tmp_path):
+    files = [f"m{i:04d}.py" for i in range(2000)]
+    train, val = split_files(files, val_fraction=0.01, seed=0)
+    assert (train, val) == split_files(list(reversed(files)), val_fraction=0.01, seed=0)
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(files)
+    assert 5 <= len(val) <= 40  # ~1 %
+    assert val == sorted(val) and train != sorted(train)  # train is shuffled
+    train2, val2 = split_files(files, val_fraction=0.01, seed=1)
+    assert val2 == val and train2 != train  # seed changes the order, not the held-out set
+
+
+def test_corpus_skips_non_utf8_files(tmp_path):
+    _touch(tmp_path, "good.py", "print('é')\n")
+    (tmp_path / "bad.py").write_bytes(b"# -*- coding: latin-1 -*-\nx = '\xe9'\n")
+    c = Corpus.build(tmp_path, val_fraction=0.0)
+    assert sorted(c.train) == ["bad.py", "good.py"]
+    assert list(c.texts(c.train)) == ["print('é')\n"] or list(c.texts(sorted(c.train))) == ["print('é')\n"]
+
+
+def test_stdlib_corpus_is_the_standard_library():
+    files = list_corpus_files()
+    assert "os.py" in files and "json/__init__.py" in files
+    assert not any("site-packages" in f or "dist-packages" in f for f in files)
+    assert all(f.endswith(".py") for f in files)
+    assert stdlib_root().is_dir()
+
+
+# ---------------------------------------------------------------- byte tokenizer
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    from hsd_serve.zoo.toks import build_byte_tokenizer
+
+    return build_byte_tokenizer()
+
+
+def test_byte_tokenizer_vocab(byte_tok):
+    assert len(byte_tok) == 257
+    assert byte_tok.eos_token == "<|endoftext|>" and byte_tok.eos_token_id == 256
+    assert byte_tok.bos_token_id == 256
+    assert byte_tok.encode("A\n", add_special_tokens=False) == [65, 10]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_byte_tokenizer_round_trips_unicode(byte_tok, s):
+    ids = byte_tok.encode(s, add_special_tokens=False)
+    assert ids == list(s.encode("utf-8"))
+    assert byte_tok.decode(ids) == s
+    assert byte_tok.decode(byte_tok.encode(s)) == s
+
+
+def test_byte_tokenizer_saves_and_reloads(byte_tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    byte_tok.save_pretrained(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    s = "déf f(x):\n\treturn x  # 🐍 \u0000"
+    assert tok.decode(tok.encode(s)) == s and len(tok) == 257 and tok.eos_token_id == 256
+
+
+# ---------------------------------------------------------------- package API
+
+
+def test_bundled_model_dir_errors(monkeypatch, tmp_path):
+    with pytest.raises(ValueError):
+        zoo.bundled_model_dir("nope")
+    monkeypatch.setattr(zoo, "BUNDLED_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="zoo build"):
+        zoo.bundled_model_dir("target")
+
+
+def test_zoo_import_is_cheap():
+    code = "import sys, hsd_serve.zoo; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+def test_cli_parser():
+    from hsd_serve.zoo.cli import build_parser
+
+    a = build_parser().parse_args(["build", "--out", "x", "--minutes-target", "5", "--only", "drafter"])
+    assert a.minutes_target == 5.0 and a.only == ["drafter"] and str(a.out) == "x"
+
+
+# ---------------------------------------------------------------- bundled models
+
+EXPECTED = {  # name -> (tokenizer length, eos id, tokenizer files)
+    "target": (32000, 2, ("tokenizer.json", "tokenizer.model")),
+    "drafter": (50257, 50256, ("tokenizer.json",)),
+    "byte_drafter": (257, 256, ("tokenizer.json",)),
+}
+
+
+def _built(name: str) -> bool:
+    try:
+        zoo.bundled_model_dir(name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("name", zoo.MODEL_NAMES)
+def test_bundled_model_loads_offline(name, monkeypatch):
+    if not _built(name):
+        pytest.skip(f"bundled {name} not built")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = zoo.bundled_model_dir(name)
+    n_tok, eos, files = EXPECTED[name]
+    for f in ("config.json", "generation_config.json", "README.md", "LICENSE", *files):
+        assert (d / f).is_file(), f
+    tok = AutoTokenizer.from_pretrained(str(d))
+    model = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert len(tok) == n_tok and model.config.vocab_size == n_tok
+    assert tok.eos_token_id == eos and model.generation_config.eos_token_id == eos
+    s = "def f(x):\n    return x + 1\n"
+    assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
+    with torch.inference_mode():
+        logits = model(torch.tensor([tok.encode(s)])).logits
+    assert logits.shape[-1] == n_tok and torch.isfinite(logits.float()).all()
+    if name == "target":
+        assert model.dtype == torch.bfloat16
+    card = (d / "README.md").read_text()
+    assert "nats/byte" in card and "ms per step" in card
+
+
+def test_bundled_weights_under_80_mb():
+    dirs = [zoo.BUNDLED_DIR / n for n in zoo.MODEL_NAMES if _built(n)]
+    if not dirs:
+        pytest.skip("no bundled models built")
+    total = sum(p.stat().st_size for d in dirs for p in d.glob("*.safetensors"))
+    assert total <= 80 * 1000 * 1000
+
+
+def test_bundled_cards_record_target_costlier_than_drafters():
+    if not all(_built(n) for n in zoo.MODEL_NAMES):
+        pytest.skip("bundled models not built")
+    for n in ("drafter", "byte_drafter"):
+        rec = json.loads((zoo.bundled_model_dir(n) / "zoo_card.json").read_text())
+        assert rec["step_ratio_target_over_this"] > 1.0

@@ -15,8 +15,8 @@ Notation
 terminal     drafter ids that end the stream: the given EOS ids, the drafter's ``special_ids``, ids
              whose byte string is empty, and ids beyond the drafter vocabulary (padding rows).
 ``b(π)``     the concatenated bytes of ``π``.
-``u ⊑ v``    ``u`` is a prefix of ``v``; "``w`` is extendable" means some ``s ∈ S`` has ``w ⊏ s``
-             strictly.
+``u ⊑ v``    ``u`` is a prefix of ``v`` (``⊏``: a proper prefix); "``w`` is extendable" means
+             some ``s ∈ S`` has ``w ⊏ s``.
 
 The proposal
 ------------
@@ -36,15 +36,15 @@ which sums to one: ``Σ_t ψ'(t) = (1 − ψ(∅)) + ψ(∅) = 1``.
 
 Stopping the stream does not bias ψ.  Drafting stops at the first prefix ``π`` of the run whose
 bytes ``w = b(π)`` are not extendable (or when a terminal token is drawn).  For every continuation
-``B ⊒ w`` we have ``f(B) = f(w)``: an ``s ∈ S`` with ``s ⊑ B`` and ``|s| ≤ |w|`` satisfies ``s ⊑ w``,
-and one with ``|s| > |w|`` would make ``w`` extendable.  So the stopped run determines the outcome
-of the whole (possibly infinite) stream; the stopping time is a function of the drawn prefix only,
-and ``ψ`` is the law of ``f(B)`` of the full stream whatever we decide to look at.
+``B ⊒ w`` we have ``f(B) = f(w)``: an ``s ∈ S`` with ``s ⊑ B`` and ``|s| ≤ |w|`` satisfies
+``s ⊑ w``, and one with ``|s| > |w|`` would make ``w`` extendable.  So the stopped run determines
+the outcome of the whole (possibly infinite) stream; the stopping time is a function of the drawn
+prefix only, and ``ψ`` is the law of ``f(B)`` of the full stream whatever we decide to look at.
 
 Computing ψ exactly
 -------------------
-``ψ(o) = Σ_{stopped runs π, f(b(π)) = o} Π_j q(d_j | d1..d_{j-1})`` is evaluated by a recursion over
-the tree of run prefixes, pruned where the outcome can no longer be ``o``.  Write ``s`` for the
+``ψ(o) = Σ_{stopped runs π, f(b(π)) = o} Π_j q(d_j | d1..d_{j-1})`` is evaluated by a recursion
+over the tree of run prefixes, pruned where the outcome can no longer be ``o``.  Write ``s`` for the
 string of ``o`` (``b""`` for ``∅``) and ``V(π) = P(f = o | run prefix π)``:
 
 * Phase A, ``w = b(π)`` a proper prefix of ``s``, rest ``r = s[|w|:]``: a token ``d`` that is a
@@ -81,7 +81,8 @@ Verification (standard rejection sampling with an exact proper proposal)
 Accept the proposal ``t`` with probability ``a(t) = min(1, p(t)/ψ'(t))``; on rejection emit a draw
 from ``res = norm((p − ψ')⁺)``.  Then
 
-    P(emit t) = ψ'(t)·a(t) + P(rej)·res(t) = min(ψ', p)(t) + [Σ_u (ψ' − p)⁺(u)] · (p − ψ')⁺(t) / Σ_u (p − ψ')⁺(u)
+    P(emit t) = ψ'(t)·a(t) + P(rej)·res(t)
+              = min(ψ', p)(t) + [Σ_u (ψ' − p)⁺(u)] · (p − ψ')⁺(t) / Σ_u (p − ψ')⁺(u)
               = min(ψ', p)(t) + (p − ψ')⁺(t) = p(t),
 
 because ``Σ (ψ' − p)⁺ = Σ (p − ψ')⁺`` for two distributions.  This needs ψ' only at the proposed
@@ -99,29 +100,49 @@ procedure.  Given a rejection the number of tries is geometric with mean ``1/α`
 number of tries per round is ``P(rej)/α = 1``; ψ' values are cached per round, so repeated draws of
 the same token cost no forwards.
 
-Randomness.  Every uniform has its own key (DESIGN.md "Seeding"): drafter token ``j`` of the round at
-output position ``n`` uses ``gumbel_sample(row, seed, n, DRAFT, salt=j)``; the no-match draw from
-``p`` uses ``(DRAFT, salt=NO_MATCH_SALT)``; the accept test ``uniform(seed, n, ACCEPT)``; residual try
-``i`` two uniforms from ``(RESIDUAL, salt=i)``; the exact residual ``(RESIDUAL, salt=EXACT_SALT)``.
-The keys are distinct, so the draws are independent as the argument assumes, and the emitted token
-depends only on ``(seed, n)`` and the two models' distributions.
+Randomness.  Every uniform has its own key (DESIGN.md "Seeding"): drafter token ``j`` of the round
+at output position ``n`` uses ``gumbel_sample(row, seed, n, DRAFT, salt=j)``; the no-match draw from
+``p`` uses ``(DRAFT, salt=NO_MATCH_SALT)``; the accept test ``uniform(seed, n, ACCEPT)``; residual
+try ``i`` two uniforms from ``(RESIDUAL, salt=i)``; the exact residual
+``(RESIDUAL, salt=EXACT_SALT)``.  The keys are distinct, so the draws are independent as the
+argument assumes, and the emitted token depends only on ``(seed, n)`` and the two models'
+distributions.
 
 Shortcuts that change nothing: ``p(t) = 0`` rejects and ``p(t) = 1`` accepts without computing ψ'
 (``psi`` is then ``nan``); a ``p`` with a single support token has that token as its residual.
 
 Cost and budget
 ---------------
-A *context* is a drafter path whose next-token row is needed.  Every oracle call is made for a
-context not yet cached, so oracle calls ≤ contexts.  The contexts of one round without residual
-tries are those of ``ψ(t)`` for the verified ``t`` together with those of ``ψ(∅)`` (the drafted run
-itself lies inside them).  ``estimated_forwards`` is the exact worst case of that union over all
-``t``, counted without model calls by a DP over the two vocabularies: the number of drafter
-segmentations of each proper prefix of ``s_t`` (phase A) plus the phase-B subtrees below each
-transition, plus the no-match contexts.  A byte-level drafter needs about ``|s_t|`` plus the number
-of non-token nodes of the target trie between ``s_t`` and its next longer matches; a BPE drafter
-grows exponentially with ``|s_t|``.  Construction raises ``SLRSBudgetError`` when the estimate exceeds
-``max_forwards``.  Residual tries add the contexts of the tokens they draw (one try per round on
-average).  Zero-probability drafter tokens are pruned at run time, so a peaked drafter costs less.
+A *context* is a drafter path whose next-token row the recursion needs.  Every oracle call is made
+for a needed context not yet cached, so oracle calls ≤ needed contexts (a call names the leftmost
+leaf below that context, so it may also return rows past zero-probability tokens, at no extra call).
+The contexts of one round without residual tries are those of ``ψ(t)`` for the verified ``t``
+together with those of ``ψ(∅)`` (the drafted run itself lies inside them).  ``estimated_forwards``
+is the exact worst case of that union over all ``t`` (``contexts_needed(t)`` per token), counted
+without model calls by a DP over the two vocabularies: the number of drafter segmentations of each
+proper prefix of ``s_t`` (phase A) plus the phase-B subtrees below each transition, plus the
+no-match contexts.  A byte-level drafter needs about ``|s_t|`` plus the number of non-token nodes of
+the target trie between ``s_t`` and its next longer matches; a BPE drafter grows exponentially with
+``|s_t|``.  Construction raises ``SLRSBudgetError`` when the estimate exceeds ``max_forwards``.
+Residual tries add the contexts of the tokens they draw (one try per round on average).
+Zero-probability drafter tokens are pruned at run time, so a peaked drafter costs less.
+
+Two knobs keep real pairs under budget without touching exactness:
+
+* ``max_target_bytes``: target strings longer than this leave ``S`` (the rule never proposes them;
+  the target still emits them through the ψ(∅) mixture and the residual).  Any subset of target
+  strings gives a valid rule.
+* ``drafter_top_k``: a promise that every oracle row has at most ``k`` non-zero entries (the engine
+  applies top-k to the drafter).  The estimate then keeps only the ``k`` costliest children of every
+  context (an upper bound).  ψ stays exact because it is computed from the same truncated rows the
+  stream is drawn from; a row with more non-zeros only costs more than estimated.
+
+Measured worst cases (byte-level drafter; real target vocabularies from ``shared/assets``):
+GPT-2 128 and Llama-3 371 contexts unrestricted (long runs of spaces / mojibake, and short
+tokens such as ``.set`` with hundreds of non-token trie nodes below them); with
+``max_target_bytes=8, drafter_top_k=4``: 36 and 60.  The median token needs about 7.  A 512-token
+SentencePiece drafter (stories260K) needs ~10^3 even then: multi-byte drafters suit short targets
+only.
 
 Engine contract
 ---------------
@@ -161,7 +182,8 @@ __all__ = [
 
 NO_MATCH_SALT = 0x7FFFFFFF  # (DRAFT stream) the draw from p when the drafted stream matched nothing
 EXACT_SALT = 0xFFFFFFFF  # (RESIDUAL stream) the draw from the exactly computed residual
-_MAX_SCAN_CACHE = 200_000
+_MAX_SCAN_CACHE = 200_000  # entries per structural cache (cleared when full)
+_MAX_GATHER = 4096  # kill sets up to this many drafter ids are summed with one cached gather
 
 
 class VocabLike(Protocol):
@@ -196,7 +218,7 @@ class SLRSResult:
     p_proposal: float  # p(proposal)
     forwards: int  # oracle calls (drafter forwards) this round
     contexts: int  # distinct drafter contexts whose rows were read this round
-    drafted_path: tuple[int, ...]  # drafter ids sampled (the terminal id, if one ended it, excluded)
+    drafted_path: tuple[int, ...]  # drafter ids sampled (a terminal id that ended it excluded)
     drafted_bytes: bytes
     residual_tries: int  # tries of the residual-by-rejection loop (0 when accepted)
     residual_exact: bool  # the residual was computed exactly over the support of p
@@ -220,6 +242,10 @@ def residual_acceptance(p_t: float, psi_t: float) -> float:
 
 def _nbytes(s: bytes) -> str:
     return f"{len(s)} byte" if len(s) == 1 else f"{len(s)} bytes"
+
+
+def _show(s: bytes, limit: int = 32) -> str:
+    return repr(s) if len(s) <= limit else repr(s[:limit]) + "..."
 
 
 def _prefix_upper(x: bytes) -> bytes | None:
@@ -247,7 +273,8 @@ class SLRS:
             raise ValueError(f"max_target_bytes must be None or an integer >= 1, "
                              f"got {max_target_bytes!r}")
         if drafter_top_k is not None and (not isinstance(drafter_top_k, int) or drafter_top_k < 1):
-            raise ValueError(f"drafter_top_k must be None or an integer >= 1, got {drafter_top_k!r}")
+            raise ValueError(f"drafter_top_k must be None or an integer >= 1, "
+                             f"got {drafter_top_k!r}")
         self.max_forwards = max_forwards
         self.drafter_top_k = drafter_top_k
         self.max_residual_tries = max_residual_tries
@@ -305,11 +332,14 @@ class SLRS:
         self._scan_cache: dict[tuple[bytes, bytes, int], tuple[tuple[bytes, ...],
                                                                tuple[tuple[int, bytes], ...]]] = {}
         self._block_cache: dict[bytes, tuple[int, int]] = {}
+        self._kill_idx: dict[tuple[bytes, bytes, int], torch.Tensor | list[tuple[int, int]]] = {}
 
         # ---- worst-case cost -------------------------------------------------------------
-        self._b_count: dict[bytes, int] = {}
+        self._b_count: dict[int | None, dict[bytes, int]] = {}
         self.no_match_contexts = self._phase_b_count(b"") if b"" in self._t_next else 0
         worst, worst_s, worst_a = self.no_match_contexts, None, 0
+        if drafter_top_k is not None and self.no_match_contexts:
+            worst = min(worst, self._phase_b_count(b"", drafter_top_k))
         for s in t_id:
             total, phase_a = self._contexts_for_string(s)
             if total > worst:
@@ -318,19 +348,24 @@ class SLRS:
         self.worst_target_id: int | None = None if worst_s is None else t_id[worst_s]
         if worst > max_forwards:
             if worst_s is None:
-                what = (f"the no-match outcome needs {worst} contexts (target strings that no "
-                        f"drafter token sequence reaches cheaply)")
+                what = (f"the no-match outcome needs {worst} contexts (drafter paths through "
+                        f"prefixes of target strings before any of them matches)")
             else:
                 longest = max((s for s in t_id if s.startswith(worst_s)), key=len)
-                what = (f"worst target token id {t_id[worst_s]} {worst_s!r} ({_nbytes(worst_s)}): "
-                        f"{worst_a} drafter tokenizations of its proper prefixes plus "
+                what = (f"worst target token id {t_id[worst_s]} {_show(worst_s)} "
+                        f"({_nbytes(worst_s)}): "
+                        f"{worst_a} contexts on drafter tokenizations of its proper prefixes plus "
                         f"{worst - worst_a} contexts for its longer matches (longest "
-                        f"{longest!r} ({_nbytes(longest)})) and the no-match outcome")
+                        f"{_show(longest)} ({_nbytes(longest)})) and the no-match outcome")
+            topk = "" if drafter_top_k is None else f", drafter_top_k={drafter_top_k}"
+            cut = "" if max_target_bytes is None else f", max_target_bytes={max_target_bytes}"
             raise SLRSBudgetError(
                 f"SLRS would need up to {worst} drafter forwards in one round but max_forwards="
-                f"{max_forwards}; {what}; drafter vocabulary: {self.drafter_kind}. Use a byte- or "
+                f"{max_forwards}{topk}{cut}; {what}; drafter vocabulary: {self.drafter_kind}; "
+                f"target: {len(t_id)} strings, longest {max(map(len, t_id))} bytes. Use a byte- or "
                 f"character-level drafter, raise max_forwards, set max_target_bytes to leave long "
-                f"target tokens to the residual, or use SLEM/TLI.")
+                f"target tokens to the residual, apply top-k to the drafter (drafter_top_k), or "
+                f"use SLEM/TLI.")
 
     # ------------------------------------------------------------------ descriptions
     @property
@@ -345,7 +380,7 @@ class SLRS:
     def _is_terminal(self, d: int) -> bool:
         return d >= self.n_drafter or d < 0 or d in self._d_terminal
 
-    def _scan(self, w: bytes, x0: bytes, limit: int
+    def _scan(self, w: bytes, x0: bytes, limit: int, cache: bool = True
               ) -> tuple[tuple[bytes, ...], tuple[tuple[int, bytes], ...]]:
         """Classify drafter tokens ``d ⊒ x0`` appended at bytes ``w`` (``w·x0`` a target-trie node).
 
@@ -382,9 +417,10 @@ class SLRS:
                     if c in big:
                         stack.append(x + bytes((c,)))
         out = (tuple(kills), tuple(rec))
-        if len(self._scan_cache) >= _MAX_SCAN_CACHE:
-            self._scan_cache.clear()
-        self._scan_cache[k] = out
+        if cache:
+            if len(self._scan_cache) >= _MAX_SCAN_CACHE:
+                self._scan_cache.clear()
+            self._scan_cache[k] = out
         return out
 
     def _children(self, w: bytes, s: bytes) -> list[tuple[int, bytes]]:
@@ -403,29 +439,33 @@ class SLRS:
             out.extend((i, w + x) for i, x in self._scan(w, b"", len(w))[1])
         return out
 
-    def _topk_sum(self, vals: list[int]) -> int:
-        k = self.drafter_top_k
+    @staticmethod
+    def _sum_top(vals: list[int], k: int | None) -> int:
         if k is None or len(vals) <= k:
             return sum(vals)
         return sum(heapq.nlargest(k, vals))
 
-    def _phase_b_count(self, w: bytes) -> int:
-        """Contexts in the phase-B subtree of a context with bytes ``w`` (worst case)."""
-        c = self._b_count.get(w)
+    def _phase_b_count(self, w: bytes, k: int | None = None) -> int:
+        """Contexts in the phase-B subtree of a context with bytes ``w``: all of them, or with
+        ``k`` the worst case when every row has at most ``k`` non-zero entries."""
+        memo = self._b_count.setdefault(k, {})
+        c = memo.get(w)
         if c is None:
-            c = 1 + self._topk_sum([self._phase_b_count(w + x)
-                                    for _, x in self._scan(w, b"", len(w))[1]])
-            self._b_count[w] = c
+            c = 1 + self._sum_top([self._phase_b_count(w + x, k)
+                                   for _, x in self._scan(w, b"", len(w), cache=False)[1]], k)
+            memo[w] = c
         return c
 
     def _contexts_for_string(self, s: bytes) -> tuple[int, int]:
         """(contexts of ψ(s) ∪ ψ(∅), contexts spent on tokenizations of s's proper prefixes).
 
         Exact without ``drafter_top_k`` (every drafter path that the recursion can visit); with it,
-        a worst case in which each context keeps its ``k`` costliest children.  No model calls.
+        the smaller of that and a worst case in which each context keeps its ``k`` costliest
+        children.  No model calls.
         """
         n = len(s)
         d_ids, d_next = self._d_ids, self._d_next
+        k_top = self.drafter_top_k
         seg = [0] * n  # number of drafter id sequences whose bytes are exactly s[:k]
         seg[0] = 1
         moves: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # k -> [(j, multiplicity)]
@@ -440,6 +480,24 @@ class SLRS:
                     moves[i].append((j, len(ids)))
                 if x not in d_next:
                     break
+        # exact: every path, each with the phase-B subtrees below its transitions
+        total = own0 = 0
+        trans: list[tuple[int, ...]] = [()] * n
+        for k in range(n):
+            if not seg[k]:
+                continue
+            own0 += seg[k]
+            total += seg[k]
+            r = s[k:]
+            if r in d_next or r in d_ids:
+                trans[k] = tuple(len(x) for _, x in self._scan(s[:k], r, n, cache=False)[1])
+                total += seg[k] * sum(self._phase_b_count(s[:k + j]) for j in trans[k])
+        if self.no_match_contexts:  # shared with ψ(∅): phase-A contexts before the first match
+            m = next(k for k in range(1, n + 1) if s[:k] in self._t_id)
+            total += self.no_match_contexts - sum(seg[:m])
+        if k_top is None:
+            return total, own0
+        # worst case with at most k_top non-zero entries per row: position DP
         full = [0] * n
         own = [0] * n
         for k in range(n - 1, -1, -1):
@@ -450,19 +508,13 @@ class SLRS:
             for j, mult in moves[k]:
                 ch_full.extend([full[j]] * mult)
                 ch_own.extend([own[j]] * mult)
-            for _, x in self._scan(s[:k], s[k:], n)[1]:
-                ch_full.append(self._phase_b_count(s[:k] + x))
-            full[k] = 1 + self._topk_sum(ch_full)
-            own[k] = 1 + self._topk_sum(ch_own)
-        # contexts shared with ψ(∅): phase-A contexts whose bytes contain no string of S
-        if not self.no_match_contexts:
-            overlap = 0
-        elif self.drafter_top_k is None:
-            m = next(k for k in range(1, n + 1) if s[:k] in self._t_id)
-            overlap = sum(seg[:m])
-        else:
-            overlap = 1  # the root, at least
-        return full[0] + self.no_match_contexts - overlap, own[0]
+            ch_full.extend(self._phase_b_count(s[:k + j], k_top) for j in trans[k])
+            full[k] = 1 + self._sum_top(ch_full, k_top)
+            own[k] = 1 + self._sum_top(ch_own, k_top)
+        bound = full[0]
+        if self.no_match_contexts:
+            bound += self._phase_b_count(b"", k_top) - 1  # the root is shared
+        return min(total, bound), min(own0, own[0])
 
     def contexts_needed(self, target_id: int | None) -> int:
         """Worst-case distinct drafter contexts to evaluate ψ'(target_id) (None: ψ(∅) only)."""
@@ -500,6 +552,24 @@ class SLRS:
             return float(row[self._d_flat[lo]])
         return float(row[self._d_flat[lo:hi]].sum())
 
+    def _kill_mass(self, row: torch.Tensor, key: tuple[bytes, bytes, int],
+                   kills: tuple[bytes, ...]) -> float:
+        """Total mass of the drafter ids in the ``kills`` blocks of scan ``key`` (one gather)."""
+        idx = self._kill_idx.get(key)
+        if idx is None:
+            ranges = [self._block(x) for x in kills]
+            if sum(hi - lo for lo, hi in ranges) <= _MAX_GATHER:
+                idx = torch.cat([self._d_flat[lo:hi] for lo, hi in ranges]) if ranges \
+                    else self._d_flat[:0]
+            else:
+                idx = ranges
+            if len(self._kill_idx) >= _MAX_SCAN_CACHE:
+                self._kill_idx.clear()
+            self._kill_idx[key] = idx
+        if isinstance(idx, torch.Tensor):
+            return float(row[idx].sum()) if idx.numel() else 0.0
+        return sum(float(row[self._d_flat[lo:hi]].sum()) for lo, hi in idx)
+
     def _longest_match(self, w: bytes) -> bytes | None:
         for k in range(len(w), 0, -1):
             if w[:k] in self._t_id:
@@ -509,7 +579,7 @@ class SLRS:
     # ------------------------------------------------------------------ public API
     def step(self, oracle: DrafterOracle, p: torch.Tensor, *, seed: int, position: int
              ) -> SLRSResult:
-        """One SLRS round at absolute output ``position``: draft, propose, verify, emit one token."""
+        """One SLRS round at absolute output ``position``: draft, propose, verify, emit a token."""
         pv = _check_p(p)
         rnd = _Round(self, oracle)
         # 1. draft until the longest match is determined
@@ -607,11 +677,11 @@ class SLRS:
     def proposal_distribution(self, oracle: DrafterOracle, p: torch.Tensor) -> torch.Tensor:
         """ψ'(t) = ψ(t) + ψ(∅)·p(t) over ``max(len(p), n_target)`` ids (float64)."""
         pv = _check_p(p)
-        psi, empty = self.psi_table(oracle)
+        rnd = _Round(self, oracle)
         n = max(pv.shape[0], self.n_target)
         out = torch.zeros(n, dtype=torch.float64)
-        out[: self.n_target] += psi
-        out[: pv.shape[0]] += empty * pv
+        for t in range(n):  # the very function ``step`` uses for ψ'
+            out[t] = rnd.psi_prime(t, float(pv[t]) if t < pv.shape[0] else 0.0)
         return out
 
     def output_distribution(self, oracle: DrafterOracle, p: torch.Tensor) -> torch.Tensor:
@@ -637,9 +707,9 @@ def _check_p(p: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"p must be a non-empty 1-D tensor [V_target], got "
                          f"{getattr(p, 'shape', type(p))}")
     pv = p.detach().to(torch.float64)
-    if not bool(torch.isfinite(pv).all()) or bool((pv < 0).any()):
+    total, low = float(pv.sum()), float(pv.min())  # NaN/inf surface in the sum or the min
+    if not (math.isfinite(total) and low >= 0.0):
         raise ValueError("p must be finite and non-negative")
-    total = float(pv.sum())
     if not total > 0.0:
         raise ValueError("p must have positive mass")
     return pv / total
@@ -670,11 +740,10 @@ class _Round:
             if key in self.rows:
                 continue
             r = out[j]
-            total = float(r.sum())
-            if not (math.isfinite(total) and total > 0.0) or bool((r < 0).any()) \
-                    or not bool(torch.isfinite(r).all()):
+            total, low = float(r.sum()), float(r.min())
+            if not (math.isfinite(total) and total > 0.0 and low >= 0.0):
                 raise ValueError(f"drafter row for path {key} is not a distribution "
-                                 f"(sum {total})")
+                                 f"(sum {total}, min {low})")
             self.rows[key] = r / total
 
     def row_exact(self, path: tuple[int, ...]) -> torch.Tensor:
@@ -738,9 +807,7 @@ class _Round:
             if x not in m._d_next:
                 break
         kills, rec = m._scan(w, r, len(s))
-        into = m._mass(row, r)
-        for x in kills:
-            into -= m._mass(row, x)
+        into = m._mass(row, r) - m._kill_mass(row, (w, r, len(s)), kills)
         for i, x in rec:
             q = float(row[i])
             if q > 0.0:
@@ -751,9 +818,7 @@ class _Round:
         m = self.m
         row = self.row(path, w, b"")
         kills, rec = m._scan(w, b"", len(w))
-        k = 0.0
-        for x in kills:
-            k += m._mass(row, x)
+        k = m._kill_mass(row, (w, b"", len(w)), kills)
         for i, x in rec:
             q = float(row[i])
             if q > 0.0:

@@ -4,10 +4,10 @@ Nothing here is clever and nothing is shared with ``slrs.py``:
 
 * ``brute_force_psi`` enumerates **every** drafter token sequence up to depth ``L`` = the longest
   allowed target string (a sequence also ends at a terminal token).  ``L`` non-terminal tokens carry
-  at least ``L`` bytes, which fixes whether each target string (at most ``L`` bytes) is a prefix of
-  the stream; so the longest match of every (possibly infinite) continuation is already known, and no
-  stopping rule is used.  Each sequence's probability is the product of the oracle's rows; its
-  outcome is found by scanning every target id.
+  at least ``L`` bytes, which fixes whether each target string (at most ``L`` bytes) is a prefix
+  of the stream; so the longest match of every (possibly infinite) continuation is already known,
+  and no stopping rule is used.  Each sequence's probability is the product of the oracle's rows;
+  its outcome is found by scanning every target id.
 * ``mixture`` forms ψ'(t) = ψ(t) + ψ(∅)·p(t).
 * ``round_output_distribution`` is the textbook one-round law
   ``Σ_u ψ'(u)·a(u)·[u = t] + P(reject)·residual(t)``.

@@ -78,6 +78,10 @@ class DrafterWorker:
                               max_forwards=self.slrs_max_forwards)
         return self._slrs
 
+    def uses_ids(self, method: str) -> bool:
+        """SD, and SLEM on a shared vocabulary, run on the committed target ids themselves."""
+        return method == "sd" or (method == "slem" and self.same_vocab)
+
     # ---- sessions ------------------------------------------------------------------------------
     def open(self, rid: str, method: str, prompt: str, params: SamplingParams,
              prompt_ids: Sequence[int] = ()) -> None:
@@ -93,7 +97,7 @@ class DrafterWorker:
             old.session.free()
             self.evictions += 1
         st = DrafterState(method=method, params=params, session=self.model.new_session())
-        if method == "sd":
+        if self.uses_ids(method):
             st.committed = list(prompt_ids)
         else:
             st.text = DrafterText(self.model.tokenizer, prompt)

@@ -158,9 +158,15 @@ class Coordinator:
             return await coro
         return await asyncio.wait_for(coro, self.draft_timeout_s)
 
-    async def stream(self, req: GenerationRequest, rid: Optional[str] = None) -> AsyncIterator[Chunk]:
+    async def stream(self, req: GenerationRequest, rid: Optional[str] = None, *,
+                     target: Optional[TargetPort] = None,
+                     drafter: Optional[DrafterPort] = None) -> AsyncIterator[Chunk]:
+        """Run one request; ``target``/``drafter`` override the coordinator's ports for this
+        request (the service passes the ports of the replicas it leased)."""
         t_start = time.perf_counter()
         method, committed = self.prepare(req)
+        target = target or self.target
+        drafter = drafter or self.drafter
         rid = rid or f"{uuid.uuid4().hex[:12]}-{next(_ids)}"
         prompt_len = len(committed)
         params = req.params
@@ -176,10 +182,11 @@ class Coordinator:
         finish: Optional[str] = None
         drafter_open = False
         drafter_ok = method != "ar"
+        ids_mode = method == "sd" or (method == "slem" and self.same_vocab)
 
         async def open_drafter() -> None:
             nonlocal drafter_open
-            await self._call_drafter(self.drafter.open(rid, method, req.prompt, params,
+            await self._call_drafter(drafter.open(rid, method, req.prompt, params,
                                                        committed[:prompt_len]))
             drafter_open = True
 
@@ -187,37 +194,36 @@ class Coordinator:
             """(rule, candidates, proposals) for this round; raises on drafter failure."""
             if not drafter_open:
                 await open_drafter()
-            kwargs = {"committed": committed} if method == "sd" else \
-                {"generated": bytes(generated_bytes)}
+            kwargs = {"committed": committed} if ids_mode else {"generated": bytes(generated_bytes)}
             try:
-                d = await self._call_drafter(self.drafter.draft(rid, k, position, **kwargs))
+                d = await self._call_drafter(drafter.draft(rid, k, position, **kwargs))
             except SessionMissing:
                 await open_drafter()
-                d = await self._call_drafter(self.drafter.draft(rid, k, position, **kwargs))
+                d = await self._call_drafter(drafter.draft(rid, k, position, **kwargs))
             stats.draft_s += d.draft_s
             stats.drafter_forwards += d.forwards
-            if method == "slem":
+            if method == "slem" and not d.target_ids:
                 t0 = time.perf_counter()
                 cands = slem_candidates(tok, prompt_bytes + bytes(generated_bytes), d.text, k)
                 stats.bridge_s += time.perf_counter() - t0
                 return EXACT, cands, None
             if not d.target_ids:
                 return EXACT, [], None
-            return SPECULATIVE, d.target_ids, d.proposals
+            return (EXACT if method == "slem" else SPECULATIVE), d.target_ids, d.proposals
 
         async def slrs_round(position: int) -> tuple[list[int], int, int, bool]:
             if not drafter_open:
                 await open_drafter()
-            v = await self.target.verify(rid, committed, [], ROW, params, position)
+            v = await target.verify(rid, committed, [], ROW, params, position)
             stats.verify_s += v.verify_s
             stats.target_forwards += 1
             try:
                 out = await self._call_drafter(
-                    self.drafter.slrs_step(rid, bytes(generated_bytes), v.row, position))
+                    drafter.slrs_step(rid, bytes(generated_bytes), v.row, position))
             except SessionMissing:
                 await open_drafter()
                 out = await self._call_drafter(
-                    self.drafter.slrs_step(rid, bytes(generated_bytes), v.row, position))
+                    drafter.slrs_step(rid, bytes(generated_bytes), v.row, position))
             stats.draft_s += out.draft_s
             stats.drafter_forwards += out.forwards
             if out.token < 0:  # drafter mid-character: plain target step below
@@ -255,7 +261,7 @@ class Coordinator:
                         else:
                             rule, cands, proposals = await draft_round(k, position)
                             if cands:
-                                v = await self.target.verify(rid, committed, cands, rule, params,
+                                v = await target.verify(rid, committed, cands, rule, params,
                                                              position, proposals)
                                 stats.verify_s += v.verify_s
                                 stats.target_forwards += 1
@@ -272,7 +278,7 @@ class Coordinator:
                         retry_at = stats.rounds + self.drafter_retry_rounds
                         tokens = []
                 if not tokens:  # AR, or no usable draft this round
-                    v = await self.target.verify(rid, committed, [], EXACT, params, position)
+                    v = await target.verify(rid, committed, [], EXACT, params, position)
                     stats.verify_s += v.verify_s
                     stats.target_forwards += 1
                     tokens = v.tokens
@@ -313,16 +319,16 @@ class Coordinator:
                                       finish_reason=finish, stats=stats)
             yield Chunk(new_ids, text, result=result)
         finally:
-            await self._free(rid, drafter_open)
+            await self._free(rid, target, drafter if drafter_open else None)
 
-    async def _free(self, rid: str, drafter_open: bool) -> None:
+    async def _free(self, rid: str, target: TargetPort, drafter: Optional[DrafterPort]) -> None:
         try:
-            await self.target.free(rid)
+            await target.free(rid)
         except Exception as exc:  # noqa: BLE001 - freeing a cache must not fail a request
             log.warning("request %s: target free failed: %s", rid, exc)
-        if drafter_open and self.drafter is not None:
+        if drafter is not None:
             try:
-                await self._call_drafter(self.drafter.free(rid))
+                await self._call_drafter(drafter.free(rid))
             except Exception as exc:  # noqa: BLE001
                 log.warning("request %s: drafter free failed: %s", rid, exc)
 

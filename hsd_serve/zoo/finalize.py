@@ -13,7 +13,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .corpus import Corpus  # noqa: E402
-from .specs import SPECS  # noqa: E402
+from .specs import SIZING_NOTES, SPECS, ModelSpec  # noqa: E402
 from .toks import doc_ids  # noqa: E402
 
 SAMPLE_PROMPTS = [
@@ -205,6 +205,7 @@ forward only (no sampling / generate overhead), median of {info['latency_rounds'
 |---|---|
 {lat_rows}
 
+{SIZING_NOTES if name == "target" else ""}
 ## Samples
 {samples}
 """
@@ -231,14 +232,14 @@ def finalize(workdir: Path, out: Path, names=None, threads: int = 1, assets=None
         for f in KEEP_FILES:
             if (src / f).is_file():
                 shutil.copyfile(src / f, dst / f)
-        infos[name] = {"state": state, "dir": dst}
+        infos[name] = {"state": state, "dir": dst, "spec": ModelSpec(**state["spec"])}
     # 2. load + measure
     loaded = {n: _load(infos[n]["dir"]) for n in names}
     bench_models, contexts = {}, {}
     ctx_text = docs[0]
     for n in names:
         m, tok = loaded[n]
-        spec = SPECS[n]
+        spec = infos[n]["spec"]
         bench_models[f"{n} ({spec.save_dtype})"] = m
         contexts[f"{n} ({spec.save_dtype})"] = _context_ids(tok, spec, ctx_text)
         if n != "target":  # the alternative dtype, to justify the stored one
@@ -257,7 +258,7 @@ def finalize(workdir: Path, out: Path, names=None, threads: int = 1, assets=None
     target_key = "target (bfloat16)"
     for n in names:
         m, tok = loaded[n]
-        spec = SPECS[n]
+        spec = infos[n]["spec"]
         info = infos[n]
         t0 = time.time()
         info["val"] = val_loss_per_byte(m, tok, spec, docs)
@@ -281,14 +282,14 @@ def finalize(workdir: Path, out: Path, names=None, threads: int = 1, assets=None
             acc = prop = 0
             m, tok = loaded[n]
             for p, s in infos["target"]["samples"]:
-                a, b = greedy_agreement(s, p, m, tok, SPECS[n])
+                a, b = greedy_agreement(s, p, m, tok, infos[n]["spec"])
                 acc, prop = acc + a, prop + b
             infos[n]["agreement"] = {"accepted": acc, "proposed": prop, "rate": acc / max(prop, 1)}
     summary = {}
     for n in names:
         info = infos[n]
-        (info["dir"] / "README.md").write_text(_card(n, SPECS[n], info))
-        rec = {k: v for k, v in info.items() if k not in ("dir",)}
+        (info["dir"] / "README.md").write_text(_card(n, info["spec"], info))
+        rec = {k: v for k, v in info.items() if k not in ("dir", "spec")}
         rec["state"] = {k: v for k, v in info["state"].items()}
         (info["dir"] / "zoo_card.json").write_text(json.dumps(rec, indent=1, default=str))
         summary[n] = {"params": info["state"]["params"], "latency_ms": info["latency_ms"],
@@ -300,6 +301,7 @@ def finalize(workdir: Path, out: Path, names=None, threads: int = 1, assets=None
         print(f"\n=== {n} ===\n" + json.dumps(summary[n], indent=1, default=str))
         for p, s in info["samples"]:
             print(f"--- prompt ---\n{p}--- greedy ---\n{s}\n")
+    _write_index(out, infos)
     total = sum(_dir_bytes(out / n, "*.safetensors") for n in MODEL_DIRS(out))
     print(f"total bundled weights: {total/1e6:.1f} MB")
     return summary
@@ -307,3 +309,34 @@ def finalize(workdir: Path, out: Path, names=None, threads: int = 1, assets=None
 
 def MODEL_DIRS(out: Path) -> list[str]:
     return [p.name for p in Path(out).iterdir() if p.is_dir() and (p / "config.json").exists()]
+
+
+def _write_index(out: Path, infos: dict) -> None:
+    rows = []
+    for n, info in infos.items():
+        st, v = info["state"], info["val"]
+        main_lat = info["latency_ms"].get(f"{n} ({info['spec'].save_dtype})", float("nan"))
+        ratio = info.get("step_ratio_target_over_this")
+        agree = info.get("agreement")
+        ratio_s = f"{ratio:.1f}x" if ratio else "-"
+        agree_s = f"{agree['rate']:.2f}" if agree else "-"
+        rows.append(
+            f"| `{n}` | {st['params']/1e6:.2f}M | {info['spec'].save_dtype} | {main_lat:.2f} | {ratio_s} | "
+            f"{v['val_nats_per_token']:.3f} | {v['val_nats_per_byte']:.3f} | {st['tokens_seen']:,} | "
+            f"{st['train_wall_s']/60:.1f} | {agree_s} |")
+    mins = {n: max(1, round(info["state"]["train_wall_s"] / 60)) for n, info in infos.items()}
+    cmd = "python -m hsd_serve.zoo build"
+    for n, flag in (("target", "--minutes-target"), ("drafter", "--minutes-drafter"),
+                    ("byte_drafter", "--minutes-byte")):
+        if n in mins:
+            cmd += f" {flag} {mins[n]}"
+    text = f"""# Bundled zoo models
+
+Built by `{cmd}` (see each folder's README.md for details; the
+timings depend on the machine and on what else ran on it).
+
+| model | params | dtype | decode ms/step | target step ÷ this | val nats/token | val nats/byte | tokens seen | train min | greedy agreement with target |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    (Path(out) / "README.md").write_text(text)

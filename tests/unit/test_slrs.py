@@ -1,4 +1,4 @@
-"""SLRS: exactness of ψ against brute force, exactness of one round, sampled goodness of fit, budget.
+"""SLRS: ψ against brute force, exactness of one round, sampled goodness of fit, budget.
 
 The drafter is a deterministic toy model: its next-token distribution for a context (a tuple of
 drafter ids) comes from a seeded hash of the tuple.  Everything is float64.
@@ -30,8 +30,8 @@ class ToyDrafter:
     """``path_dists`` from a seeded hash of the context; counts calls and distinct contexts."""
 
     def __init__(self, n: int, seed: int, *, kind: str = "dense", width: int | None = None,
-                 context: tuple[int, ...] = ()) -> None:
-        self.n, self.seed, self.kind = n, seed, kind
+                 context: tuple[int, ...] = (), k: int = 2) -> None:
+        self.n, self.seed, self.kind, self.k = n, seed, kind, k
         self.width = n if width is None else width
         self.context = context
         self.cache: dict[tuple[int, ...], list[float]] = {}
@@ -45,6 +45,9 @@ class ToyDrafter:
             r = [rng.random() ** 2 + 1e-3 for _ in range(self.width)]
             if self.kind == "sparse":  # top-k style zeros, never all zero
                 keep = set(rng.sample(range(self.width), max(1, self.width // 2)))
+                r = [x if i in keep else 0.0 for i, x in enumerate(r)]
+            elif self.kind == "topk":  # at most k non-zero entries
+                keep = set(rng.sample(range(self.width), min(self.k, self.width)))
                 r = [x if i in keep else 0.0 for i, x in enumerate(r)]
             elif self.kind == "greedy":
                 j = max(range(self.width), key=lambda i: r[i])
@@ -63,13 +66,14 @@ class ToyDrafter:
         return torch.tensor(rows, dtype=torch.float64)
 
 
-# ---------------------------------------------------------------------------------- toy vocabularies
+# ---------------------------------------------------------------------- toy vocabularies
 T_FULL = V((b"a", b"b", b"c", b"ab", b"abc", b"ba", b"bca", b""), frozenset({7}))
 D_BPE = V((b"a", b"b", b"c", b"ab", b"ba", b"abc", b""))  # EOS = 6 (empty bytes, also via eos ids)
 D_BYTE = V((b"a", b"b", b"c", b""))
 T_NOCOV = V((b"ab", b"bc", b"abc", b"ca", b"cab", b""), frozenset({5}))  # no single bytes: ψ(∅) > 0
 T_DISJ = V((b"aa", b"abab", b"c", b"bb", b"ba"))
-D_DISJ = V((b"aa", b"b", b"ab", b"bab", b"c", b"d", b"<eos>"), frozenset({6}))  # "d" leaves the trie
+# "d" leaves the target trie; "<eos>" is special
+D_DISJ = V((b"aa", b"b", b"ab", b"bab", b"c", b"d", b"<eos>"), frozenset({6}))
 T_DUP = V((b"a", b"b", b"ab", b"ab", b"c", b"abc", b"a"))  # ids 3 and 6 duplicate lower ids
 D_DUP = V((b"a", b"a", b"b", b"ab", b"c", b"ab", b"bc", b""))
 D_NOEOS = V((b"a", b"b", b"c", b"ab", b"ba", b"abc"))
@@ -110,7 +114,7 @@ def p_of(kind: str, n: int, seed: int) -> torch.Tensor:
     return p / p.sum()
 
 
-# ---------------------------------------------------------------------------------- ψ exactness
+# ---------------------------------------------------------------------- ψ exactness
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["dense", "sparse", "greedy"])
 def test_psi_matches_brute_force(case, kind):
@@ -169,14 +173,15 @@ _strs = st.lists(st.text(alphabet="abc", min_size=1, max_size=3), min_size=1, ma
 @settings(max_examples=60, deadline=None)
 @given(tstrs=_strs, dstrs=st.lists(st.text(alphabet="abcd", min_size=1, max_size=3),
                                    min_size=1, max_size=6),
-       with_eos=st.booleans(), seed=st.integers(0, 10**6), pseed=st.integers(0, 10**6))
-def test_random_vocabularies_psi_and_round_exact(tstrs, dstrs, with_eos, seed, pseed):
+       with_eos=st.booleans(), seed=st.integers(0, 10**6), pseed=st.integers(0, 10**6),
+       kind=st.sampled_from(["dense", "sparse", "topk"]), cut=st.sampled_from([None, 1, 2]))
+def test_random_vocabularies_psi_and_round_exact(tstrs, dstrs, with_eos, seed, pseed, kind, cut):
     tv = V(tuple(s.encode() for s in tstrs))
     dv = V(tuple(s.encode() for s in dstrs) + ((b"",) if with_eos else ()))
     eos = {len(dstrs)} if with_eos else set()
-    m = SLRS(dv, tv, drafter_eos_ids=frozenset(eos), max_forwards=10**9)
-    o = ToyDrafter(len(dv.token_bytes), seed)
-    bf = brute_force_psi(o, dv, tv, drafter_eos_ids=eos)
+    m = SLRS(dv, tv, drafter_eos_ids=frozenset(eos), max_forwards=10**9, max_target_bytes=cut)
+    o = ToyDrafter(len(dv.token_bytes), seed, kind=kind)
+    bf = brute_force_psi(o, dv, tv, drafter_eos_ids=eos, max_target_bytes=cut)
     psi, empty = m.psi_table(o)
     for t in range(len(tv.token_bytes)):
         assert abs(float(psi[t]) - bf.get(t, 0.0)) <= 1e-12
@@ -185,7 +190,7 @@ def test_random_vocabularies_psi_and_round_exact(tstrs, dstrs, with_eos, seed, p
     assert torch.allclose(m.output_distribution(o, p), p, atol=1e-9, rtol=0)
 
 
-# ---------------------------------------------------------------------------------- round exactness
+# ---------------------------------------------------------------------- round exactness
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("pkind", ["dense", "sparse", "onehot"])
 def test_round_output_distribution_is_p(case, pkind):
@@ -214,8 +219,8 @@ def test_p_wider_than_target_vocabulary():
     assert torch.allclose(m.output_distribution(o, p), p, atol=1e-9, rtol=0)
 
 
-# ---------------------------------------------------------------------------------- negative controls
-def _single_path_psi(oracle, dv, tv, eos) -> dict[int, float]:
+# ---------------------------------------------------------------------- negative controls
+def _single_path_psi(oracle, dv, tv) -> dict[int, float]:
     """WRONG on purpose: P(s ⊑ B) from the byte-by-byte tokenization only (one path), minus the
     same for the minimal extensions — what you get if you score only one drafter path."""
     tb = [bytes(b) for b in dv.token_bytes]
@@ -244,13 +249,13 @@ def test_negative_control_single_path_psi_does_not_match():
     m, dv, tv, eos, kw = make("bpe")
     o = ToyDrafter(len(dv.token_bytes), 1)
     bf = brute(o, dv, tv, eos, kw)
-    wrong = _single_path_psi(o, dv, tv, eos)
+    wrong = _single_path_psi(o, dv, tv)
     assert max(abs(wrong[t] - bf.get(t, 0.0)) for t in wrong) > 1e-3
     # ...while the same single-path formula IS right for a byte-level drafter (one path only)
     m2, dv2, tv2, eos2, kw2 = make("byte")
     o2 = ToyDrafter(len(dv2.token_bytes), 1)
     bf2 = brute(o2, dv2, tv2, eos2, kw2)
-    right = _single_path_psi(o2, dv2, tv2, eos2)
+    right = _single_path_psi(o2, dv2, tv2)
     assert max(abs(right[t] - bf2.get(t, 0.0)) for t in right) <= 1e-12
 
 
@@ -277,7 +282,7 @@ def test_negative_control_proposal_without_mixture_is_not_lossless():
     assert float((out - p).abs().max()) > 1e-3
 
 
-# ---------------------------------------------------------------------------------- sampled path
+# ---------------------------------------------------------------------- sampled path
 def _chi2(tokens: list[int], p: torch.Tensor) -> float:
     n = len(tokens)
     counts = torch.bincount(torch.tensor(tokens), minlength=p.shape[0]).to(torch.float64)
@@ -375,7 +380,7 @@ def test_step_with_greedy_drafter_uses_one_chain():
         assert r.contexts <= m.estimated_forwards or r.residual_tries > 0
 
 
-# ---------------------------------------------------------------------------------- residual loop
+# ---------------------------------------------------------------------- residual loop
 def test_residual_loop_terminates_and_is_exact_when_psi_close_to_p():
     m0, dv, tv, eos, kw = make("bpe")
     o = ToyDrafter(7, 6)
@@ -430,7 +435,7 @@ def test_p_equal_to_proposal_always_accepts():
     assert 0 <= tok < 6
 
 
-# ---------------------------------------------------------------------------------- cost and budget
+# ---------------------------------------------------------------------- cost and budget
 @pytest.mark.parametrize("case", list(CASES))
 def test_contexts_estimate_is_exact_per_token(case):
     m, dv, tv, eos, kw = make(case)
@@ -444,6 +449,30 @@ def test_contexts_estimate_is_exact_per_token(case):
         assert rnd.forwards <= len(rnd.rows)
         worst = max(worst, len(rnd.rows))
     assert worst == m.estimated_forwards
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("k", [1, 2])
+def test_drafter_top_k_bounds_forwards_and_keeps_psi_exact(case, k):
+    dv, tv, eos, kw = CASES[case]
+    m = SLRS(dv, tv, drafter_eos_ids=frozenset(eos), drafter_top_k=k, **kw)
+    assert m.estimated_forwards <= make(case)[0].estimated_forwards
+    for seed in range(4):
+        o = ToyDrafter(len(dv.token_bytes), seed, kind="topk", k=k)
+        bf = brute(o, dv, tv, eos, kw)
+        for t in range(len(tv.token_bytes)):
+            rnd = _Round(m, o)
+            rnd.psi_prime(t, 0.5)
+            # calls are made only for needed contexts (non-zero path probability); rows riding
+            # along a prefetched chain may be more
+            assert rnd.forwards <= m.estimated_forwards
+            assert abs(rnd.psi(t) - bf.get(t, 0.0)) <= 1e-12
+        p = p_of("dense", len(tv.token_bytes), seed)
+        assert torch.allclose(m.output_distribution(o, p), p, atol=1e-9, rtol=0)
+        for s in range(20):
+            r = m.step(o, p, seed=s, position=0)
+            if r.residual_tries == 0 and not r.residual_exact:
+                assert r.forwards <= m.estimated_forwards
 
 
 def test_byte_level_drafter_is_cheap_for_long_target_token():
@@ -489,11 +518,12 @@ def test_budget_estimate_matches_running_cost_on_bpe_case():
     assert abs(rnd.psi(2) - bf[2]) <= 1e-12
 
 
-# ---------------------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------- bad input
 def test_bad_inputs_raise():
     m, dv, tv, eos, kw = make("bpe")
     o = ToyDrafter(7, 0)
     for bad in [torch.tensor([-0.1, 1.1]), torch.tensor([float("nan"), 1.0]), torch.zeros(3),
+                torch.tensor([float("inf"), 1.0]), torch.tensor([float("-inf"), 1.0]),
                 torch.ones(2, 2), torch.tensor([])]:
         with pytest.raises(ValueError):
             m.step(o, bad, seed=0, position=0)

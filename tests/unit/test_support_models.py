@@ -79,6 +79,18 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def loaded(tiny):
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = _load(tiny(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
 def stories_dir(tmp_path_factory):
     return convert_stories260k(tmp_path_factory.mktemp("stories260K"))
 
@@ -106,13 +118,25 @@ def test_all_families_present():
 # ------------------------------------------------------------------------------- tiny models
 
 
+EXPECTED_SPECIALS = {  # (bos, eos)
+    "gpt2": ("<|endoftext|>", "<|endoftext|>"),
+    "gpt-neox": ("<|endoftext|>", "<|endoftext|>"),
+    "phi-2": ("<|endoftext|>", "<|endoftext|>"),
+    "llama2": ("<s>", "</s>"),
+    "mistral-v0.1": ("<s>", "</s>"),
+    "mistral-v0.3": ("<s>", "</s>"),
+    "phi-3": ("<s>", "<|endoftext|>"),  # as in Phi-3's own tokenizer_config.json
+    "stories260K": ("<s>", "</s>"),
+}
+
+
 @needs_assets
 @pytest.mark.parametrize("family", TOKENIZER_FAMILIES)
-def test_tiny_model_loads_offline(tiny, family):
+def test_tiny_model_loads_offline(tiny, loaded, family):
     path = tiny(family)
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (path / name).is_file(), name
-    tok, model = _load(path)
+    tok, model = loaded(family)
     src = load_family_tokenizer(family)
 
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -122,34 +146,17 @@ def test_tiny_model_loads_offline(tiny, family):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert all(t.dtype == torch.float32 for t in load_file(str(path / "model.safetensors")).values())
 
+    assert (tok.bos_token, tok.eos_token) == EXPECTED_SPECIALS[family]
+    assert tok.unk_token is not None
     gen = json.loads((path / "generation_config.json").read_text())
-    assert tok.bos_token_id is not None and tok.eos_token_id is not None
-    assert gen["bos_token_id"] == tok.bos_token_id == src.bos_token_id
-    assert gen["eos_token_id"] == tok.eos_token_id == src.eos_token_id
+    assert gen["bos_token_id"] == tok.bos_token_id == src.bos_token_id is not None
+    assert gen["eos_token_id"] == tok.eos_token_id == src.eos_token_id is not None
 
     # The saved tokenizer behaves exactly like the asset it came from.
     for text in TEXTS:
         ids = tok(text).input_ids
         assert ids == src(text).input_ids, text
         assert tok.decode(ids) == src.decode(ids)
-
-
-@needs_assets
-def test_tiny_model_specials():
-    expect = {
-        "gpt2": ("<|endoftext|>", "<|endoftext|>"),
-        "gpt-neox": ("<|endoftext|>", "<|endoftext|>"),
-        "phi-2": ("<|endoftext|>", "<|endoftext|>"),
-        "llama2": ("<s>", "</s>"),
-        "mistral-v0.1": ("<s>", "</s>"),
-        "mistral-v0.3": ("<s>", "</s>"),
-        "phi-3": ("<s>", "<|endoftext|>"),  # as in Phi-3's own tokenizer_config.json
-        "stories260K": ("<s>", "</s>"),
-    }
-    for fam, (bos, eos) in expect.items():
-        tok = load_family_tokenizer(fam)
-        assert (tok.bos_token, tok.eos_token) == (bos, eos), fam
-        assert tok.unk_token is not None
 
 
 @needs_assets
@@ -181,12 +188,12 @@ def test_tiny_model_cache_memoises(tmp_path):
 
 
 @needs_assets
-def test_tiny_models_peaked_and_not_degenerate(tiny):
+def test_tiny_models_peaked_and_not_degenerate(loaded):
     """Greedy continuations vary and next-token distributions are peaked (robust argmax)."""
     non_degenerate = 0
     all_top1: list[float] = []
     for fam in TOKENIZER_FAMILIES:
-        tok, model = _load(tiny(fam))
+        tok, model = loaded(fam)
         prompt = tok("The quick brown fox jumps over", add_special_tokens=False).input_ids
         new, top1 = _greedy(model, prompt, 16)
         all_top1 += top1

@@ -50,7 +50,7 @@ def test_corpus_skips_non_utf8_files(tmp_path):
     (tmp_path / "bad.py").write_bytes(b"# -*- coding: latin-1 -*-\nx = '\xe9'\n")
     c = Corpus.build(tmp_path, val_fraction=0.0)
     assert sorted(c.train) == ["bad.py", "good.py"]
-    assert list(c.texts(c.train)) == ["print('é')\n"] or list(c.texts(sorted(c.train))) == ["print('é')\n"]
+    assert list(c.texts(sorted(c.train))) == ["print('é')\n"]
 
 
 def test_stdlib_corpus_is_the_standard_library():
@@ -78,7 +78,7 @@ def test_byte_tokenizer_vocab(byte_tok):
     assert byte_tok.encode("A\n", add_special_tokens=False) == [65, 10]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text())
 def test_byte_tokenizer_round_trips_unicode(byte_tok, s):
     ids = byte_tok.encode(s, add_special_tokens=False)

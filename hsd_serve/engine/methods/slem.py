@@ -1,7 +1,7 @@
 """SLEM: string-level exact match.
 
 Drafter side (``draft_slem``): continue the committed text greedily for ``k`` drafter tokens and
-send their bytes.  Coordinator side (``candidates``): re-encode those bytes with the target
+send their bytes (on a shared vocabulary, the drafted ids themselves).  Coordinator side (``candidates``): re-encode those bytes with the target
 tokenizer after a window of the committed text (``engine.sync.encode_after``).  Target side: the
 ``EXACT`` rule (``core.exact_match``): every emitted token is the target's own choice, so the output
 is the target's whatever the candidates are.
@@ -20,11 +20,13 @@ def draft_slem(worker, st, k: int, position: int) -> Draft:
     token_bytes = worker.model.vocab.token_bytes
     drafted: list[int] = []
     for _ in range(k):
-        d = int(torch.argmax(st.row(st.text.ids + drafted)))
+        d = int(torch.argmax(st.row(st.context() + drafted)))
         if not token_bytes[d]:  # EOS or another special: the drafter's text ends here
             break
         drafted.append(d)
-    return Draft(drafter_ids=drafted, text=b"".join(token_bytes[d] for d in drafted))
+    # shared vocabulary: the drafted ids are target ids already, no re-encoding needed
+    return Draft(drafter_ids=drafted, text=b"".join(token_bytes[d] for d in drafted),
+                 target_ids=list(drafted) if st.text is None else [])
 
 
 def candidates(target_tokenizer, committed_bytes: bytes, text: bytes, k: int) -> list[int]:

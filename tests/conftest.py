@@ -56,3 +56,38 @@ def families():
     if len(fams) < 2:
         pytest.skip("need at least two tokenizer families in the shared assets")
     return fams
+
+
+@pytest.fixture(scope="session")
+def stories_model(tmp_path_factory):
+    """The real pretrained llama2.c stories260K converted to Hugging Face format (LoadedModel)."""
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+    from tests.support.models import convert_stories260k
+
+    if find_assets() is None:
+        pytest.skip("shared assets not available")
+    out = convert_stories260k(tmp_path_factory.mktemp("stories260k"))
+    return LoadedModel(ModelSpec(str(out)))
+
+
+@pytest.fixture(scope="session")
+def byte_drafter_model(tmp_path_factory):
+    """A tiny random Llama over the byte-level tokenizer (256 bytes + <|endoftext|>)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+    from hsd_serve.zoo.toks import build_byte_tokenizer
+
+    out = tmp_path_factory.mktemp("byte-drafter")
+    tok = build_byte_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      initializer_range=1.0, bos_token_id=tok.eos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return LoadedModel(ModelSpec(str(out)))

@@ -49,11 +49,14 @@ class DrafterState:
 
 class DrafterWorker:
     def __init__(self, model: LoadedModel, target_vocab: Vocab, *, proposal_top_m: int = 64,
-                 slrs_max_forwards: int = 64, max_sessions: int = 256):
+                 slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
+                 slrs_drafter_top_k: Optional[int] = None, max_sessions: int = 256):
         self.model = model
         self.target_vocab = target_vocab
         self.proposal_top_m = proposal_top_m
         self.slrs_max_forwards = slrs_max_forwards
+        self.slrs_max_target_bytes = slrs_max_target_bytes
+        self.slrs_drafter_top_k = slrs_drafter_top_k
         self.max_sessions = max_sessions
         self.same_vocab = same_vocabulary(model.vocab, target_vocab)
         self.sessions: "OrderedDict[str, DrafterState]" = OrderedDict()
@@ -75,7 +78,9 @@ class DrafterWorker:
 
             self._slrs = SLRS(self.model.vocab, self.target_vocab,
                               drafter_eos_ids=self.model.eos_ids,
-                              max_forwards=self.slrs_max_forwards)
+                              max_forwards=self.slrs_max_forwards,
+                              max_target_bytes=self.slrs_max_target_bytes,
+                              drafter_top_k=self.slrs_drafter_top_k)
         return self._slrs
 
     def uses_ids(self, method: str) -> bool:

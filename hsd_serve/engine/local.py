@@ -51,7 +51,8 @@ class Engine:
     """
 
     def __init__(self, target: LoadedModel, drafter: Optional[LoadedModel] = None, *,
-                 slrs_max_forwards: int = 64, proposal_top_m: int = 64):
+                 slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
+                 proposal_top_m: int = 64):
         self.target = target
         self.drafter = drafter
         self.target_worker = TargetWorker(target)
@@ -59,7 +60,8 @@ class Engine:
         if drafter is not None:
             self.drafter_worker = DrafterWorker(drafter, target.vocab,
                                                 proposal_top_m=proposal_top_m,
-                                                slrs_max_forwards=slrs_max_forwards)
+                                                slrs_max_forwards=slrs_max_forwards,
+                                                slrs_max_target_bytes=slrs_max_target_bytes)
         self.coordinator = Coordinator(
             LocalTarget(self.target_worker),
             TargetInfo(target.tokenizer, target.eos_ids, target.max_context),

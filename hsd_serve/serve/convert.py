@@ -1,0 +1,309 @@
+"""Exact conversions between the engine's plain data and the ``hsd.proto`` messages.
+
+Everything that crosses the data plane must come back *identical*: the target verifies drafts
+against exactly the proposal rows they were sampled from, so a proposal row survives
+dense float32 → ``SparseRow`` → dense float32 bit for bit (entries are selected by their bit
+pattern, so ``-0.0`` and NaN payloads travel too; float32 → Python float → proto ``float`` is
+exact).  Only float32 tensors are accepted: converting another dtype would change the arithmetic
+on the other side.
+
+The client-facing ``request_from_proto`` validates a ``GenerateRequest`` completely and raises
+``RequestError(field, message)`` naming the proto field (``sampling.temperature``, ``max_tokens``,
+...), which the service maps to ``INVALID_ARGUMENT``.
+
+Protobuf types stay inside ``hsd_serve.serve``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.engine.protocol import Draft, SLRSOutcome, Verdict
+from hsd_serve.engine.types import (METHODS, Chunk, GenerationRequest, GenerationResult,
+                                    RequestError, RequestStats)
+from hsd_serve.pb import hsd_pb2 as pb
+
+MAX_LOOKAHEAD = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+_F32_LE = np.dtype("<f4")
+
+
+# ------------------------------------------------------------------------------ sampling
+def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(temperature=float(params.temperature), top_k=int(params.top_k),
+                             top_p=float(params.top_p), seed=int(params.seed))
+
+
+def params_from_proto(msg: Optional[pb.SamplingParams]) -> SamplingParams:
+    """Data-plane decode (the coordinator already validated): ``top_p`` 0 means off (1.0).
+    Raises ValueError on invalid values (``SamplingParams`` validates itself)."""
+    if msg is None:
+        return SamplingParams()
+    top_p = 1.0 if msg.top_p == 0.0 else msg.top_p
+    return SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=top_p,
+                          seed=msg.seed)
+
+
+# ------------------------------------------------------------------------------ rows
+def _require_f32(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{what} must be float32 to travel exactly, got {t.dtype}")
+    return t.detach().to("cpu").contiguous()
+
+
+def rows_to_proto(rows: Optional[torch.Tensor]) -> list[pb.SparseRow]:
+    """``[n, V]`` float32 rows → ``n`` SparseRows holding the entries whose bits are nonzero,
+    ids ascending.  ``None`` → no rows."""
+    if rows is None:
+        return []
+    rows = _require_f32(rows, "proposal rows")
+    if rows.dim() != 2:
+        raise ValueError(f"proposal rows must be 2-D [n, V], got shape {tuple(rows.shape)}")
+    bits = rows.view(torch.int32)
+    out = []
+    for r in range(rows.shape[0]):
+        ids = torch.nonzero(bits[r], as_tuple=True)[0]
+        out.append(pb.SparseRow(ids=ids.tolist(), probs=rows[r, ids].tolist()))
+    return out
+
+
+def rows_from_proto(rows: Sequence[pb.SparseRow], width: int) -> Optional[torch.Tensor]:
+    """SparseRows → dense ``[n, width]`` float32 (zeros elsewhere); no rows → ``None``.
+    Raises ValueError on malformed rows (length mismatch, ids out of range or not ascending)."""
+    if len(rows) == 0:
+        return None
+    if width <= 0:
+        raise ValueError(f"row width must be positive, got {width}")
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for r, row in enumerate(rows):
+        if len(row.ids) != len(row.probs):
+            raise ValueError(f"proposal row {r}: {len(row.ids)} ids but {len(row.probs)} probs")
+        if len(row.ids) == 0:
+            continue
+        ids = torch.tensor(list(row.ids), dtype=torch.long)
+        if int(ids[0]) < 0 or int(ids[-1]) >= width or \
+                (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
+            raise ValueError(f"proposal row {r}: ids must be ascending and in [0, {width})")
+        out[r, ids] = torch.tensor(list(row.probs), dtype=torch.float32) * 1.01
+    return out
+
+
+def row_to_bytes(row: Optional[torch.Tensor]) -> bytes:
+    """A 1-D float32 row → little-endian float32 bytes (``None`` → ``b""``)."""
+    if row is None:
+        return b""
+    row = _require_f32(row, "row")
+    if row.dim() != 1:
+        raise ValueError(f"row must be 1-D, got shape {tuple(row.shape)}")
+    return row.numpy().astype(_F32_LE, copy=False).tobytes()
+
+
+def row_from_bytes(data: bytes) -> Optional[torch.Tensor]:
+    """Little-endian float32 bytes → a fresh 1-D float32 tensor (``b""`` → ``None``)."""
+    if not data:
+        return None
+    if len(data) % 4:
+        raise ValueError(f"row bytes must be a multiple of 4 long, got {len(data)}")
+    return torch.from_numpy(np.frombuffer(data, dtype=_F32_LE).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------ drafter messages
+def open_request(rid: str, method: str, prompt: str, params: SamplingParams,
+                 prompt_ids: Iterable[int]) -> pb.OpenRequest:
+    return pb.OpenRequest(request_id=rid, method=method, prompt=prompt,
+                          sampling=params_to_proto(params), prompt_ids=list(prompt_ids))
+
+
+def draft_request(rid: str, k: int, position: int, committed: Optional[Sequence[int]],
+                  generated: Optional[bytes]) -> pb.DraftRequest:
+    """Exactly one of ``committed`` (target ids) / ``generated`` (bytes) is set; ``use_ids``
+    says which (an empty ``generated`` is still ``b""``, not ``None``)."""
+    if committed is not None:
+        return pb.DraftRequest(request_id=rid, k=k, position=position, committed=list(committed),
+                               use_ids=True)
+    return pb.DraftRequest(request_id=rid, k=k, position=position,
+                           generated=bytes(generated or b""), use_ids=False)
+
+
+def draft_request_args(msg: pb.DraftRequest) -> dict:
+    """Keyword arguments of ``DrafterWorker.draft`` after ``rid, k, position``."""
+    if msg.use_ids:
+        return {"committed": list(msg.committed), "generated": None}
+    return {"committed": None, "generated": bytes(msg.generated)}
+
+
+def draft_to_proto(d: Draft) -> pb.DraftReply:
+    return pb.DraftReply(drafter_ids=list(d.drafter_ids), text=bytes(d.text),
+                         target_ids=list(d.target_ids), proposals=rows_to_proto(d.proposals),
+                         forwards=int(d.forwards), draft_s=float(d.draft_s))
+
+
+def draft_from_proto(msg: pb.DraftReply, width: int) -> Draft:
+    """``width``: the target vocabulary size the proposal rows span."""
+    return Draft(drafter_ids=list(msg.drafter_ids), text=bytes(msg.text),
+                 target_ids=list(msg.target_ids), proposals=rows_from_proto(msg.proposals, width),
+                 forwards=msg.forwards, draft_s=msg.draft_s)
+
+
+def slrs_request(rid: str, generated: bytes, row: torch.Tensor, position: int) -> pb.SLRSRequest:
+    return pb.SLRSRequest(request_id=rid, generated=bytes(generated), row=row_to_bytes(row),
+                          position=position)
+
+
+def slrs_to_proto(o: SLRSOutcome) -> pb.SLRSReply:
+    return pb.SLRSReply(token=int(o.token), accepted=bool(o.accepted), proposed=bool(o.proposed),
+                        drafter_ids=list(o.drafter_ids), forwards=int(o.forwards),
+                        draft_s=float(o.draft_s))
+
+
+def slrs_from_proto(msg: pb.SLRSReply) -> SLRSOutcome:
+    return SLRSOutcome(token=msg.token, accepted=msg.accepted, proposed=msg.proposed,
+                       drafter_ids=list(msg.drafter_ids), forwards=msg.forwards,
+                       draft_s=msg.draft_s)
+
+
+# ------------------------------------------------------------------------------ target messages
+def verify_request(rid: str, committed: Sequence[int], candidates: Sequence[int], rule: str,
+                   params: SamplingParams, position: int,
+                   proposals: Optional[torch.Tensor] = None) -> pb.VerifyRequest:
+    return pb.VerifyRequest(request_id=rid, committed=list(committed),
+                            candidates=list(candidates), rule=rule,
+                            sampling=params_to_proto(params), position=position,
+                            proposals=rows_to_proto(proposals))
+
+
+def verdict_to_proto(v: Verdict) -> pb.VerifyReply:
+    return pb.VerifyReply(accepted=int(v.accepted), tokens=list(v.tokens),
+                          row=row_to_bytes(v.row), verify_s=float(v.verify_s))
+
+
+def verdict_from_proto(msg: pb.VerifyReply) -> Verdict:
+    return Verdict(accepted=msg.accepted, tokens=list(msg.tokens), row=row_from_bytes(msg.row),
+                   verify_s=msg.verify_s)
+
+
+# ------------------------------------------------------------------------------ client-facing
+@dataclass(frozen=True)
+class RequestDefaults:
+    """Server-side defaults and limits applied to client requests."""
+
+    max_tokens: int = 128  # used when the request says 0
+    lookahead: int = 4  # used when the request says 0
+    max_prompt_chars: int = 1_000_000
+    max_max_tokens: int = 4096
+    method: str = "auto"  # used when the request says ""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_max_tokens <= 1_000_000:
+            raise ValueError("max_max_tokens must be in [1, 1000000]")
+        if not 1 <= self.max_tokens <= self.max_max_tokens:
+            raise ValueError("default max_tokens must be in [1, max_max_tokens]")
+        if not 1 <= self.lookahead <= MAX_LOOKAHEAD:
+            raise ValueError(f"default lookahead must be in [1, {MAX_LOOKAHEAD}]")
+        if self.max_prompt_chars < 1:
+            raise ValueError("max_prompt_chars must be >= 1")
+        if self.method not in METHODS:
+            raise ValueError(f"default method must be one of {', '.join(METHODS)}")
+
+
+def _client_params(msg: pb.GenerateRequest) -> SamplingParams:
+    if not msg.HasField("sampling"):
+        return SamplingParams()
+    s = msg.sampling
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise RequestError("sampling.temperature",
+                           f"must be a finite number >= 0 (0 = greedy), got {s.temperature!r}")
+    if s.top_k < 0:
+        raise RequestError("sampling.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
+    if not math.isfinite(s.top_p) or not 0.0 <= s.top_p <= 1.0:
+        raise RequestError("sampling.top_p", f"must be in (0, 1] (0 or 1 = off), got {s.top_p!r}")
+    if s.seed >= 2**63:
+        raise RequestError("sampling.seed", f"must be < 2**63, got {s.seed}")
+    try:
+        return params_from_proto(s)
+    except ValueError as exc:  # defensive: SamplingParams' own checks
+        raise RequestError("sampling", str(exc)) from exc
+
+
+def request_from_proto(msg: pb.GenerateRequest,
+                       defaults: RequestDefaults = RequestDefaults()) -> GenerationRequest:
+    """Validate a client ``GenerateRequest`` and build the engine's request.
+
+    Raises ``RequestError(field, message)`` with ``field`` the proto field path.  Token-level
+    checks (prompt encodes to nothing / exceeds the context, method needs a drafter) happen later
+    in ``Coordinator.prepare`` and also raise ``RequestError``.
+    """
+    prompt = msg.prompt
+    if not prompt:
+        raise RequestError("prompt", "must not be empty")
+    if len(prompt) > defaults.max_prompt_chars:
+        raise RequestError("prompt", f"is {len(prompt)} characters; the limit is "
+                                     f"{defaults.max_prompt_chars}")
+    method = msg.method.strip().lower() or defaults.method
+    if method not in METHODS:
+        raise RequestError("method", f"unknown method {msg.method!r}; choose one of "
+                                     f"{', '.join(METHODS)}")
+    max_tokens = msg.max_tokens or defaults.max_tokens
+    if max_tokens > defaults.max_max_tokens:
+        raise RequestError("max_tokens", f"must be at most {defaults.max_max_tokens}, got "
+                                         f"{max_tokens}")
+    lookahead = msg.lookahead or defaults.lookahead
+    if lookahead > MAX_LOOKAHEAD:
+        raise RequestError("lookahead", f"must be at most {MAX_LOOKAHEAD}, got {lookahead}")
+    stop = tuple(msg.stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    for s in stop:
+        if not s:
+            raise RequestError("stop", "stop strings must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise RequestError("stop", f"a stop string is {len(s)} characters; the limit is "
+                                       f"{MAX_STOP_CHARS}")
+    req = GenerationRequest(prompt=prompt, max_new_tokens=int(max_tokens),
+                            params=_client_params(msg), method=method, lookahead=int(lookahead),
+                            adaptive_lookahead=bool(msg.adaptive_lookahead), stop=stop)
+    try:
+        req.validate()
+    except RequestError as exc:  # same checks, engine-side names → proto names
+        field = {"max_new_tokens": "max_tokens"}.get(exc.field, exc.field)
+        raise RequestError(field, exc.message) from exc
+    return req
+
+
+def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None) -> pb.Stats:
+    if transport_s is None:
+        transport_s = float(getattr(stats, "transport_s", 0.0))
+    return pb.Stats(method=stats.method, rounds=stats.rounds, drafted=stats.drafted,
+                    accepted=stats.accepted, acceptance_rate=stats.acceptance_rate,
+                    tokens_per_round=stats.tokens_per_round, wall_s=stats.wall_s,
+                    tokens_per_s=stats.tokens_per_s, ttft_s=stats.ttft_s,
+                    fallback_rounds=stats.fallback_rounds,
+                    accepted_per_position=list(stats.accepted_per_position),
+                    draft_s=stats.draft_s, verify_s=stats.verify_s, bridge_s=stats.bridge_s,
+                    prompt_tokens=stats.prompt_tokens, completion_tokens=stats.emitted,
+                    transport_s=transport_s)
+
+
+def result_to_proto(result: GenerationResult,
+                    transport_s: Optional[float] = None) -> pb.GenerateResponse:
+    return pb.GenerateResponse(text=result.text, token_ids=list(result.token_ids),
+                               finish_reason=result.finish_reason,
+                               stats=stats_to_proto(result.stats, transport_s))
+
+
+def chunk_to_proto(chunk: Chunk, transport_s: Optional[float] = None) -> pb.GenerateChunk:
+    """A streamed piece; the last one (``chunk.result`` set) carries finish_reason and stats."""
+    msg = pb.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
+    if chunk.result is not None:
+        msg.finish_reason = chunk.result.finish_reason
+        msg.stats.CopyFrom(stats_to_proto(chunk.result.stats, transport_s))
+    return msg

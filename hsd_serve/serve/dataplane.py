@@ -1,0 +1,336 @@
+"""The per-round data plane: grpc.aio servers next to the model workers, and client ports.
+
+Server side.  ``DrafterServicer`` / ``TargetServicer`` serve ``hsd.v1.Drafter`` / ``hsd.v1.Target``
+for a ``DrafterWorker`` / ``TargetWorker``.  Model work is synchronous torch code, so every worker
+call (decode, work, encode) runs on one thread owned by the servicer: calls to one replica are
+serialised (one model, one thread) and the event loop stays free for other RPCs, health checks
+and the replica's own handle calls.  A missing session is a normal reply (``session_missing``);
+``ValueError`` becomes ``INVALID_ARGUMENT`` with its message; anything else ``INTERNAL``.
+
+``start_dataplane_server`` starts a server with one of the two services plus the standard health
+service (SERVING for ``""`` and the service name) and reflection, and returns ``(server, port)``.
+
+Client side.  ``GrpcDrafter`` / ``GrpcTarget`` implement the coordinator's ``DrafterPort`` /
+``TargetPort`` over a ``grpc.aio`` channel and behave like ``engine.local``'s in-process ports:
+same arguments, same engine dataclasses back, ``SessionMissing`` when the replica lost the
+session, ``ValueError`` when the replica rejected the arguments (``INVALID_ARGUMENT``); other
+failures raise ``grpc.aio.AioRpcError``.  They also add up ``transport_s``: each call's wall time
+minus the model time the replica reported (serialisation, network, queueing on the replica).
+``ChannelPool`` caches one channel per (address, event loop).
+
+grpc.aio objects belong to the event loop that created them: create servers, channels and ports
+on the loop that will use them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional, Union
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.engine.protocol import Draft, SessionMissing, SLRSOutcome, Verdict
+from hsd_serve.pb import hsd_pb2 as pb
+from hsd_serve.pb import hsd_pb2_grpc as pb_grpc
+from hsd_serve.serve import convert
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DRAFTER_SERVICE = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "hsd.v1.Drafter"
+TARGET_SERVICE = pb.DESCRIPTOR.services_by_name["Target"].full_name  # "hsd.v1.Target"
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a fixed port is ours alone
+    ("grpc.keepalive_permit_without_calls", 1),  # accept the clients' idle keepalive pings
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+# ============================================================================== server side
+class _WorkerServicer:
+    """One worker, one thread: every call to the worker goes through ``run``."""
+
+    def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None):
+        self.worker = worker
+        self._own_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"hsd-{type(worker).__name__}")
+
+    async def run(self, fn: Callable, *args, **kwargs) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the worker thread (use it for any other access to the
+        worker from the replica, e.g. freeing a session when a lease closes)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def _serve(self, context, fn: Callable[[], Any]):
+        try:
+            return await self.run(fn)
+        except asyncio.CancelledError:
+            raise
+        except ValueError as exc:
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - reported to the caller as INTERNAL
+            log.exception("%s failed", type(self).__name__)
+            code, details = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        await context.abort(code, details)
+
+    def close(self) -> None:
+        """Shut the worker thread down (waits for the call in progress)."""
+        if self._own_executor:
+            self.executor.shutdown(wait=True)
+
+
+class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
+    """``hsd.v1.Drafter`` for a ``DrafterWorker``."""
+
+    async def Open(self, request: pb.OpenRequest, context) -> pb.OpenReply:
+        def work():
+            self.worker.open(request.request_id, request.method, request.prompt,
+                             convert.params_from_proto(request.sampling),
+                             list(request.prompt_ids))
+            return pb.OpenReply()
+
+        return await self._serve(context, work)
+
+    async def Draft(self, request: pb.DraftRequest, context) -> pb.DraftReply:
+        def work():
+            try:
+                d = self.worker.draft(request.request_id, request.k, request.position,
+                                      **convert.draft_request_args(request))
+            except SessionMissing:
+                return pb.DraftReply(session_missing=True)
+            return convert.draft_to_proto(d)
+
+        return await self._serve(context, work)
+
+    async def SLRSStep(self, request: pb.SLRSRequest, context) -> pb.SLRSReply:
+        def work():
+            row = convert.row_from_bytes(request.row)
+            if row is None:
+                raise ValueError("SLRSStep needs the target's row")
+            try:
+                out = self.worker.slrs_step(request.request_id, bytes(request.generated), row,
+                                            request.position)
+            except SessionMissing:
+                return pb.SLRSReply(token=-1, session_missing=True)
+            return convert.slrs_to_proto(out)
+
+        return await self._serve(context, work)
+
+    async def Free(self, request: pb.FreeRequest, context) -> pb.FreeReply:
+        return await self._serve(
+            context, lambda: pb.FreeReply(freed=bool(self.worker.free(request.request_id))))
+
+
+class TargetServicer(_WorkerServicer, pb_grpc.TargetServicer):
+    """``hsd.v1.Target`` for a ``TargetWorker``; proposal rows span the target's vocabulary."""
+
+    def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None):
+        super().__init__(worker, executor)
+        self.width = worker.model.vocab.size
+
+    async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyReply:
+        def work():
+            v = self.worker.verify(request.request_id, list(request.committed),
+                                   list(request.candidates), request.rule,
+                                   convert.params_from_proto(request.sampling), request.position,
+                                   convert.rows_from_proto(request.proposals, self.width))
+            return convert.verdict_to_proto(v)
+
+        return await self._serve(context, work)
+
+    async def Free(self, request: pb.FreeRequest, context) -> pb.FreeReply:
+        return await self._serve(
+            context, lambda: pb.FreeReply(freed=bool(self.worker.free(request.request_id))))
+
+
+_KINDS = {
+    "drafter": (DrafterServicer, pb_grpc.add_DrafterServicer_to_server, DRAFTER_SERVICE),
+    "target": (TargetServicer, pb_grpc.add_TargetServicer_to_server, TARGET_SERVICE),
+}
+
+
+async def start_dataplane_server(servicer_kind: str, worker, host: str = "0.0.0.0",
+                                 port: int = 0, *, executor: Optional[ThreadPoolExecutor] = None
+                                 ) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for ``worker`` (``servicer_kind`` "drafter" or "target") on
+    ``host:port`` (0 = any free port) with health and reflection; returns ``(server, port)``.
+
+    The servicer is ``server.hsd_servicer`` (its ``run`` executes on the worker thread) and the
+    health servicer ``server.hsd_health``; stop with ``stop_dataplane_server``.
+    """
+    if servicer_kind not in _KINDS:
+        raise ValueError(f"servicer_kind must be 'drafter' or 'target', got {servicer_kind!r}")
+    cls, add, name = _KINDS[servicer_kind]
+    servicer = cls(worker, executor)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    add(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        servicer.close()
+        raise RuntimeError(f"could not bind the data-plane server to {host}:{port}")
+    await server.start()
+    for service in ("", name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    server.hsd_servicer = servicer
+    server.hsd_health = health_servicer
+    log.info("%s data plane listening on %s:%d", servicer_kind, host, bound)
+    return server, bound
+
+
+async def stop_dataplane_server(server: grpc.aio.Server, grace: Optional[float] = 1.0) -> None:
+    """Mark NOT_SERVING, stop accepting calls (in-flight ones get ``grace`` seconds), then shut
+    the worker thread down."""
+    health_servicer = getattr(server, "hsd_health", None)
+    if health_servicer is not None:
+        await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace)
+    servicer = getattr(server, "hsd_servicer", None)
+    if servicer is not None:
+        await asyncio.get_running_loop().run_in_executor(None, servicer.close)
+
+
+# ============================================================================== client side
+class ChannelPool:
+    """One ``grpc.aio`` channel per ``"host:port"`` (and per event loop), closed by ``close``."""
+
+    def __init__(self, options: Optional[list] = None):
+        self.options = list(options if options is not None else CHANNEL_OPTIONS)
+        self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        key = (address, id(asyncio.get_running_loop()))
+        ch = self._channels.get(key)
+        if ch is None:
+            ch = self._channels[key] = grpc.aio.insecure_channel(address, options=self.options)
+        return ch
+
+    async def discard(self, address: str) -> None:
+        """Close and forget the channel(s) to ``address`` (e.g. after its replica died)."""
+        for key in [k for k in self._channels if k[0] == address]:
+            await self._channels.pop(key).close()
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
+
+
+def _raise_for(exc: grpc.aio.AioRpcError) -> None:
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        raise ValueError(exc.details()) from exc
+    raise exc
+
+
+class _GrpcPort:
+    def __init__(self, target_or_channel: Union[str, grpc.aio.Channel], *,
+                 pool: Optional[ChannelPool] = None, timeout_s: Optional[float] = None):
+        self._own_channel = False
+        if isinstance(target_or_channel, str):
+            if pool is not None:
+                self.channel = pool.get(target_or_channel)
+            else:
+                self.channel = grpc.aio.insecure_channel(target_or_channel,
+                                                         options=CHANNEL_OPTIONS)
+                self._own_channel = True
+        else:
+            self.channel = target_or_channel
+        self.timeout_s = timeout_s
+        self.transport_s = 0.0  # wall time of calls minus the model time replicas reported
+        self.calls = 0
+
+    async def _call(self, method, request, model_s: Callable[[Any], float] = lambda r: 0.0):
+        t0 = time.perf_counter()
+        try:
+            reply = await method(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            _raise_for(exc)
+        self.calls += 1
+        self.transport_s += max(0.0, time.perf_counter() - t0 - model_s(reply))
+        return reply
+
+    async def close(self) -> None:
+        """Close the channel if this port created it (pooled channels belong to the pool)."""
+        if self._own_channel:
+            await self.channel.close()
+
+
+class GrpcDrafter(_GrpcPort):
+    """``DrafterPort`` over ``hsd.v1.Drafter``; ``target_vocab_size`` is the width of the dense
+    proposal rows handed back (the target's ``vocab.size``, as in ``DrafterWorker``)."""
+
+    def __init__(self, target_or_channel: Union[str, grpc.aio.Channel], *,
+                 target_vocab_size: int, pool: Optional[ChannelPool] = None,
+                 timeout_s: Optional[float] = None):
+        super().__init__(target_or_channel, pool=pool, timeout_s=timeout_s)
+        self.width = int(target_vocab_size)
+        self.stub = pb_grpc.DrafterStub(self.channel)
+
+    async def open(self, rid: str, method: str, prompt: str, params: SamplingParams,
+                   prompt_ids) -> None:
+        await self._call(self.stub.Open, convert.open_request(rid, method, prompt, params,
+                                                              prompt_ids))
+
+    async def draft(self, rid: str, k: int, position: int, *, committed=None,
+                    generated=None) -> Draft:
+        reply = await self._call(self.stub.Draft,
+                                 convert.draft_request(rid, k, position, committed, generated),
+                                 lambda r: r.draft_s)
+        if reply.session_missing:
+            raise SessionMissing(rid)
+        return convert.draft_from_proto(reply, self.width)
+
+    async def slrs_step(self, rid: str, generated: bytes, row, position: int) -> SLRSOutcome:
+        reply = await self._call(self.stub.SLRSStep,
+                                 convert.slrs_request(rid, generated, row, position),
+                                 lambda r: r.draft_s)
+        if reply.session_missing:
+            raise SessionMissing(rid)
+        return convert.slrs_from_proto(reply)
+
+    async def free(self, rid: str) -> None:
+        await self._call(self.stub.Free, pb.FreeRequest(request_id=rid))
+
+
+class GrpcTarget(_GrpcPort):
+    """``TargetPort`` over ``hsd.v1.Target``."""
+
+    def __init__(self, target_or_channel: Union[str, grpc.aio.Channel], *,
+                 pool: Optional[ChannelPool] = None, timeout_s: Optional[float] = None):
+        super().__init__(target_or_channel, pool=pool, timeout_s=timeout_s)
+        self.stub = pb_grpc.TargetStub(self.channel)
+
+    async def verify(self, rid: str, committed, candidates, rule: str, params: SamplingParams,
+                     position: int, proposals=None) -> Verdict:
+        reply = await self._call(self.stub.Verify,
+                                 convert.verify_request(rid, committed, candidates, rule, params,
+                                                        position, proposals),
+                                 lambda r: r.verify_s)
+        return convert.verdict_from_proto(reply)
+
+    async def free(self, rid: str) -> None:
+        await self._call(self.stub.Free, pb.FreeRequest(request_id=rid))

@@ -1,0 +1,254 @@
+"""The gRPC data plane changes nothing: a coordinator talking to drafter/target replicas over real
+grpc.aio servers (loopback, tiny real models) emits exactly what the in-process engine emits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.engine.drafter import DrafterWorker
+from hsd_serve.engine.engine import Coordinator, TargetInfo
+from hsd_serve.engine.local import Engine
+from hsd_serve.engine.protocol import EXACT, SessionMissing
+from hsd_serve.engine.target import TargetWorker
+from hsd_serve.engine.types import GenerationRequest, RequestError
+from hsd_serve.serve.dataplane import (DRAFTER_SERVICE, TARGET_SERVICE, ChannelPool, GrpcDrafter,
+                                       GrpcTarget, start_dataplane_server, stop_dataplane_server)
+
+PROMPT = "def fib(n):\n    if n < 2:\n        return n\n"
+STORY = "Once upon a time, there was a"
+SAMPLED = dict(temperature=0.9, top_p=0.95)
+
+
+@dataclass
+class Served:
+    coordinator: Coordinator
+    pool: ChannelPool
+    target_addr: str
+    drafter_addr: str
+    width: int
+    drafter_server: grpc.aio.Server
+    target_server: grpc.aio.Server
+
+    def ports(self):
+        return (GrpcTarget(self.target_addr, pool=self.pool),
+                GrpcDrafter(self.drafter_addr, target_vocab_size=self.width, pool=self.pool))
+
+    async def run(self, req: GenerationRequest, drafter=None):
+        target, default_drafter = self.ports()
+        result = None
+        async for chunk in self.coordinator.stream(req, target=target,
+                                                   drafter=drafter or default_drafter):
+            result = chunk.result
+        return result
+
+
+@contextlib.asynccontextmanager
+async def served(target_model, drafter_model, **drafter_kw):
+    """Drafter and target workers behind their own grpc.aio servers, and a coordinator built
+    like ``engine.local.Engine`` builds one, but over gRPC ports."""
+    tw = TargetWorker(target_model)
+    dw = DrafterWorker(drafter_model, target_model.vocab, **drafter_kw)
+    tserver, tport = await start_dataplane_server("target", tw, host="127.0.0.1")
+    dserver, dport = await start_dataplane_server("drafter", dw, host="127.0.0.1")
+    pool = ChannelPool()
+    width = target_model.vocab.size
+    t_addr, d_addr = f"127.0.0.1:{tport}", f"127.0.0.1:{dport}"
+    coord = Coordinator(GrpcTarget(t_addr, pool=pool),
+                        TargetInfo(target_model.tokenizer, target_model.eos_ids,
+                                   target_model.max_context),
+                        GrpcDrafter(d_addr, target_vocab_size=width, pool=pool),
+                        same_vocab=dw.same_vocab)
+    try:
+        yield Served(coord, pool, t_addr, d_addr, width, dserver, tserver)
+    finally:
+        await pool.close()
+        await stop_dataplane_server(dserver, grace=None)
+        await stop_dataplane_server(tserver, grace=None)
+
+
+def key(res):
+    s = res.stats
+    return (res.token_ids, res.text, res.finish_reason, s.rounds, s.drafted, s.accepted,
+            s.emitted)
+
+
+class Forgetful:
+    """A drafter port whose replica loses the request's session before every other round."""
+
+    def __init__(self, port, servicer):
+        self.port, self.servicer = port, servicer
+        self.rounds = self.opens = self.forgot = 0
+
+    async def _maybe_forget(self, rid):
+        self.rounds += 1
+        if self.rounds % 2 == 0:
+            self.forgot += int(await self.servicer.run(self.servicer.worker.free, rid))
+
+    async def open(self, *args):
+        self.opens += 1
+        await self.port.open(*args)
+
+    async def draft(self, rid, *args, **kwargs):
+        await self._maybe_forget(rid)
+        return await self.port.draft(rid, *args, **kwargs)
+
+    async def slrs_step(self, rid, *args):
+        await self._maybe_forget(rid)
+        return await self.port.slrs_step(rid, *args)
+
+    async def free(self, rid):
+        await self.port.free(rid)
+
+
+@pytest.fixture(scope="module")
+def hetero(loaded_model, families):
+    return loaded_model(families[1]), loaded_model(families[0], seed=1)
+
+
+def test_heterogeneous_pair_matches_in_process(hetero):
+    target, drafter = hetero
+    engine = Engine(target, drafter)
+    greedy = [GenerationRequest(PROMPT, max_new_tokens=14, method=m, lookahead=3)
+              for m in ("ar", "slem", "tli")]
+    sampled = [GenerationRequest(PROMPT, max_new_tokens=10, method=m, lookahead=3,
+                                 params=SamplingParams(seed=seed, **SAMPLED))
+               for m in ("ar", "tli", "slem") for seed in (1, 2)]
+
+    async def main():
+        want = [await engine.coordinator.generate(r) for r in greedy + sampled]
+        async with served(target, drafter) as srv:
+            got = [await srv.run(r) for r in greedy + sampled]
+            # concurrent requests share the replicas (calls serialise on the worker thread)
+            together = await asyncio.gather(*(srv.run(r) for r in greedy))
+            d_sessions = srv.drafter_server.hsd_servicer.worker.sessions
+            t_sessions = srv.target_server.hsd_servicer.worker.sessions
+            assert not d_sessions and not t_sessions  # every request freed its caches
+        return want, got, together
+
+    want, got, together = asyncio.run(main())
+    assert [key(r) for r in got] == [key(r) for r in want]
+    assert [key(r) for r in together] == [key(r) for r in want[:len(greedy)]]
+    ar, slem, tli = got[:3]
+    assert slem.token_ids == ar.token_ids == tli.token_ids
+    assert slem.stats.drafted > 0 and tli.stats.drafted > 0
+    assert got[3].token_ids == got[7].token_ids  # sampled SLEM = sampled AR, same seed
+    assert any(r.stats.drafted > r.stats.accepted for r in got[5:7])  # sampled TLI rejected some
+
+
+def test_identical_drafter_sd_and_slem(loaded_model, families):
+    model = loaded_model(families[0])
+    engine = Engine(model, model)
+    reqs = [GenerationRequest(PROMPT, max_new_tokens=16, method=m, lookahead=4)
+            for m in ("ar", "sd", "slem")]
+    reqs.append(GenerationRequest(PROMPT, max_new_tokens=10, method="sd", lookahead=4,
+                                  params=SamplingParams(seed=3, **SAMPLED)))
+
+    async def main():
+        want = [await engine.coordinator.generate(r) for r in reqs]
+        async with served(model, model) as srv:
+            return want, [await srv.run(r) for r in reqs]
+
+    want, got = asyncio.run(main())
+    assert [key(r) for r in got] == [key(r) for r in want]
+    for res in got[1:3]:
+        assert res.token_ids == got[0].token_ids
+        assert res.stats.drafted > 0 and res.stats.accepted == res.stats.drafted
+
+
+def test_drafter_losing_sessions_reopens_and_stays_exact(hetero):
+    target, drafter = hetero
+    reqs = [GenerationRequest(PROMPT, max_new_tokens=14, method=m, lookahead=3)
+            for m in ("ar", "slem", "tli")]
+
+    async def main():
+        async with served(target, drafter) as srv:
+            ar = await srv.run(reqs[0])
+            out = []
+            for req in reqs[1:]:
+                _, port = srv.ports()
+                forgetful = Forgetful(port, srv.drafter_server.hsd_servicer)
+                out.append((await srv.run(req, drafter=forgetful), forgetful))
+            return ar, out
+
+    ar, out = asyncio.run(main())
+    for res, forgetful in out:
+        assert res.token_ids == ar.token_ids and res.text == ar.text
+        assert forgetful.forgot >= 2 and forgetful.opens == forgetful.forgot + 1
+        assert res.stats.fallback_rounds < res.stats.rounds  # drafting went on after re-opens
+
+
+def test_slrs_over_grpc_matches_in_process(stories_model, byte_drafter_model):
+    from hsd_serve.core.slrs import SLRSBudgetError
+
+    engine = Engine(stories_model, byte_drafter_model)
+    try:
+        engine.drafter_worker.slrs()
+    except SLRSBudgetError as exc:
+        pytest.skip(f"SLRS not constructible for this pair: {exc}")
+    reqs = [GenerationRequest(STORY, max_new_tokens=6, method="slrs",
+                              params=SamplingParams(seed=seed, temperature=1.3, top_p=0.98))
+            for seed in (0, 1)]
+    reqs.append(GenerationRequest(STORY, max_new_tokens=6, method="slrs"))
+
+    async def main():
+        want = [await engine.coordinator.generate(r) for r in reqs]
+        async with served(stories_model, byte_drafter_model) as srv:
+            got = [await srv.run(r) for r in reqs]
+            _, port = srv.ports()
+            forgetful = Forgetful(port, srv.drafter_server.hsd_servicer)
+            forgot = await srv.run(reqs[0], drafter=forgetful)
+            return want, got, forgot, forgetful
+
+    want, got, forgot, forgetful = asyncio.run(main())
+    assert [key(r) for r in got] == [key(r) for r in want]
+    assert sum(r.stats.drafted for r in got) > 0
+    assert forgot.token_ids == want[0].token_ids and forgetful.forgot >= 1
+
+
+def test_status_mapping_health_and_reflection(hetero):
+    target, drafter = hetero
+
+    async def main():
+        async with served(target, drafter) as srv:
+            t_port, d_port = srv.ports()
+            with pytest.raises(SessionMissing):
+                await d_port.draft("nobody", 2, 0, generated=b"")
+            with pytest.raises(SessionMissing):
+                await d_port.slrs_step("nobody", b"", __import__("torch").zeros(4), 0)
+            with pytest.raises(ValueError):  # INVALID_ARGUMENT: AR needs no drafter
+                await d_port.open("r1", "ar", "hi", SamplingParams(), [1])
+            with pytest.raises(ValueError):  # INVALID_ARGUMENT: unknown rule
+                await t_port.verify("r1", [1, 2], [], "nope", SamplingParams(), 0)
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # INTERNAL: id out of range
+                await t_port.verify("r2", [10**9], [], EXACT, SamplingParams(), 0)
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            ok = await t_port.verify("r3", [1, 2], [], EXACT, SamplingParams(), 0)
+            assert len(ok.tokens) == 1 and t_port.calls == 1 and t_port.transport_s > 0
+            await t_port.free("r3")
+            with pytest.raises(ValueError):  # INVALID_ARGUMENT: sd needs one shared vocabulary
+                await d_port.open("r4", "sd", "hi", SamplingParams(), [1])
+            with pytest.raises(RequestError):  # ... which the coordinator refuses up front
+                await srv.run(GenerationRequest(PROMPT, method="sd"))
+
+            for addr, name in ((srv.target_addr, TARGET_SERVICE),
+                               (srv.drafter_addr, DRAFTER_SERVICE)):
+                ch = srv.pool.get(addr)
+                health = health_pb2_grpc.HealthStub(ch)
+                for service in ("", name):
+                    resp = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+                refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+                call = refl.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+                names = [s.name async for r in call for s in r.list_services_response.service]
+                assert name in names and "grpc.health.v1.Health" in names
+
+    asyncio.run(main())

@@ -1,4 +1,4 @@
-"""`hsd-serve`: generate (in-process), zoo (build the bundled models)."""
+"""`hsd-serve`: generate (in-process), serve (Ray Serve), client (gRPC), zoo (bundled models)."""
 
 from __future__ import annotations
 
@@ -105,10 +105,63 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return int(zoo_main(args.zoo_args) or 0)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="deploy the service on Ray Serve (local Ray, or --address)",
+                       description="Start (or join) Ray, deploy the applications of a Serve "
+                                   "config and block until interrupted.")
+    s.add_argument("config", nargs="?", default="serve_config.yaml",
+                   help="Serve config YAML (default: ./serve_config.yaml)")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: start a local Ray instance)")
+    s.add_argument("--num-cpus", type=float, default=None, help="CPUs for a local Ray instance")
+    s.add_argument("--http-port", type=int, default=None, help="override http_options.port")
+    s.add_argument("--grpc-port", type=int, default=None, help="override grpc_options.port")
+    s.add_argument("--once", metavar="PROMPT", default=None,
+                   help="send one request over gRPC and HTTP once deployed, print it, shut down")
+    s.add_argument("--max-tokens", type=int, default=32, help="max tokens for --once")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hsd_serve.serve.launch import serve_from_config
+
+    return serve_from_config(args.config, address=args.address, num_cpus=args.num_cpus,
+                             http_port=args.http_port, grpc_port=args.grpc_port,
+                             once=args.once, once_max_tokens=args.max_tokens)
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("client", help="send a prompt to a running service over gRPC")
+    c.add_argument("prompt", help="prompt text ('-' reads standard input)")
+    c.add_argument("--address", default="127.0.0.1:9000", help="gRPC address (host:port)")
+    c.add_argument("--application", default="hsd", help="Ray Serve application name")
+    c.add_argument("--method", default="", choices=("",) + METHODS)
+    c.add_argument("--max-tokens", type=int, default=0, help="0: server default")
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--lookahead", type=int, default=0, help="0: server default")
+    c.add_argument("--stop", action="append", default=[])
+    c.add_argument("--no-stream", action="store_true", help="unary Generate instead of streaming")
+    c.add_argument("--json", action="store_true", help="print the final response as JSON")
+    c.add_argument("--timeout", type=float, default=300.0)
+    c.set_defaults(func=cmd_client)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from hsd_serve.serve.client import run_client
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    return run_client(args, prompt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hsd-serve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_client(sub)
     _add_zoo(sub)
     return p
 

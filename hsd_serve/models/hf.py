@@ -158,3 +158,38 @@ class Session:
 
         self._cache = DynamicCache()
         self.ids = []
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What other processes need to know about a model without loading its weights."""
+
+    tokenizer: TokenizerAdapter
+    eos_ids: frozenset[int]
+    max_context: int
+    logit_size: int
+
+
+def describe_model(spec: ModelSpec) -> ModelDescription:
+    """Tokenizer, EOS ids, context length and logit size from the config files only."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+        hf_tok = load_tokenizer(spec.path, trust_remote_code=spec.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+        raise ModelLoadError(f"cannot read model {spec.path!r}: {exc}") from exc
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    logit_size = int(text_cfg.vocab_size)
+    tok = TokenizerAdapter(hf_tok, model_vocab_size=max(logit_size, len(hf_tok)))
+    eos = set(tok.eos_ids)
+    try:
+        gen_eos = GenerationConfig.from_pretrained(spec.path).eos_token_id
+    except Exception:  # noqa: BLE001 - no generation_config.json
+        gen_eos = getattr(text_cfg, "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        eos.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        eos.update(int(e) for e in gen_eos)
+    max_context = int(getattr(text_cfg, "max_position_embeddings", 0) or 2**31 - 1)
+    return ModelDescription(tok, frozenset(eos), max_context, logit_size)

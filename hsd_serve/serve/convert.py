@@ -60,6 +60,48 @@ def _require_f32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _varints(a: np.ndarray) -> bytes:
+    """Protobuf varints of non-negative integers < 2**35, vectorised."""
+    a = a.astype(np.uint64)
+    nbytes = np.ones(a.shape, dtype=np.int64)
+    for j in range(1, 5):
+        nbytes += a >= (1 << (7 * j))
+    starts = np.cumsum(nbytes) - nbytes
+    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
+    for j in range(5):
+        m = nbytes > j
+        if not m.any():
+            break
+        byte = (a[m] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = (nbytes[m] > j + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[m] + j] = (byte | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def _sparse_row(ids: np.ndarray, probs: np.ndarray) -> pb.SparseRow:
+    """A SparseRow parsed from its packed wire form (field 1: varint ids; field 2: fixed32
+    little-endian floats) — the same message as ``SparseRow(ids=..., probs=...)``, built without
+    a Python object per entry."""
+    if ids.size == 0:
+        return pb.SparseRow()
+    id_bytes = _varints(ids)
+    prob_bytes = probs.astype(_F32_LE, copy=False).tobytes()
+    return pb.SparseRow.FromString(b"\x0a" + _varint(len(id_bytes)) + id_bytes +
+                                   b"\x12" + _varint(len(prob_bytes)) + prob_bytes)
+
+
 def rows_to_proto(rows: Optional[torch.Tensor]) -> list[pb.SparseRow]:
     """``[n, V]`` float32 rows → ``n`` SparseRows holding the entries whose bits are nonzero,
     ids ascending.  ``None`` → no rows."""
@@ -68,12 +110,13 @@ def rows_to_proto(rows: Optional[torch.Tensor]) -> list[pb.SparseRow]:
     rows = _require_f32(rows, "proposal rows")
     if rows.dim() != 2:
         raise ValueError(f"proposal rows must be 2-D [n, V], got shape {tuple(rows.shape)}")
-    bits = rows.view(torch.int32)
-    out = []
-    for r in range(rows.shape[0]):
-        ids = torch.nonzero(bits[r], as_tuple=True)[0]
-        out.append(pb.SparseRow(ids=ids.tolist(), probs=rows[r, ids].tolist()))
-    return out
+    if rows.shape[1] >= 2**31:
+        raise ValueError("proposal rows are too wide for int32 ids")
+    dense = rows.numpy()
+    r_idx, c_idx = np.nonzero(dense.view(np.int32))  # row-major: ids ascending within a row
+    vals = dense[r_idx, c_idx]
+    bounds = np.searchsorted(r_idx, np.arange(rows.shape[0] + 1))
+    return [_sparse_row(c_idx[a:b], vals[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def rows_from_proto(rows: Sequence[pb.SparseRow], width: int) -> Optional[torch.Tensor]:
@@ -83,18 +126,17 @@ def rows_from_proto(rows: Sequence[pb.SparseRow], width: int) -> Optional[torch.
         return None
     if width <= 0:
         raise ValueError(f"row width must be positive, got {width}")
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    out = np.zeros((len(rows), width), dtype=np.float32)
     for r, row in enumerate(rows):
         if len(row.ids) != len(row.probs):
             raise ValueError(f"proposal row {r}: {len(row.ids)} ids but {len(row.probs)} probs")
         if len(row.ids) == 0:
             continue
-        ids = torch.tensor(list(row.ids), dtype=torch.long)
-        if int(ids[0]) < 0 or int(ids[-1]) >= width or \
-                (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
+        ids = np.array(row.ids, dtype=np.int64)
+        if ids[0] < 0 or ids[-1] >= width or (ids.size > 1 and not (ids[1:] > ids[:-1]).all()):
             raise ValueError(f"proposal row {r}: ids must be ascending and in [0, {width})")
-        out[r, ids] = torch.tensor(list(row.probs), dtype=torch.float32) * 1.01
-    return out
+        out[r, ids] = np.array(row.probs, dtype=np.float32)  # proto float -> float32: exact
+    return torch.from_numpy(out)
 
 
 def row_to_bytes(row: Optional[torch.Tensor]) -> bytes:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -108,6 +109,49 @@ class Forgetful:
         await self.port.free(rid)
 
 
+def spy_proposals(srv):
+    """Record the proposal rows the drafter worker produced and those the target worker got."""
+    sent, received = [], []
+    dw = srv.drafter_server.hsd_servicer.worker
+    tw = srv.target_server.hsd_servicer.worker
+    draft, verify = dw.draft, tw.verify
+
+    def spy_draft(*args, **kwargs):
+        d = draft(*args, **kwargs)
+        if d.proposals is not None:
+            sent.append(d.proposals.clone())
+        return d
+
+    def spy_verify(rid, committed, candidates, rule, params, position, proposals=None):
+        if proposals is not None:
+            received.append(proposals.clone())
+        return verify(rid, committed, candidates, rule, params, position, proposals)
+
+    dw.draft, tw.verify = spy_draft, spy_verify
+    return sent, received
+
+
+def spy_rows(srv):
+    """Record the target rows the target worker returned and those the drafter worker got."""
+    sent, received = [], []
+    dw = srv.drafter_server.hsd_servicer.worker
+    tw = srv.target_server.hsd_servicer.worker
+    verify, step = tw.verify, dw.slrs_step
+
+    def spy_verify(*args, **kwargs):
+        v = verify(*args, **kwargs)
+        if v.row is not None:
+            sent.append(v.row.clone())
+        return v
+
+    def spy_step(rid, generated, row, position):
+        received.append(row.clone())
+        return step(rid, generated, row, position)
+
+    tw.verify, dw.slrs_step = spy_verify, spy_step
+    return sent, received
+
+
 @pytest.fixture(scope="module")
 def hetero(loaded_model, families):
     return loaded_model(families[1]), loaded_model(families[0], seed=1)
@@ -125,7 +169,13 @@ def test_heterogeneous_pair_matches_in_process(hetero):
     async def main():
         want = [await engine.coordinator.generate(r) for r in greedy + sampled]
         async with served(target, drafter) as srv:
+            sent, received = spy_proposals(srv)
             got = [await srv.run(r) for r in greedy + sampled]
+            assert len(sent) == len(received) > 0
+            for a, b in zip(sent, received):  # the verifier got exactly the sampled-from rows
+                assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+                assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+            assert any(int((row > 0).sum()) > 1 for a in sent for row in a)  # not only one-hot
             # concurrent requests share the replicas (calls serialise on the worker thread)
             together = await asyncio.gather(*(srv.run(r) for r in greedy))
             d_sessions = srv.drafter_server.hsd_servicer.worker.sessions
@@ -201,7 +251,12 @@ def test_slrs_over_grpc_matches_in_process(stories_model, byte_drafter_model):
     async def main():
         want = [await engine.coordinator.generate(r) for r in reqs]
         async with served(stories_model, byte_drafter_model) as srv:
+            sent, received = spy_rows(srv)
             got = [await srv.run(r) for r in reqs]
+            assert len(sent) == len(received) > 0
+            for a, b in zip(sent, received):
+                assert a.dtype == b.dtype == torch.float32
+                assert torch.equal(a.view(torch.int32), b.view(torch.int32))
             _, port = srv.ports()
             forgetful = Forgetful(port, srv.drafter_server.hsd_servicer)
             forgot = await srv.run(reqs[0], drafter=forgetful)
@@ -222,7 +277,7 @@ def test_status_mapping_health_and_reflection(hetero):
             with pytest.raises(SessionMissing):
                 await d_port.draft("nobody", 2, 0, generated=b"")
             with pytest.raises(SessionMissing):
-                await d_port.slrs_step("nobody", b"", __import__("torch").zeros(4), 0)
+                await d_port.slrs_step("nobody", b"", torch.zeros(4), 0)
             with pytest.raises(ValueError):  # INVALID_ARGUMENT: AR needs no drafter
                 await d_port.open("r1", "ar", "hi", SamplingParams(), [1])
             with pytest.raises(ValueError):  # INVALID_ARGUMENT: unknown rule

@@ -1,0 +1,63 @@
+"""`hsd-serve client`: a gRPC client for ``hsd.v1.Generation`` that streams to the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import grpc
+
+from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
+
+
+def build_request(args, prompt: str) -> hsd_pb2.GenerateRequest:
+    return hsd_pb2.GenerateRequest(
+        prompt=prompt, max_tokens=args.max_tokens, method=args.method,
+        lookahead=args.lookahead, stop=list(args.stop),
+        sampling=hsd_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k,
+                                        top_p=args.top_p, seed=args.seed))
+
+
+def stats_line(stats) -> str:
+    return (f"[{stats.method}] {stats.completion_tokens} tokens in {stats.wall_s:.2f}s "
+            f"({stats.tokens_per_s:.1f} tok/s), acceptance {stats.acceptance_rate:.2f}, "
+            f"{stats.tokens_per_round:.2f} tokens/round, ttft {stats.ttft_s * 1000:.0f} ms")
+
+
+def run_client(args, prompt: str) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    metadata = (("application", args.application),)
+    with grpc.insecure_channel(args.address) as channel:
+        stub = hsd_pb2_grpc.GenerationStub(channel)
+        req = build_request(args, prompt)
+        try:
+            if args.no_stream:
+                resp = stub.Generate(req, metadata=metadata, timeout=args.timeout)
+                if args.json:
+                    print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True)))
+                else:
+                    print(resp.text)
+                    print(stats_line(resp.stats), file=sys.stderr)
+                return 0
+            last = None
+            text = []
+            for chunk in stub.GenerateStream(req, metadata=metadata, timeout=args.timeout):
+                text.append(chunk.text)
+                if not args.json:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                last = chunk
+            if args.json:
+                out = MessageToDict(last, preserving_proto_field_name=True) if last else {}
+                out["text"] = "".join(text)
+                print(json.dumps(out))
+            else:
+                print()
+                if last is not None:
+                    print(stats_line(last.stats) + f", finish={last.finish_reason}",
+                          file=sys.stderr)
+            return 0
+        except grpc.RpcError as exc:
+            print(f"hsd-serve client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1

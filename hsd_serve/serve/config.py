@@ -1,0 +1,115 @@
+"""Typed configuration of the service: models, method defaults and per-deployment scaling.
+
+``AppConfig`` is what ``serve_config.yaml`` passes as ``args`` to ``hsd_serve.serve.app:build_app``.
+Unknown keys are errors (Ray's own schema accepts unknown keys silently; ours does not).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hsd_serve.engine.types import METHODS
+
+BUNDLED_PREFIX = "bundled:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """A model to load: a local directory, a hub id, or ``bundled:<name>`` (this package's zoo)."""
+
+    path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+    def resolved_path(self) -> str:
+        """The path on this node (bundled models live inside the installed package)."""
+        if self.path.startswith(BUNDLED_PREFIX):
+            from hsd_serve.zoo import bundled_model_dir
+
+            return str(bundled_model_dir(self.path[len(BUNDLED_PREFIX):]))
+        return self.path
+
+    def spec(self):
+        from hsd_serve.models.hf import ModelSpec
+
+        return ModelSpec(self.resolved_path(), dtype=self.dtype, device=self.device,
+                         trust_remote_code=self.trust_remote_code)
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: Optional[int] = None
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+
+class DeploymentOptions(_Strict):
+    """Scaling, backpressure and placement of one deployment."""
+
+    num_replicas: Optional[int] = Field(1, ge=1)
+    autoscaling_config: Optional[AutoscalingConfig] = None
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)  # -1 = unbounded (not recommended)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"target_node": 1}
+    torch_threads: Optional[int] = Field(None, ge=1)  # None: Ray's OMP_NUM_THREADS
+
+    def serve_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  "resources": dict(self.resources)},
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class AppConfig(_Strict):
+    """Everything ``build_app`` needs."""
+
+    target: ModelConfig = ModelConfig(path=BUNDLED_PREFIX + "target")
+    drafter: Optional[ModelConfig] = ModelConfig(path=BUNDLED_PREFIX + "drafter")
+    model_name: str = "hsd-bundled"
+    default_method: str = "auto"
+    default_lookahead: int = Field(4, ge=1, le=64)
+    default_max_tokens: int = Field(128, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1)
+    max_prompt_chars: int = Field(1_000_000, ge=1)
+    proposal_top_m: int = Field(64, ge=0)
+    draft_timeout_s: Optional[float] = Field(5.0, gt=0)  # per drafter call; then target-only
+    verify_timeout_s: Optional[float] = Field(120.0, gt=0)  # per target call; then the request fails
+    drafter_retry_rounds: int = Field(8, ge=1)
+    slrs_max_forwards: int = Field(64, ge=1)
+    slrs_max_target_bytes: Optional[int] = Field(8, ge=1)
+    max_sessions_per_replica: int = Field(256, ge=1)
+    drafter_deployment: DeploymentOptions = DeploymentOptions(resources={})
+    target_deployment: DeploymentOptions = DeploymentOptions(resources={})
+    coordinator_deployment: DeploymentOptions = DeploymentOptions(num_cpus=0.25,
+                                                                  max_ongoing_requests=64,
+                                                                  max_queued_requests=128)
+
+    @field_validator("default_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(METHODS)}")
+        return v
+
+
+def load_config(args: Union[dict, AppConfig, None]) -> AppConfig:
+    if isinstance(args, AppConfig):
+        return args
+    return AppConfig.model_validate(args or {})

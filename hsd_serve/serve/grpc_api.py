@@ -1,0 +1,61 @@
+"""Client-facing gRPC (``hsd.v1.Generation``) on the coordinator, behind Ray Serve's gRPC proxy.
+
+Bad input → ``INVALID_ARGUMENT`` naming the field; no capacity → ``RESOURCE_EXHAUSTED``; an
+unexpected failure → ``INTERNAL``.  Nothing is started for a request that fails validation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from hsd_serve.engine.types import RequestError
+from hsd_serve.pb import hsd_pb2
+from hsd_serve.serve.convert import chunk_to_proto, request_from_proto, result_to_proto
+
+log = logging.getLogger("hsd_serve.serve")
+
+
+def _fail(ctx, code: grpc.StatusCode, message: str) -> None:
+    if ctx is not None:
+        ctx.set_code(code)
+        ctx.set_details(message)
+
+
+def _status_for(exc: BaseException) -> grpc.StatusCode:
+    name = type(exc).__name__
+    if isinstance(exc, RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if "BackPressure" in name or "RejectedRequest" in name:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+async def generate_unary(dep, request, ctx) -> hsd_pb2.GenerateResponse:
+    try:
+        req = request_from_proto(request, dep.defaults)
+        result = None
+        async for chunk in dep.stream(req):
+            result = chunk.result
+        return result_to_proto(result)
+    except Exception as exc:  # noqa: BLE001 - mapped to a status
+        code = _status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("Generate failed")
+        _fail(ctx, code, str(exc))
+        return hsd_pb2.GenerateResponse()
+
+
+async def generate_stream(dep, request, ctx):
+    try:
+        req = request_from_proto(request, dep.defaults)
+        async for chunk in dep.stream(req):
+            yield chunk_to_proto(chunk)
+    except Exception as exc:  # noqa: BLE001 - mapped to a status
+        code = _status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("GenerateStream failed")
+        _fail(ctx, code, str(exc))

@@ -1,0 +1,13 @@
+"""The coordinator's HTTP app: the OpenAI-compatible API over leased replicas (plus /metrics)."""
+
+from __future__ import annotations
+
+from hsd_serve.serve.openai_api import ApiLimits, CoordinatorBackend, build_openai_app
+
+
+def build_http_app(dep):
+    """``dep`` is a CoordinatorDeployment: ``dep.stream(req)`` runs one request on the cluster."""
+    cfg = dep.config
+    limits = ApiLimits(max_prompt_chars=cfg.max_prompt_chars, max_tokens_limit=cfg.max_tokens_limit,
+                       default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens_limit))
+    return build_openai_app(CoordinatorBackend(dep, dep.tokenizer, cfg.model_name), limits=limits)

@@ -1,0 +1,136 @@
+"""`hsd-serve serve`: start or join Ray, deploy a Serve config, print the endpoints, block."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+def _import_attr(path: str):
+    module, _, attr = path.partition(":")
+    if not attr:
+        module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """Parse and validate a Serve config (Ray's schema + our strict ``AppConfig`` for args)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from hsd_serve.serve.config import load_config
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"serve config not found: {path}")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    ServeDeploySchema.parse_obj(cfg)
+    for app in cfg.get("applications", []):
+        if app.get("import_path") == "hsd_serve.serve.app:build_app":
+            load_config(app.get("args") or {})  # unknown keys are errors here
+    return cfg
+
+
+def deploy(cfg: dict[str, Any], *, http_port: Optional[int] = None,
+           grpc_port: Optional[int] = None) -> dict[str, Any]:
+    """``serve.start`` with the config's HTTP/gRPC options, then ``serve.run`` every app."""
+    from ray import serve
+
+    http = dict(cfg.get("http_options") or {})
+    grpc_opts = dict(cfg.get("grpc_options") or {})
+    if http_port is not None:
+        http["port"] = http_port
+    if grpc_port is not None:
+        grpc_opts["port"] = grpc_port
+    http.setdefault("port", 8000)
+    http.setdefault("host", "127.0.0.1")
+    serve.start(http_options=http, grpc_options=grpc_opts or None)
+    for app in cfg.get("applications", []):
+        builder = _import_attr(app["import_path"])
+        serve.run(builder(app.get("args") or {}), name=app["name"],
+                  route_prefix=app.get("route_prefix", "/"), blocking=False)
+    return {"http_port": http["port"], "grpc_port": grpc_opts.get("port"),
+            "apps": [a["name"] for a in cfg.get("applications", [])]}
+
+
+def _http_once(port: int, prompt: str, max_tokens: int) -> dict:
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def serve_from_config(config: str, *, address: Optional[str] = None,
+                      num_cpus: Optional[float] = None, http_port: Optional[int] = None,
+                      grpc_port: Optional[int] = None, once: Optional[str] = None,
+                      once_max_tokens: int = 32) -> int:
+    import ray
+    from ray import serve
+
+    cfg = read_config(config)
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    init_kwargs: dict[str, Any] = {"address": address or "local", "namespace": "hsd",
+                                   "log_to_driver": False}
+    if address is None:
+        init_kwargs["include_dashboard"] = False
+        if num_cpus is not None:
+            init_kwargs["num_cpus"] = num_cpus
+    ray.init(**init_kwargs)
+    try:
+        info = deploy(cfg, http_port=http_port, grpc_port=grpc_port)
+        hp, gp = info["http_port"], info["grpc_port"]
+        print(f"hsd-serve: applications {info['apps']} are running", flush=True)
+        print(f"  HTTP (OpenAI):  http://127.0.0.1:{hp}/v1/completions  "
+              f"(/v1/chat/completions, /v1/models, /health, /metrics)", flush=True)
+        if gp:
+            print(f"  gRPC:           127.0.0.1:{gp}  (hsd.v1.Generation, grpc.health.v1)  "
+                  f"e.g. hsd-serve client --address 127.0.0.1:{gp} 'def fib(n):'", flush=True)
+        if once is not None:
+            return _run_once(once, hp, gp, once_max_tokens)
+        print("  Ctrl-C to stop.", flush=True)
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"]:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _run_once(prompt: str, http_port: int, grpc_port: Optional[int], max_tokens: int) -> int:
+    import argparse
+
+    from hsd_serve.serve.client import run_client
+
+    rc = 0
+    if grpc_port:
+        print(f"--- gRPC GenerateStream ({prompt!r})", flush=True)
+        args = argparse.Namespace(address=f"127.0.0.1:{grpc_port}", application="hsd",
+                                  method="", max_tokens=max_tokens, temperature=0.0, top_p=1.0,
+                                  top_k=0, seed=0, lookahead=0, stop=[], no_stream=False,
+                                  json=False, timeout=300.0)
+        rc = run_client(args, prompt)
+    print(f"--- HTTP /v1/completions ({prompt!r})", flush=True)
+    try:
+        out = _http_once(http_port, prompt, max_tokens)
+        print(out["choices"][0]["text"])
+        print(json.dumps({"usage": out.get("usage"), "hsd": out.get("hsd")}), flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported as a failure of the run
+        print(f"hsd-serve: HTTP request failed: {exc}", file=sys.stderr)
+        rc = 1
+    return rc

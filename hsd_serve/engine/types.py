@@ -18,6 +18,9 @@ class RequestError(ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # picklable across processes (Ray) with both fields
+        return (type(self), (self.field, self.message))
+
 
 @dataclass
 class GenerationRequest:

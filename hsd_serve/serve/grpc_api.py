@@ -59,3 +59,6 @@ async def generate_stream(dep, request, ctx):
         if code == grpc.StatusCode.INTERNAL:
             log.exception("GenerateStream failed")
         _fail(ctx, code, str(exc))
+        # A stream that yielded nothing only carries the status if the handler raises after
+        # setting it (Ray Serve's proxy then keeps the user's code instead of INTERNAL).
+        raise

@@ -35,9 +35,10 @@ ignored; fields we know but cannot honour are accepted only at their default val
 ``ignore_eos``, ``tools``/``functions``, ``tool_choice``/``function_call``, ``response_format``).
 A :class:`RequestError` from the engine becomes a 400 naming its field (``max_new_tokens`` is
 reported as ``max_tokens``; ``prompt`` as ``messages`` for chat).  Exceptions of the configured
-*unavailable* kinds (and Ray Serve's ``BackPressureError`` / ``DeploymentUnavailableError``) become
-503; any other exception during generation is a 500 with a JSON error body (in a stream: an SSE
-``data: {"error": ...}`` event and then ``data: [DONE]``).
+*unavailable* kinds (and ``TimeoutError``, Ray Serve's ``BackPressureError`` /
+``DeploymentUnavailableError``) become 503 (with ``Retry-After`` when the exception carries
+``retry_after_s``); any other exception during generation is a 500 with a JSON error body (in a
+stream that has started: an SSE ``data: {"error": ...}`` event and then ``data: [DONE]``).
 
 Chat prompts
 ------------
@@ -54,7 +55,7 @@ Each engine step runs as its own task; when the handler is cancelled (a client d
 Ray Serve, or Starlette's disconnect listener) the step is cancelled with plain asyncio semantics
 and the engine stream is closed inside a shielded scope, so the engine's ``finally`` (which frees
 the KV caches on both workers) always runs.  Between streamed chunks the handler also polls
-``request.is_disconnected()`` and stops generating when the client has gone.
+``request.is_disconnected()`` (streamed or not) and stops generating when the client has gone.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Literal, Optional, Protocol, Union, runtime_checkable
+from typing import (Any, AsyncIterator, Callable, Literal, Optional, Protocol, Union,
+                    runtime_checkable)
 
 import anyio
 from fastapi import FastAPI, Request
@@ -165,7 +167,8 @@ def render_chat(tokenizer: Any, messages: list[dict]) -> str:
                 from exc
         raise
     if not isinstance(text, str):  # some versions return a list for a single conversation
-        text = text[0] if isinstance(text, list) and text and isinstance(text[0], str) else str(text)
+        first = text[0] if isinstance(text, list) and text else None
+        text = first if isinstance(first, str) else str(text)
     bos = getattr(hf, "bos_token", None)
     if isinstance(bos, str) and bos and text.startswith(bos) and _adds_bos(tokenizer, hf):
         text = text[len(bos):]
@@ -206,8 +209,11 @@ class CoordinatorBackend:
         return render_chat(self.tokenizer, messages)
 
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_name,
-                "drafter": getattr(self.coordinator, "drafter", None) is not None}
+        c = self.coordinator
+        drafter = getattr(c, "drafter", None)
+        if drafter is None:  # a deployment wrapping a Coordinator: its drafter handle
+            drafter = getattr(c, "drafter_handle", None)
+        return {"status": "ok", "model": self.model_name, "drafter": drafter is not None}
 
 
 # ---------------------------------------------------------------------------- errors
@@ -250,7 +256,7 @@ def _unavailable(exc: BaseException, kinds: tuple) -> Optional[ApiError]:
     """503 for overload/unavailability exceptions, else None."""
     ray_kind = type(exc).__name__ in _RAY_UNAVAILABLE and \
         type(exc).__module__.startswith("ray.")
-    if not (ray_kind or (kinds and isinstance(exc, kinds))):
+    if not (ray_kind or isinstance(exc, TimeoutError) or (kinds and isinstance(exc, kinds))):
         return None
     headers = None
     retry = getattr(exc, "retry_after_s", None)
@@ -350,7 +356,7 @@ def _param_of(loc: tuple) -> Optional[str]:
 def _from_validation(errors: list[dict]) -> ApiError:
     e = errors[0]
     loc = tuple(e.get("loc") or ())
-    if loc and loc[0] == "body":  # FastAPI's own locations
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):  # FastAPI's locations
         loc = loc[1:]
     param = _param_of(loc)
     msg = str(e.get("msg", "invalid value"))
@@ -610,6 +616,18 @@ def _sse(obj: Any) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
+class _EventStream(StreamingResponse):
+    """SSE response that always closes its event generator (hence the engine stream) at once,
+    even when the handler is cancelled while a chunk is being sent."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
 class _Shape:
     """Builds the OpenAI objects for one request (completions or chat)."""
 
@@ -663,8 +681,8 @@ def build_openai_app(backend: GenerationBackend, *, limits: Optional[ApiLimits] 
     """The FastAPI application serving the OpenAI-compatible API over ``backend``.
 
     ``unavailable_exceptions``: exception types (raised by the backend) answered with 503, e.g. an
-    admission-control rejection; Ray Serve's ``BackPressureError`` and
-    ``DeploymentUnavailableError`` are recognised without being listed.
+    admission-control rejection; ``TimeoutError`` (``asyncio.TimeoutError``) and Ray Serve's
+    ``BackPressureError`` and ``DeploymentUnavailableError`` are 503 without being listed.
     """
     limits = limits or ApiLimits()
     kinds = tuple(unavailable_exceptions)
@@ -710,13 +728,15 @@ def build_openai_app(backend: GenerationBackend, *, limits: Optional[ApiLimits] 
             await pump.aclose()
             raise
         if stream:
-            return StreamingResponse(_events(request, pump, first, shape),
+            return _EventStream(_events(request, pump, first, shape),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
         try:
             chunk = first
             while chunk.result is None:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody to answer; finally frees caches
                 chunk = await pump.next()
                 if chunk is None:
                     raise RuntimeError("the engine stream ended without a result")

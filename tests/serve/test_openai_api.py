@@ -155,8 +155,9 @@ def test_chat_template_path(families):
     if not fams:
         pytest.skip("no SentencePiece family available")
     hf = load_family_tokenizer(fams[0])
-    hf.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
-                        "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    hf.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
+                        "{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     rendered = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert rendered.startswith(hf.bos_token)
     assert render_chat(hf, MESSAGES) == rendered[len(hf.bos_token):]  # encode adds BOS again
@@ -212,8 +213,13 @@ def test_stream_bad_request_is_a_400_not_a_stream(app):
     assert r.json()["error"]["param"] == "method"
 
 
-def test_client_disconnect_stops_generation_and_frees_caches(app, engine):
-    """A client that goes away after the first chunk: generation stops, caches are freed."""
+@pytest.mark.parametrize("how", ["disconnect", "cancel"])
+def test_client_disconnect_stops_generation_and_frees_caches(app, engine, how):
+    """A client that goes away after the first chunk: generation stops, caches are freed.
+
+    ``disconnect``: the server sees ``http.disconnect`` (uvicorn); ``cancel``: the handler task is
+    cancelled mid-stream, which is what Ray Serve does when the HTTP client goes away.
+    """
     body = json.dumps({"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "method": "slem",
                        "lookahead": 1, "stream": True}).encode()
     full = engine.generate(GenerationRequest(PROMPT, max_new_tokens=8, method="slem",
@@ -223,6 +229,7 @@ def test_client_disconnect_stops_generation_and_frees_caches(app, engine):
     async def go():
         sent: list[dict] = []
         got_data = asyncio.Event()
+        never = asyncio.Event()
         calls = 0
 
         async def receive():
@@ -230,25 +237,34 @@ def test_client_disconnect_stops_generation_and_frees_caches(app, engine):
             calls += 1
             if calls == 1:
                 return {"type": "http.request", "body": body, "more_body": False}
-            await got_data.wait()
+            await (got_data if how == "disconnect" else never).wait()
             return {"type": "http.disconnect"}
 
         async def send(message):
             sent.append(message)
             if message["type"] == "http.response.body" and message.get("body"):
                 got_data.set()
+                if how == "cancel":
+                    asyncio.get_running_loop().call_soon(task.cancel)
 
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+        scope = {"type": "http", "asgi": {"version": "3.0",
+                                          "spec_version": "2.3" if how == "disconnect" else "2.4"},
                  "http_version": "1.1", "method": "POST", "scheme": "http",
                  "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
                  "root_path": "", "headers": [(b"content-type", b"application/json")],
                  "client": ("test", 1), "server": ("test", 80)}
-        await app(scope, receive, send)
+        task = asyncio.ensure_future(app(scope, receive, send))
+        try:
+            await task
+        except asyncio.CancelledError:
+            assert how == "cancel"
+        assert_no_leaks(engine)  # freed before the handler returned, not later by GC
         return sent
 
     sent = asyncio.run(go())
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
     data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert data.startswith(b"data: ")
     assert b"[DONE]" not in data  # cut short
     assert data.count(b"data: ") < rounds_full
     assert_no_leaks(engine)
@@ -269,6 +285,17 @@ def test_models_and_health(app):
     assert nf.status_code == 404 and nf.json()["error"]["param"] is None
     wrong = call(app, "GET", "/v1/completions")
     assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_fastapi_validation_errors_are_400(backend):
+    app = build_openai_app(backend)
+
+    @app.get("/extra")
+    async def extra(k: int):  # a route added by the deployment: FastAPI validates it
+        return {"k": k}
+
+    r = call(app, "GET", "/extra?k=x")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "k"
 
 
 def test_unhealthy_backend_and_engine_failure_give_json_errors(backend):
@@ -295,9 +322,20 @@ def test_unhealthy_backend_and_engine_failure_give_json_errors(backend):
                     yield chunk
             raise RuntimeError("boom")
 
+    class Overloaded(Broken):
+        async def _fail(self, req):
+            raise TimeoutError("no target replica within 30 s")
+            yield  # pragma: no cover
+
     app = build_openai_app(Broken())
     r = call(app, "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    r = call(build_openai_app(Overloaded()), "POST", "/v1/chat/completions",
+             json={"messages": [{"role": "user", "content": "x"}], "stream": True})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_overloaded"
+    r = call(build_openai_app(Broken(), unavailable_exceptions=(RuntimeError,)), "POST",
+             "/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503
     assert call(app, "GET", "/health").status_code == 503
     events = sse_events(call(build_openai_app(MidStream()), "POST", "/v1/completions",
                              json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0,

@@ -64,6 +64,18 @@ def test_sparse_rows_round_trip_any_float32(rows):
     assert_bit_identical(_roundtrip(t), t)
 
 
+def test_packed_rows_equal_protobufs_own_encoding():
+    import numpy as np
+
+    edges = [0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**28 - 1, 2**28, 2**31 - 1]
+    rng = np.random.default_rng(0)
+    for ids in (np.array(edges), np.sort(rng.choice(2**31 - 1, 500, replace=False))):
+        probs = rng.random(ids.size).astype(np.float32)
+        ours = convert._sparse_row(ids, probs)
+        ref = pb.SparseRow(ids=ids.tolist(), probs=probs.tolist())
+        assert ours == ref and ours.SerializeToString() == ref.SerializeToString()
+
+
 def test_rows_reject_inexact_or_malformed():
     with pytest.raises(ValueError):
         convert.rows_to_proto(torch.zeros(2, 5, dtype=torch.float64))

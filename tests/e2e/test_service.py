@@ -1,0 +1,123 @@
+"""The distributed service end to end on a local Ray instance: same tokens as in-process."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.engine.local import Engine
+from hsd_serve.engine.types import GenerationRequest
+from hsd_serve.models.hf import LoadedModel, ModelSpec
+from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
+
+PROMPT = "def fib(n):\n    "
+META = (("application", "hsd"),)
+
+
+@pytest.fixture(scope="module")
+def local_engine(service):
+    return Engine(LoadedModel(ModelSpec(str(service["target"]))),
+                  LoadedModel(ModelSpec(str(service["drafter"]))))
+
+
+@pytest.fixture(scope="module")
+def stub(service):
+    channel = grpc.insecure_channel(f"127.0.0.1:{service['grpc']}")
+    yield hsd_pb2_grpc.GenerationStub(channel)
+    channel.close()
+
+
+@pytest.mark.parametrize("method,temperature,seed", [("ar", 0, 0), ("slem", 0, 0),
+                                                     ("tli", 0, 0), ("tli", 0.9, 7),
+                                                     ("slem", 0.9, 7)])
+def test_grpc_matches_in_process(stub, local_engine, method, temperature, seed):
+    want = local_engine.generate(GenerationRequest(
+        PROMPT, max_new_tokens=12, method=method,
+        params=SamplingParams(temperature=temperature, seed=seed)))
+    req = hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=12, method=method,
+                                  sampling=hsd_pb2.SamplingParams(temperature=temperature,
+                                                                  seed=seed))
+    got = stub.Generate(req, metadata=META, timeout=120)
+    assert list(got.token_ids) == want.token_ids
+    assert got.text == want.text
+    assert got.stats.method == method
+    chunks = list(stub.GenerateStream(req, metadata=META, timeout=120))
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    assert "".join(c.text for c in chunks) == want.text
+    assert chunks[-1].finish_reason == want.finish_reason
+    assert chunks[-1].stats.completion_tokens == len(want.token_ids)
+
+
+def test_grpc_bad_input_is_invalid_argument(stub):
+    bad = [hsd_pb2.GenerateRequest(prompt="x", method="nope"),
+           hsd_pb2.GenerateRequest(prompt="x", sampling=hsd_pb2.SamplingParams(temperature=-1)),
+           hsd_pb2.GenerateRequest(prompt="x", max_tokens=10_000_000),
+           hsd_pb2.GenerateRequest(prompt="")]
+    for req in bad:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(req, metadata=META, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateStream(req, metadata=META, timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    ok = stub.Generate(hsd_pb2.GenerateRequest(prompt="x", max_tokens=2), metadata=META,
+                       timeout=60)
+    assert len(ok.token_ids) >= 1
+
+
+def test_grpc_health_service(service):
+    with grpc.insecure_channel(f"127.0.0.1:{service['grpc']}") as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                    metadata=META, timeout=30)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_http_openai_completions_and_stream(service, local_engine):
+    want = local_engine.generate(GenerationRequest(PROMPT, max_new_tokens=10, method="slem"))
+    base = f"http://127.0.0.1:{service['http']}"
+    with httpx.Client(base_url=base, timeout=120) as client:
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 10,
+                                                 "temperature": 0, "method": "slem"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["text"] == want.text
+        assert body["usage"]["completion_tokens"] == len(want.token_ids)
+        assert body["hsd"]["method"] == "slem"
+        text = []
+        with client.stream("POST", "/v1/completions",
+                           json={"prompt": PROMPT, "max_tokens": 10, "stream": True, "temperature": 0,
+                                 "method": "slem"}) as s:
+            assert s.status_code == 200
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        for ln in lines[:-1]:
+            text.append(json.loads(ln[6:])["choices"][0].get("text", ""))
+        assert "".join(text) == want.text
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "temperature": -2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-pair"
+        assert client.get("/health").status_code == 200
+
+
+def test_leases_free_replica_sessions(service, stub):
+    from ray import serve
+
+    for _ in range(3):
+        stub.Generate(hsd_pb2.GenerateRequest(prompt="abc", max_tokens=4, method="slem"),
+                      metadata=META, timeout=60)
+    import time
+
+    for name in ("Target", "Drafter"):
+        handle = serve.get_deployment_handle(name, app_name="hsd")
+        deadline = time.time() + 20
+        while True:
+            stats = handle.stats.remote().result()
+            if stats["sessions"] == 0 or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert stats["sessions"] == 0, (name, stats)

@@ -251,6 +251,7 @@ class Coordinator:
                     break
                 position = len(committed) - prompt_len
                 k = max(0, min(lookahead.k, room - 1))
+                r0 = (time.perf_counter(), stats.draft_s, stats.verify_s, stats.bridge_s)
                 tokens: list[int] = []
                 drafted = accepted = 0
                 fallback = method != "ar"
@@ -282,7 +283,9 @@ class Coordinator:
                     stats.verify_s += v.verify_s
                     stats.target_forwards += 1
                     tokens = v.tokens
-                stats.record_round(drafted, accepted, fallback=fallback)
+                stats.record_round(drafted, accepted, fallback=fallback, timing=(
+                    time.perf_counter() - r0[0], stats.draft_s - r0[1], stats.verify_s - r0[2],
+                    stats.bridge_s - r0[3]))
                 lookahead.update(drafted, accepted)
                 new_ids, text = [], ""
                 for t in tokens:

@@ -73,9 +73,23 @@ class RequestStats:
     target_forwards: int = 0
     drafter_forwards: int = 0
     lookahead_final: int = 0
+    transport_s: float = 0.0  # round wall time not spent drafting, verifying or bridging
+    # per-round timings (seconds) for latency histograms; not part of as_dict()
+    round_draft_s: list[float] = field(default_factory=list)
+    round_verify_s: list[float] = field(default_factory=list)
+    round_transport_s: list[float] = field(default_factory=list)
 
     def record_round(self, drafted: int, accepted: int, emitted: int = 0,
-                     fallback: bool = False) -> None:
+                     fallback: bool = False, timing: Optional[tuple[float, float, float, float]]
+                     = None) -> None:
+        """Count one round; ``timing`` = (wall, draft, verify, bridge) seconds of this round."""
+        if timing is not None:
+            wall, draft, verify, bridge = timing
+            other = max(0.0, wall - draft - verify - bridge)
+            self.round_draft_s.append(draft)
+            self.round_verify_s.append(verify)
+            self.round_transport_s.append(other)
+            self.transport_s += other
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -100,9 +114,16 @@ class RequestStats:
     def tokens_per_s(self) -> float:
         return self.emitted / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first."""
+        return (self.wall_s - self.ttft_s) / (self.emitted - 1) if self.emitted > 1 else 0.0
+
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(acceptance_rate=self.acceptance_rate, tokens_per_round=self.tokens_per_round,
+        for key in ("round_draft_s", "round_verify_s", "round_transport_s"):
+            d.pop(key)
+        d.update(tpot_s=self.tpot_s, acceptance_rate=self.acceptance_rate, tokens_per_round=self.tokens_per_round,
                  tokens_per_s=self.tokens_per_s)
         return d
 

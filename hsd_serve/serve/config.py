@@ -90,7 +90,8 @@ class AppConfig(_Strict):
     max_prompt_chars: int = Field(1_000_000, ge=1)
     proposal_top_m: int = Field(64, ge=0)
     draft_timeout_s: Optional[float] = Field(5.0, gt=0)  # per drafter call; then target-only
-    verify_timeout_s: Optional[float] = Field(120.0, gt=0)  # per target call; then the request fails
+    verify_timeout_s: Optional[float] = Field(120.0, gt=0)  # per target call, then fail over
+    target_failover_s: float = Field(60.0, ge=0)  # resume on another target replica this long
     drafter_retry_rounds: int = Field(8, ge=1)
     slrs_max_forwards: int = Field(64, ge=1)
     slrs_max_target_bytes: Optional[int] = Field(8, ge=1)

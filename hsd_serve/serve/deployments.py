@@ -13,6 +13,7 @@ handle call).  Replica caches are caches: the coordinator's committed tokens are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from typing import AsyncIterator, Optional
@@ -139,6 +140,103 @@ class _UnavailableDrafter:
         return None
 
 
+def _is_transport_failure(exc: BaseException) -> bool:
+    import grpc
+
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+
+class _LeasedPort:
+    """A port bound to a lease; after a transport failure it leases another replica."""
+
+    def __init__(self, dep: "CoordinatorDeployment", handle, rid: str, make_port):
+        self.dep = dep
+        self.handle = handle
+        self.rid = rid
+        self.make_port = make_port
+        self.lease: Optional[_Lease] = None
+        self.port = None
+        self.failovers = 0
+
+    async def connect(self) -> None:
+        self.lease = await _open_lease(self.handle, self.rid, self.dep.lease_timeout_s)
+        self.port = self.make_port(self.dep.channels.get(self.lease.address))
+
+    async def drop(self) -> None:
+        if self.lease is not None:
+            self.lease.close()
+            await self.dep.channels.discard(self.lease.address)
+        self.lease, self.port = None, None
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
+
+
+class _LeasedTarget(_LeasedPort):
+    """TargetPort that survives the loss of its replica: every call carries the committed tokens,
+    so the request resumes on a newly leased replica (a prefill there, never a repeated or missing
+    token).  Gives up after ``target_failover_s`` and the request fails with UNAVAILABLE."""
+
+    async def verify(self, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.dep.config.target_failover_s
+        while True:
+            try:
+                if self.port is None:
+                    await self.connect()
+                return await self.port.verify(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not _is_transport_failure(exc) and self.port is not None:
+                    raise
+                await self.drop()
+                self.failovers += 1
+                if loop.time() >= deadline:
+                    raise ConnectionError(f"target replica lost and none took over within "
+                                          f"{self.dep.config.target_failover_s:.0f}s: {exc}") \
+                        from exc
+                log.warning("request %s: target replica failed (%s); leasing another",
+                            self.rid, exc)
+                await asyncio.sleep(0.5)
+
+    async def free(self, rid):
+        if self.port is not None:
+            await self.port.free(rid)
+
+
+class _LeasedDrafter(_LeasedPort):
+    """DrafterPort whose failures the coordinator turns into target-only rounds; the next
+    ``open`` (the coordinator re-opens after its retry interval) leases a replica again."""
+
+    async def _call(self, name, *args, **kwargs):
+        if self.port is None:
+            await self.connect()
+        try:
+            return await getattr(self.port, name)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if _is_transport_failure(exc):
+                await self.drop()
+            raise
+
+    async def open(self, *args, **kwargs):
+        return await self._call("open", *args, **kwargs)
+
+    async def draft(self, *args, **kwargs):
+        return await self._call("draft", *args, **kwargs)
+
+    async def slrs_step(self, *args, **kwargs):
+        return await self._call("slrs_step", *args, **kwargs)
+
+    async def free(self, rid):
+        if self.port is not None:
+            await self.port.free(rid)
+
+
 @serve.deployment(name="Coordinator")
 @serve.ingress()
 class CoordinatorDeployment:
@@ -181,27 +279,24 @@ class CoordinatorDeployment:
 
         method, _ = self.coordinator.prepare(req)
         rid = rid or uuid.uuid4().hex
-        leases: list[_Lease] = []
+        target = _LeasedTarget(self, self.target_handle, rid, lambda ch: GrpcTarget(
+            ch, timeout_s=self.config.verify_timeout_s))
+        drafter = None
         try:
-            t_lease = await _open_lease(self.target_handle, rid, self.lease_timeout_s)
-            leases.append(t_lease)
-            target = GrpcTarget(self.channels.get(t_lease.address),
-                                timeout_s=self.config.verify_timeout_s)
-            drafter = None
+            await target.connect()  # no target replica: fail now (UNAVAILABLE / backpressure)
             if method != "ar" and self.drafter_handle is not None:
-                try:
-                    d_lease = await _open_lease(self.drafter_handle, rid, self.lease_timeout_s)
-                    leases.append(d_lease)
-                    drafter = GrpcDrafter(self.channels.get(d_lease.address),
-                                          target_vocab_size=self.tokenizer.vocab.size)
-                except Exception as exc:  # noqa: BLE001 - speculation is an optimisation
-                    log.warning("request %s: no drafter lease (%s); target-only", rid, exc)
-                    drafter = _UnavailableDrafter(str(exc))
-            async for chunk in self.coordinator.stream(req, rid, target=target, drafter=drafter):
-                yield chunk
+                drafter = _LeasedDrafter(self, self.drafter_handle, rid, lambda ch: GrpcDrafter(
+                    ch, target_vocab_size=self.tokenizer.vocab.size,
+                    timeout_s=self.config.draft_timeout_s))
+            # close the inner stream here, so its caches are freed before the leases close
+            async with contextlib.aclosing(self.coordinator.stream(
+                    req, rid, target=target, drafter=drafter)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
-            for lease in leases:
-                lease.close()
+            target.close()
+            if drafter is not None:
+                drafter.close()
 
     # ---- gRPC ingress: hsd.v1.Generation ------------------------------------------------------
     async def Generate(self, request, grpc_context=None):

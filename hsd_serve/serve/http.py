@@ -9,5 +9,6 @@ def build_http_app(dep):
     """``dep`` is a CoordinatorDeployment: ``dep.stream(req)`` runs one request on the cluster."""
     cfg = dep.config
     limits = ApiLimits(max_prompt_chars=cfg.max_prompt_chars, max_tokens_limit=cfg.max_tokens_limit,
-                       default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens_limit))
+                       default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens_limit),
+                       default_method=cfg.default_method, default_lookahead=cfg.default_lookahead)
     return build_openai_app(CoordinatorBackend(dep, dep.tokenizer, cfg.model_name), limits=limits)

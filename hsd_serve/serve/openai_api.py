@@ -105,15 +105,23 @@ MAX_BODY_OVERHEAD = 1 << 20  # bytes of JSON allowed on top of the prompt size l
 
 @dataclass(frozen=True)
 class ApiLimits:
+    """Limits on requests, and the server-side defaults for fields a request leaves out."""
+
     max_prompt_chars: int = 1_000_000  # characters of prompt (completions) or of all messages
     max_tokens_limit: int = 4096  # largest accepted max_tokens
     default_max_tokens: int = 128  # max_tokens when the request gives none
+    default_method: str = "auto"  # method when the request gives none
+    default_lookahead: int = 4  # lookahead when the request gives none
 
     def __post_init__(self) -> None:
         if self.max_prompt_chars < 1 or self.max_tokens_limit < 1:
             raise ValueError("ApiLimits: limits must be >= 1")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             raise ValueError("ApiLimits: default_max_tokens must be in [1, max_tokens_limit]")
+        if self.default_method not in METHODS:
+            raise ValueError(f"ApiLimits: default_method must be one of {', '.join(METHODS)}")
+        if not 1 <= self.default_lookahead <= MAX_LOOKAHEAD:
+            raise ValueError(f"ApiLimits: default_lookahead must be in [1, {MAX_LOOKAHEAD}]")
 
 
 # ---------------------------------------------------------------------------- backends
@@ -463,10 +471,10 @@ def _common_request(body: _Common, prompt: str, max_tokens: Optional[int], limit
         stop = tuple(body.stop)
     for s in stop:
         _check_text(s, "stop")
-    method = "auto" if body.method is None else body.method
+    method = limits.default_method if body.method is None else body.method
     if method not in METHODS:
         raise _bad("method", f"method: unknown method; choose one of {', '.join(METHODS)}")
-    lookahead = 4 if body.lookahead is None else body.lookahead
+    lookahead = limits.default_lookahead if body.lookahead is None else body.lookahead
     if not 1 <= lookahead <= MAX_LOOKAHEAD:
         raise _bad("lookahead", f"lookahead: must be in [1, {MAX_LOOKAHEAD}], got {lookahead}")
     try:

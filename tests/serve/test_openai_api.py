@@ -287,6 +287,17 @@ def test_models_and_health(app):
     assert wrong.status_code == 405 and "error" in wrong.json()
 
 
+def test_server_defaults(backend, engine):
+    app = build_openai_app(backend, limits=ApiLimits(default_max_tokens=3, default_method="ar",
+                                                     default_lookahead=2))
+    d = call(app, "POST", "/v1/completions", json={"prompt": PROMPT, "temperature": 0}).json()
+    want = engine.generate(GenerationRequest(PROMPT, max_new_tokens=3, method="ar"))
+    assert d["hsd"]["method"] == "ar" and d["choices"][0]["text"] == want.text
+    assert d["usage"]["completion_tokens"] == len(want.token_ids) <= 3
+    with pytest.raises(ValueError):
+        ApiLimits(default_method="fast")
+
+
 def test_fastapi_validation_errors_are_400(backend):
     app = build_openai_app(backend)
 

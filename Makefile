@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/hsd-serve generate --max-new-tokens 48 "def fib(n):"
+	$(VENV)/bin/hsd-serve serve serve_config.yaml --once "def fib(n):"
 
 test: setup
 	$(PY) -m pytest tests

@@ -74,6 +74,7 @@ class RequestStats:
     drafter_forwards: int = 0
     lookahead_final: int = 0
     transport_s: float = 0.0  # round wall time not spent drafting, verifying or bridging
+    replicas: dict = field(default_factory=dict)  # service only: addresses leased per role
     # per-round timings (seconds) for latency histograms; not part of as_dict()
     round_draft_s: list[float] = field(default_factory=list)
     round_verify_s: list[float] = field(default_factory=list)

@@ -50,6 +50,7 @@ class _ModelReplica:
 
     async def lease(self, rid: str) -> AsyncIterator[str]:
         """Yield this replica's gRPC address; hold the lease until the caller closes it."""
+        self.leases_total = getattr(self, "leases_total", 0) + 1
         yield self.address
         try:
             await asyncio.Event().wait()
@@ -61,7 +62,7 @@ class _ModelReplica:
 
     def stats(self) -> dict:
         return {"sessions": len(self.worker.sessions), "evictions": self.worker.evictions,
-                "address": self.address}
+                "address": self.address, "leases_total": getattr(self, "leases_total", 0)}
 
     async def check_health(self) -> None:
         if self.server is None:
@@ -161,9 +162,11 @@ class _LeasedPort:
         self.lease: Optional[_Lease] = None
         self.port = None
         self.failovers = 0
+        self.addresses: list[str] = []  # every replica this request leased, in order
 
     async def connect(self) -> None:
         self.lease = await _open_lease(self.handle, self.rid, self.dep.lease_timeout_s)
+        self.addresses.append(self.lease.address)
         self.port = self.make_port(self.dep.channels.get(self.lease.address))
 
     async def drop(self) -> None:
@@ -292,6 +295,10 @@ class CoordinatorDeployment:
             async with contextlib.aclosing(self.coordinator.stream(
                     req, rid, target=target, drafter=drafter)) as chunks:
                 async for chunk in chunks:
+                    if chunk.result is not None:
+                        chunk.result.stats.replicas = {
+                            "target": list(target.addresses),
+                            "drafter": list(drafter.addresses) if drafter is not None else []}
                     yield chunk
         finally:
             target.close()

@@ -4,6 +4,11 @@ A session holds the drafter's KV cache and what it knows of the committed text: 
 target ids themselves for SD (shared vocabulary), or a ``DrafterText`` (its own tokenization of
 the committed bytes) for SLEM/TLI/SLRS.  Each ``draft`` call first re-synchronises with what the
 coordinator says is committed, keeping the previous round's drafted tokens that agree with it.
+
+Bounds: at most ``max_sessions`` sessions and (when set) ``max_cached_tokens`` tokens in all the
+sessions' KV caches together.  Over either bound the least recently used *other* sessions are
+evicted; their next ``draft`` answers ``SessionMissing`` and the coordinator opens them again
+(a prefill; drafts only ever change speed, never the output).
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ class DrafterState:
 class DrafterWorker:
     def __init__(self, model: LoadedModel, target_vocab: Vocab, *, proposal_top_m: int = 64,
                  slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
-                 slrs_drafter_top_k: Optional[int] = None, max_sessions: int = 256):
+                 slrs_drafter_top_k: Optional[int] = None, max_sessions: int = 256,
+                 max_cached_tokens: Optional[int] = None):
+        if max_cached_tokens is not None and max_cached_tokens < 1:
+            raise ValueError("max_cached_tokens must be >= 1 (or None for no cap)")
         self.model = model
         self.target_vocab = target_vocab
         self.proposal_top_m = proposal_top_m
@@ -58,9 +66,11 @@ class DrafterWorker:
         self.slrs_max_target_bytes = slrs_max_target_bytes
         self.slrs_drafter_top_k = slrs_drafter_top_k
         self.max_sessions = max_sessions
+        self.max_cached_tokens = max_cached_tokens
         self.same_vocab = same_vocabulary(model.vocab, target_vocab)
         self.sessions: "OrderedDict[str, DrafterState]" = OrderedDict()
-        self.evictions = 0
+        self.evictions = 0  # sessions evicted (session cap or token cap)
+        self.drafts = 0  # draft / SLRS calls served
         self._id_map: Optional[torch.Tensor] = None
         self._slrs = None
 
@@ -108,6 +118,26 @@ class DrafterWorker:
             st.text = DrafterText(self.model.tokenizer, prompt)
         self.sessions[rid] = st
 
+    def cached_tokens(self) -> int:
+        """Tokens held in all sessions' KV caches."""
+        return sum(len(st.session) for st in self.sessions.values())
+
+    def _make_room(self, rid: str) -> None:
+        """Evict least recently used sessions other than ``rid`` until the caches fit
+        ``max_cached_tokens`` (``rid``'s own cache is kept whatever its size)."""
+        if self.max_cached_tokens is None:
+            return
+        total = self.cached_tokens()
+        for old_rid in list(self.sessions):
+            if total <= self.max_cached_tokens:
+                break
+            if old_rid == rid:
+                continue
+            old = self.sessions.pop(old_rid)
+            total -= len(old.session)
+            old.session.free()
+            self.evictions += 1
+
     def _state(self, rid: str) -> DrafterState:
         st = self.sessions.get(rid)
         if st is None:
@@ -130,6 +160,7 @@ class DrafterWorker:
         from hsd_serve.engine.methods import DRAFT_FUNCTIONS
 
         st = self._state(rid)
+        self.drafts += 1
         f0, t0 = st.forwards, st.draft_s
         self._sync(st, committed, generated)
         if st.text is not None and st.text.pending(generated):  # mid-character: nothing useful
@@ -137,6 +168,7 @@ class DrafterWorker:
         out = DRAFT_FUNCTIONS[st.method](self, st, k, position)
         st.last_drafted = list(out.drafter_ids)
         out.forwards, out.draft_s = st.forwards - f0, st.draft_s - t0
+        self._make_room(rid)
         return out
 
     def slrs_step(self, rid: str, generated: bytes, row: torch.Tensor,
@@ -144,6 +176,7 @@ class DrafterWorker:
         from hsd_serve.engine.methods.slrs import slrs_step
 
         st = self._state(rid)
+        self.drafts += 1
         self._sync(st, None, generated)
         f0, t0 = st.forwards, st.draft_s
         if st.text.pending(generated):
@@ -151,6 +184,7 @@ class DrafterWorker:
         out = slrs_step(self, st, row, position)
         st.last_drafted = list(out.drafter_ids)
         out.forwards, out.draft_s = st.forwards - f0, st.draft_s - t0
+        self._make_room(rid)
         return out
 
     def free(self, rid: str) -> bool:

@@ -119,13 +119,23 @@ class Coordinator:
 
     def __init__(self, target: TargetPort, info: TargetInfo, drafter: Optional[DrafterPort] = None,
                  *, same_vocab: bool = False, draft_timeout_s: Optional[float] = None,
-                 drafter_retry_rounds: int = 8):
+                 drafter_retry_rounds: int = 8, sink=None):
         self.target = target
         self.info = info
         self.drafter = drafter
         self.same_vocab = same_vocab
         self.draft_timeout_s = draft_timeout_s
         self.drafter_retry_rounds = drafter_retry_rounds
+        self.sink = sink  # hsd_serve.metrics.MetricsSink: gets each request's stats once, at its end
+
+    def report(self, stats: RequestStats, outcome: str) -> None:
+        """Hand one ended request's stats to the metrics sink (never fails the request)."""
+        if self.sink is None:
+            return
+        try:
+            self.sink.record_request(stats, outcome)
+        except Exception as exc:  # noqa: BLE001 - metrics must not break generation
+            log.warning("metrics sink failed: %s: %s", type(exc).__name__, exc)
 
     def resolve_method(self, method: str, params: SamplingParams) -> str:
         if method == "auto":
@@ -162,7 +172,38 @@ class Coordinator:
                      target: Optional[TargetPort] = None,
                      drafter: Optional[DrafterPort] = None) -> AsyncIterator[Chunk]:
         """Run one request; ``target``/``drafter`` override the coordinator's ports for this
-        request (the service passes the ports of the replicas it leased)."""
+        request (the service passes the ports of the replicas it leased).  The request's stats
+        go to the metrics sink once, when it ends: ``ok`` just before the final chunk,
+        otherwise ``invalid``/``cancelled``/``error`` with the work done so far."""
+        t_start = time.perf_counter()
+        stats = RequestStats()
+        outcome = None
+        rounds = self._stream(req, rid, target, drafter, stats)
+        try:
+            async for chunk in rounds:
+                if chunk.result is not None:
+                    outcome = "ok"
+                    self.report(stats, outcome)
+                yield chunk
+        except RequestError:
+            outcome = outcome or "invalid"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = outcome or "cancelled"
+            raise
+        finally:
+            try:
+                await rounds.aclose()
+            finally:
+                if outcome != "ok":
+                    stats.method = stats.method or req.method
+                    stats.wall_s = stats.wall_s or time.perf_counter() - t_start
+                    self.report(stats, outcome or "error")
+
+    async def _stream(self, req: GenerationRequest, rid: Optional[str],
+                      target: Optional[TargetPort], drafter: Optional[DrafterPort],
+                      stats: RequestStats) -> AsyncIterator[Chunk]:
+        """The round loop of one request; fills ``stats`` (plain data, no metric calls)."""
         t_start = time.perf_counter()
         method, committed = self.prepare(req)
         target = target or self.target
@@ -170,7 +211,7 @@ class Coordinator:
         rid = rid or f"{uuid.uuid4().hex[:12]}-{next(_ids)}"
         prompt_len = len(committed)
         params = req.params
-        stats = RequestStats(method=method, prompt_tokens=prompt_len)
+        stats.method, stats.prompt_tokens = method, prompt_len
         tok = self.info.tokenizer
         token_bytes = tok.vocab.token_bytes
         prompt_bytes = req.prompt.encode("utf-8")

@@ -52,7 +52,9 @@ class Engine:
 
     def __init__(self, target: LoadedModel, drafter: Optional[LoadedModel] = None, *,
                  slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
-                 proposal_top_m: int = 64):
+                 proposal_top_m: int = 64, sink=None):
+        """``sink``: a :class:`hsd_serve.metrics.MetricsSink` (e.g. ``PrometheusSink()``) that
+        receives every request's stats when it ends."""
         self.target = target
         self.drafter = drafter
         self.target_worker = TargetWorker(target)
@@ -66,7 +68,7 @@ class Engine:
             LocalTarget(self.target_worker),
             TargetInfo(target.tokenizer, target.eos_ids, target.max_context),
             LocalDrafter(self.drafter_worker) if self.drafter_worker else None,
-            same_vocab=bool(self.drafter_worker and self.drafter_worker.same_vocab))
+            same_vocab=bool(self.drafter_worker and self.drafter_worker.same_vocab), sink=sink)
 
     def resolve_method(self, method: str, params) -> str:
         return self.coordinator.resolve_method(method, params)

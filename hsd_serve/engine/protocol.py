@@ -43,6 +43,7 @@ class Verdict:
     tokens: list[int] = field(default_factory=list)  # emitted target ids
     row: Optional[torch.Tensor] = None  # ROW rule: processed target row [V_target]
     verify_s: float = 0.0
+    batch_size: int = 1  # requests verified in the same forward pass (replica load signal)
 
 
 @dataclass

@@ -131,11 +131,10 @@ class Session:
             i += 1
         return i
 
-    @torch.inference_mode()
-    def forward_from(self, context: list[int], extra: list[int] = ()) -> torch.Tensor:
+    def _prepare(self, context: list[int], extra: list[int]) -> list[int]:
+        """Crop the cache to what ``context + extra`` can reuse; return the tokens to compute."""
         if not context:
             raise ValueError("forward_from needs a non-empty context")
-        extra = list(extra)
         keep = self.common_prefix(context)
         if keep == len(context):
             keep -= 1  # the logits after the last context token are not stored: recompute it
@@ -145,6 +144,12 @@ class Session:
         if total > self.owner.max_context:
             raise ValueError(f"sequence of {total} tokens exceeds the model context of "
                              f"{self.owner.max_context}")
+        return new
+
+    @torch.inference_mode()
+    def forward_from(self, context: list[int], extra: list[int] = ()) -> torch.Tensor:
+        extra = list(extra)
+        new = self._prepare(context, extra)
         input_ids = torch.tensor([new], dtype=torch.long, device=self.owner.device)
         out = self.owner.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True,
                                logits_to_keep=len(extra) + 1)
@@ -158,6 +163,81 @@ class Session:
 
         self._cache = DynamicCache()
         self.ids = []
+
+    def _layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for layer in self._cache.layers:
+            if not getattr(layer, "is_initialized", False) or layer.keys is None \
+                    or layer.keys.numel() == 0:
+                return []
+            out.append((layer.keys, layer.values))
+        return out
+
+    def _append_kv(self, per_layer: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for idx, (k, v) in enumerate(per_layer):
+            self._cache.update(k, v, idx)
+
+
+@torch.inference_mode()
+def forward_batch(sessions: list[Session], contexts: list[list[int]],
+                  extras: list[list[int]]) -> list[torch.Tensor]:
+    """``Session.forward_from`` for several sessions of one model in a single forward pass.
+
+    Row ``i`` is laid out as ``[cache padding | cached tokens of i | new tokens of i | input
+    padding]``: cached keys are left-padded to the longest cache and masked out; new tokens are
+    right-padded, and the padding tokens are real (unmasked) inputs that come *after* every valid
+    token, so causal attention never lets a valid token see them and no query row is fully masked.
+    Each new token gets its own absolute position.  Afterwards each session's cache gets exactly
+    its own new keys/values appended, so a session's state is as if it had run alone.  Returns,
+    per session, the logits after its context and after each extra token (``[len(extra)+1, V]``).
+    """
+    from transformers import DynamicCache
+
+    if len(sessions) == 1:
+        return [sessions[0].forward_from(contexts[0], extras[0])]
+    owner = sessions[0].owner
+    if any(s.owner is not owner for s in sessions) or len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("forward_batch needs distinct sessions of one model")
+    news = [s._prepare(list(c), list(e)) for s, c, e in zip(sessions, contexts, extras)]
+    keeps = [len(s.ids) for s in sessions]
+    b, lc, n = len(sessions), max(keeps), max(len(x) for x in news)
+    dev = owner.device
+    pad_id = news[0][0]
+    input_ids = torch.full((b, n), pad_id, dtype=torch.long, device=dev)
+    position_ids = torch.zeros((b, n), dtype=torch.long, device=dev)
+    mask = torch.zeros((b, lc + n), dtype=torch.long, device=dev)
+    for i, (new, keep) in enumerate(zip(news, keeps)):
+        input_ids[i, :len(new)] = torch.tensor(new, dtype=torch.long)
+        position_ids[i] = torch.arange(keep, keep + n)
+        mask[i, lc - keep:] = 1
+    cache = DynamicCache()
+    if lc > 0:
+        kvs = [s._layer_kv() for s in sessions]
+        n_layers = max(len(kv) for kv in kvs)
+        for idx in range(n_layers):
+            ref_k, ref_v = next((kv[idx] for kv in kvs if kv), (None, None))
+            shape_k = (b,) + tuple(ref_k.shape[1:-2]) + (lc, ref_k.shape[-1])
+            shape_v = (b,) + tuple(ref_v.shape[1:-2]) + (lc, ref_v.shape[-1])
+            keys = torch.zeros(shape_k, dtype=ref_k.dtype, device=dev)
+            values = torch.zeros(shape_v, dtype=ref_v.dtype, device=dev)
+            for i, kv in enumerate(kvs):
+                if kv:
+                    k, v = kv[idx]
+                    keys[i, ..., lc - k.shape[-2]:, :] = k[0]
+                    values[i, ..., lc - v.shape[-2]:, :] = v[0]
+            cache.update(keys, values, idx)
+    out = owner.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True)
+    logits = out.logits.float()
+    results = []
+    for i, (s, new, extra) in enumerate(zip(sessions, news, extras)):
+        s._append_kv([(layer.keys[i:i + 1, ..., lc:lc + len(new), :],
+                       layer.values[i:i + 1, ..., lc:lc + len(new), :]) for layer in cache.layers])
+        s.ids.extend(new)
+        s.forwards += 1
+        s.tokens_computed += len(new)
+        results.append(logits[i, len(new) - len(extra) - 1:len(new)])
+    return results
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,10 @@ class AppConfig(_Strict):
     slrs_max_forwards: int = Field(64, ge=1)
     slrs_max_target_bytes: Optional[int] = Field(8, ge=1)
     max_sessions_per_replica: int = Field(256, ge=1)
+    # tokens in all KV caches of one replica; over it, least recently used sessions are evicted
+    # and rebuilt on their next round (None: only max_sessions_per_replica bounds the caches)
+    max_cached_tokens_per_replica: Optional[int] = Field(None, ge=1)
+    lease_timeout_s: float = Field(30.0, gt=0)  # wait this long for a replica lease, then fail
     drafter_deployment: DeploymentOptions = DeploymentOptions(resources={})
     target_deployment: DeploymentOptions = DeploymentOptions(resources={})
     coordinator_deployment: DeploymentOptions = DeploymentOptions(num_cpus=0.25,

@@ -142,21 +142,61 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
 
 
 class TargetServicer(_WorkerServicer, pb_grpc.TargetServicer):
-    """``hsd.v1.Target`` for a ``TargetWorker``; proposal rows span the target's vocabulary."""
+    """``hsd.v1.Target`` for a ``TargetWorker``; proposal rows span the target's vocabulary.
 
-    def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None):
+    Verify calls are batched continuously: calls that arrive while the worker thread is busy
+    wait in a queue and the next forward pass takes up to ``max_batch`` of them at once
+    (``TargetWorker.verify_batch``).  At low load a call runs alone, with no added wait.
+    """
+
+    def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None, *,
+                 max_batch: int = 16):
         super().__init__(worker, executor)
         self.width = worker.model.vocab.size
+        self.max_batch = max_batch
+        self._pending: list[tuple[object, asyncio.Future]] = []
+        self._batcher: Optional[asyncio.Task] = None
+        self.batches = 0
+        self.batched_calls = 0
 
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyReply:
-        def work():
-            v = self.worker.verify(request.request_id, list(request.committed),
-                                   list(request.candidates), request.rule,
-                                   convert.params_from_proto(request.sampling), request.position,
-                                   convert.rows_from_proto(request.proposals, self.width))
-            return convert.verdict_to_proto(v)
+        from hsd_serve.engine.target import VerifyCall
 
-        return await self._serve(context, work)
+        try:
+            call = VerifyCall(request.request_id, list(request.committed),
+                              list(request.candidates), request.rule,
+                              convert.params_from_proto(request.sampling), request.position,
+                              convert.rows_from_proto(request.proposals, self.width))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((call, fut))
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.get_running_loop().create_task(self._run_batches())
+        try:
+            out = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            raise
+        if isinstance(out, ValueError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(out))
+        if isinstance(out, Exception):
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(out).__name__}: {out}")
+        return convert.verdict_to_proto(out)
+
+    async def _run_batches(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            calls = [c for c, _ in batch]
+            try:
+                results = await self.run(self.worker.verify_batch, calls)
+            except Exception as exc:  # noqa: BLE001 - every caller gets the failure
+                log.exception("batched verify failed")
+                results = [exc] * len(batch)
+            self.batches += 1
+            self.batched_calls += len(batch)
+            for (_, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
 
     async def Free(self, request: pb.FreeRequest, context) -> pb.FreeReply:
         return await self._serve(

@@ -114,7 +114,7 @@ def spy_proposals(srv):
     sent, received = [], []
     dw = srv.drafter_server.hsd_servicer.worker
     tw = srv.target_server.hsd_servicer.worker
-    draft, verify = dw.draft, tw.verify
+    draft, verify_batch = dw.draft, tw.verify_batch
 
     def spy_draft(*args, **kwargs):
         d = draft(*args, **kwargs)
@@ -122,12 +122,13 @@ def spy_proposals(srv):
             sent.append(d.proposals.clone())
         return d
 
-    def spy_verify(rid, committed, candidates, rule, params, position, proposals=None):
-        if proposals is not None:
-            received.append(proposals.clone())
-        return verify(rid, committed, candidates, rule, params, position, proposals)
+    def spy_verify_batch(calls):
+        for c in calls:
+            if c.proposals is not None:
+                received.append(c.proposals.clone())
+        return verify_batch(calls)
 
-    dw.draft, tw.verify = spy_draft, spy_verify
+    dw.draft, tw.verify_batch = spy_draft, spy_verify_batch
     return sent, received
 
 
@@ -136,19 +137,18 @@ def spy_rows(srv):
     sent, received = [], []
     dw = srv.drafter_server.hsd_servicer.worker
     tw = srv.target_server.hsd_servicer.worker
-    verify, step = tw.verify, dw.slrs_step
+    verify_batch, step = tw.verify_batch, dw.slrs_step
 
-    def spy_verify(*args, **kwargs):
-        v = verify(*args, **kwargs)
-        if v.row is not None:
-            sent.append(v.row.clone())
-        return v
+    def spy_verify_batch(calls):
+        out = verify_batch(calls)
+        sent.extend(v.row.clone() for v in out if getattr(v, "row", None) is not None)
+        return out
 
     def spy_step(rid, generated, row, position):
         received.append(row.clone())
         return step(rid, generated, row, position)
 
-    tw.verify, dw.slrs_step = spy_verify, spy_step
+    tw.verify_batch, dw.slrs_step = spy_verify_batch, spy_step
     return sent, received
 
 

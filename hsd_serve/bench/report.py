@@ -1,0 +1,395 @@
+"""Benchmark outputs: ``results.json``, ``requests.jsonl``, ``results.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hsd_serve.bench.metrics import rnd
+
+PLOTS = ("speedup_by_method.png", "acceptance_by_position.png", "speedup_vs_lookahead.png",
+         "tpot_distribution.png")
+
+
+def _f(x, digits: int = 2, suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "**NO**"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}{suffix}"
+    return f"{x}{suffix}"
+
+
+def _run_key(r: dict) -> str:
+    lab = r["label"]
+    if r.get("endpoint"):
+        lab += f" c={r.get('concurrency', 1)}"
+    return lab
+
+
+def results_json(results: dict) -> dict:
+    """results.json content: everything but the per-request samples (those go to requests.jsonl)."""
+    out = {k: v for k, v in results.items() if k != "samples"}
+    out["runs"] = [{k: v for k, v in r.items()} for r in results["runs"]]
+    return rnd(out, 5)
+
+
+def write_outputs(results: dict, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    p = out / "results.json"
+    p.write_text(json.dumps(results_json(results), indent=1, sort_keys=False) + "\n")
+    written.append(p)
+    p = out / "requests.jsonl"
+    with p.open("w") as f:
+        for s in results.get("samples", []):
+            f.write(json.dumps(s.record() if hasattr(s, "record") else s) + "\n")
+    written.append(p)
+    p = out / "results.md"
+    p.write_text(markdown(results))
+    written.append(p)
+    if plots:
+        written += write_plots(results, out)
+    return written
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def markdown(results: dict) -> str:
+    runs = results["runs"]
+    m = results.get("machine", {})
+    cal = results.get("calibration", {})
+    lines = [f"# hsd-serve bench: {', '.join(sorted({r['dataset'] for r in runs})) or '(no runs)'}",
+             ""]
+    if results.get("command"):
+        lines += ["Command:", "", "```", results["command"], "```", ""]
+    gpu = m.get("gpu")
+    lines += [f"- Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch threads "
+              f"{m.get('torch_threads', '?')}" + (f", GPU {gpu}" if gpu else ", no GPU")
+              + f"; load average at start {_load(m.get('loadavg_start'))}, at end "
+              f"{_load(m.get('loadavg_end'))}",
+              f"- Software: torch {m.get('torch', '?')}, transformers {m.get('transformers', '?')}, "
+              f"python {m.get('python', '?')}, git {m.get('git', '?')}",
+              f"- Started {results.get('started', '?')}, took {_f(results.get('elapsed_s'), 0)} s; "
+              f"mode: {results.get('mode', '?')}"]
+    models = results.get("models") or {}
+    if models:
+        lines.append(f"- Target `{models.get('target')}`, drafter `{models.get('drafter')}`")
+    if cal:
+        verify = (cal.get("samples") or [{}])[0].get("target_verify_ms") or {}
+        lines.append(f"- Calibration (single-token forwards on a real prompt, mean of start/end): "
+                     f"target step {_f(cal.get('target_step_ms'))} ms, drafter step "
+                     f"{_f(cal.get('drafter_step_ms'))} ms, **c = {_f(cal.get('c'), 3)}**"
+                     + ("; target verify forward of k candidates: "
+                        + ", ".join(f"k={k}: {_f(v)} ms" for k, v in verify.items()) if verify else ""))
+    lines += ["- `ideal` = S_ideal = (1 − α^(k+1)) / ((1 − α)(k·c + 1)) with α the per-candidate "
+              "acceptance (conditional on the earlier candidates being accepted); `×AR` = tokens/s "
+              "over AR's tokens/s in this same run (same prompts, interleaved).", ""]
+    endpoint = any(r.get("endpoint") for r in runs)
+    for t in sorted({r["temperature"] for r in runs}):
+        sub = [r for r in runs if r["temperature"] == t]
+        lines += [f"## Temperature {t:g}" + (" (greedy)" if t == 0 else ""), ""]
+        head = ["dataset", "method", "k"] + (["conc."] if endpoint else []) + [
+            "prompts", "tok/s"] + (["aggregate tok/s"] if endpoint else []) + [
+            "×AR", "ideal", "meas/ideal", "×hf-uag (same k)", "×hf-uag default",
+            "TPOT ms (p50)", "TTFT ms", "α", "accept rate", "tok/round", "identical to AR"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in sub:
+            row = [r["dataset"], r["method"] + (f" ({r['variant']})" if r.get("variant") else ""),
+                   str(r["lookahead"] or "–")]
+            if endpoint:
+                row.append(str(r.get("concurrency", 1)))
+            row += [str(r["prompts"]), _f(r["tokens_per_s"], 1)]
+            if endpoint:
+                row.append(_f(r.get("aggregate_tokens_per_s"), 1))
+            row += [_f(r.get("speedup_vs_ar")), _f(r.get("ideal_speedup")),
+                    _f(r.get("measured_over_ideal")), _f(r.get("vs_hf_uag_matched")),
+                    _f(r.get("vs_hf_uag_default")),
+                    f"{_f(r.get('tpot_ms'), 1)} ({_f(r.get('tpot_ms_p50'), 1)})",
+                    _f(r.get("ttft_ms"), 1), _f(r.get("alpha")), _f(r.get("acceptance_rate")),
+                    _f(r.get("tokens_per_round")),
+                    _identity(r)]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    # ---- time breakdown
+    tb = [r for r in runs if r.get("time_ms_per_token")]
+    if tb:
+        lines += ["## Where the time goes (ms per output token)", "",
+                  "`in-round other` is round time outside the drafter, target and bridge calls "
+                  "(coordinator Python in-process; RPC transport through the service); `outside "
+                  "rounds` is tokenizing the prompt, opening/freeing sessions and the final flush.",
+                  "", "| dataset | T | method | k | draft | verify | bridge | in-round other | "
+                  "outside rounds | total | draft ms/round | verify ms/round | drafter step ms | "
+                  "c in run |", "|" + "---|" * 14]
+        for r in tb:
+            t = r["time_ms_per_token"]
+            total = 1e3 / r["tokens_per_s"] if r["tokens_per_s"] else None
+            mr = r.get("ms_per_round") or {}
+            lines.append("| " + " | ".join([
+                r["dataset"], f"{r['temperature']:g}", r["method"], str(r["lookahead"] or "–"),
+                _f(t.get("draft")), _f(t.get("verify")), _f(t.get("bridge")),
+                _f(t.get("in_round_other")), _f(t.get("outside_rounds")), _f(total),
+                _f(mr.get("draft")), _f(mr.get("verify")), _f(r.get("drafter_step_ms_in_run")),
+                _f(r.get("cost_ratio_c_in_run"), 3)]) + " |")
+        lines.append("")
+    # ---- acceptance by position
+    ap = [r for r in runs if r.get("acceptance_by_position")]
+    if ap:
+        width = max(len(r["acceptance_by_position"]) for r in ap)
+        width = min(width, 12)
+        lines += ["## Acceptance by position (accepted / drafted at candidate position i)", "",
+                  "| dataset | T | method | k | " + " | ".join(str(i + 1) for i in range(width)) + " |",
+                  "|" + "---|" * (width + 4)]
+        for r in ap:
+            vals = r["acceptance_by_position"][:width]
+            vals += [None] * (width - len(vals))
+            lines.append("| " + " | ".join([r["dataset"], f"{r['temperature']:g}", r["method"],
+                                            str(r["lookahead"])] + [_f(v) for v in vals]) + " |")
+        lines.append("")
+    # ---- sampled outputs
+    nll = [r for r in runs if r.get("sample_nll") is not None]
+    if nll:
+        lines += ["## Sampled outputs: mean target NLL per token (lower is not better; a lossless "
+                  "method matches AR within noise)", "",
+                  "| dataset | T | method | k | NLL | Δ vs AR |", "|---|---|---|---|---|---|"]
+        for r in nll:
+            ar = next((a for a in nll if a["method"] == "ar" and a["dataset"] == r["dataset"]
+                       and a["temperature"] == r["temperature"]
+                       and a.get("concurrency") == r.get("concurrency")), None)
+            lines.append(f"| {r['dataset']} | {r['temperature']:g} | {r['label']} | "
+                         f"{r['lookahead'] or '–'} | {_f(r['sample_nll'], 3)} | "
+                         f"{_f(r['sample_nll'] - ar['sample_nll'], 3) if ar else '–'} |")
+        lines.append("")
+    # ---- long context
+    lc = [r for r in runs if r["dataset"] == "qmsum"]
+    if lc:
+        lines += ["## Long context (QMSum, prompts cut to the context window): time to first token",
+                  "", "| method | k | prompt tokens (mean) | TTFT ms (mean) | TTFT ms (p50) | TPOT ms |",
+                  "|---|---|---|---|---|---|"]
+        for r in lc:
+            lines.append(f"| {r['label']} | {r['lookahead'] or '–'} | "
+                         f"{_f(r.get('prompt_tokens_mean'), 0)} | {_f(r.get('ttft_ms'), 1)} | "
+                         f"{_f(r.get('ttft_ms_p50'), 1)} | {_f(r.get('tpot_ms'), 1)} |")
+        lines.append("")
+    # ---- hf-uag settings
+    hf = [r for r in runs if r.get("hf_settings")]
+    if hf:
+        lines += ["## transformers baseline settings", ""]
+        seen = set()
+        for r in hf:
+            key = json.dumps(r["hf_settings"], sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(f"- {r['label']} (T={r['temperature']:g}): `{key}`")
+        lines.append("")
+    # ---- identity and skips
+    lines += ["## Output identity", ""]
+    fails = results.get("failures") or []
+    if fails:
+        lines.append("**FAILURES** (our methods differ from AR where they must not):")
+        lines += [f"- {f['dataset']} T={f['temperature']:g} {f['label']}: prompts "
+                  f"{', '.join(map(str, f['prompts']))}" for f in fails]
+    else:
+        lines.append("Every method that must reproduce AR (all at temperature 0; SLEM at any "
+                     "temperature with the same seed) produced AR's exact token ids on every prompt.")
+    base = results.get("baseline_mismatches") or []
+    if base:
+        lines.append("")
+        lines.append("transformers baseline outputs that differ from AR (greedy):")
+        lines += [f"- {f['dataset']} {f['label']}: prompts {', '.join(map(str, f['prompts']))}"
+                  for f in base]
+    skipped = results.get("skipped") or []
+    if skipped:
+        lines += ["", "Skipped:"]
+        lines += [f"- {json.dumps(s)}" for s in skipped]
+    ds = results.get("datasets") or {}
+    if ds:
+        lines += ["", "Prompts: " + "; ".join(
+            f"{k}: {v.get('used')} used of {v.get('loaded')} loaded, {v.get('truncated')} cut to "
+            f"fit, {v.get('dropped')} dropped" for k, v in ds.items())]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _identity(r: dict) -> str:
+    v = r.get("identical_to_ar")
+    if v is None or r["method"] == "ar":
+        return "–"
+    n = r.get("identical_prompts")
+    s = f"{n}/{r['prompts']}" if n is not None else ""
+    if v:
+        return f"yes {s}".strip()
+    if r.get("identity_required"):
+        return f"**NO** {s}".strip()
+    if r["method"] == "hf-uag" and r["temperature"] == 0:
+        return f"no (baseline) {s}".strip()
+    return f"n/a (sampled) {s}".strip()
+
+
+def _load(x) -> str:
+    return "/".join(f"{v:.1f}" for v in x) if x else "?"
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(results: dict, out: Path) -> list[Path]:
+    plt = _plt()
+    runs = results["runs"]
+    paths = []
+    for name, fn in (("speedup_by_method.png", _plot_speedup),
+                     ("acceptance_by_position.png", _plot_acceptance),
+                     ("speedup_vs_lookahead.png", _plot_lookahead),
+                     ("tpot_distribution.png", _plot_tpot),
+                     ("aggregate_throughput.png", _plot_concurrency)):
+        fig = fn(plt, runs)
+        if fig is None:
+            continue
+        p = out / name
+        fig.savefig(p, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _temps(runs):
+    return sorted({r["temperature"] for r in runs})
+
+
+def _plot_speedup(plt, runs):
+    temps = _temps(runs)
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(temps), figsize=(max(6, 1.2 * len(runs) / max(1, len(temps)) + 3)
+                                                   * len(temps), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], temps):
+        sub = [r for r in runs if r["temperature"] == t]
+        datasets = list(dict.fromkeys(r["dataset"] for r in sub))
+        labels = list(dict.fromkeys(_run_key(r) for r in sub))
+        width = 0.8 / max(1, len(labels))
+        cmap = plt.get_cmap("tab20")
+        for j, lab in enumerate(labels):
+            xs, ys, ideals = [], [], []
+            for i, d in enumerate(datasets):
+                r = next((r for r in sub if r["dataset"] == d and _run_key(r) == lab), None)
+                if r is None or r.get("speedup_vs_ar") is None:
+                    continue
+                xs.append(i + (j - (len(labels) - 1) / 2) * width)
+                ys.append(r["speedup_vs_ar"])
+                ideals.append(r.get("ideal_speedup"))
+            ax.bar(xs, ys, width * 0.95, label=lab, color=cmap(j % 20))
+            ix = [(x, v) for x, v in zip(xs, ideals) if v is not None]
+            if ix:
+                ax.scatter([x for x, _ in ix], [v for _, v in ix], marker="_", s=200, color="black",
+                           zorder=3, label="ideal" if j == 0 else None)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(datasets)))
+        ax.set_xticklabels(datasets)
+        ax.set_ylabel("tokens/s ÷ AR tokens/s")
+        ax.set_title(f"Speedup over AR (T={t:g}); black tick = S_ideal")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_acceptance(plt, runs):
+    sub = [r for r in runs if r.get("acceptance_by_position")]
+    if not sub:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in sub:
+        ys = r["acceptance_by_position"]
+        ax.plot(range(1, len(ys) + 1), ys, marker="o",
+                label=f"{r['dataset']} {r['label']} T={r['temperature']:g}")
+    ax.set_xlabel("candidate position in the round")
+    ax.set_ylabel("accepted / drafted")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Acceptance by position")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_lookahead(plt, runs):
+    groups: dict = {}
+    for r in runs:
+        if r["method"] == "ar" or r.get("variant") == "default" or r.get("speedup_vs_ar") is None:
+            continue
+        groups.setdefault((r["dataset"], r["method"], r["temperature"], r.get("concurrency")),
+                          []).append(r)
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("tab10")
+    for j, (key, rs) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        rs = sorted(rs, key=lambda r: r["lookahead"])
+        ks = [r["lookahead"] for r in rs]
+        name = f"{key[0]} {key[1]} T={key[2]:g}" + (f" c={key[3]}" if key[3] else "")
+        ax.plot(ks, [r["speedup_vs_ar"] for r in rs], marker="o", color=cmap(j % 10), label=name)
+        ideal = [(r["lookahead"], r["ideal_speedup"]) for r in rs if r.get("ideal_speedup")]
+        if ideal and key[1] != "hf-uag":
+            ax.plot([k for k, _ in ideal], [v for _, v in ideal], ls="--", color=cmap(j % 10),
+                    alpha=0.7, label=f"{name} ideal")
+    for r in runs:
+        if r.get("variant") == "default" and r.get("speedup_vs_ar") is not None:
+            ax.axhline(r["speedup_vs_ar"], ls=":", color="grey")
+            ax.text(ax.get_xlim()[0], r["speedup_vs_ar"], f" hf-uag default T={r['temperature']:g}",
+                    fontsize=7, va="bottom")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("lookahead k")
+    ax.set_ylabel("speedup over AR")
+    ax.set_title("Speedup vs lookahead (dashed: S_ideal)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_tpot(plt, runs):
+    sub = [r for r in runs if r.get("tpot_ms_samples")]
+    if not sub:
+        return None
+    fig, ax = plt.subplots(figsize=(max(7, 0.7 * len(sub) + 2), 4.5))
+    ax.boxplot([r["tpot_ms_samples"] for r in sub], showfliers=True)
+    ax.set_xticks(range(1, len(sub) + 1))
+    ax.set_xticklabels([f"{_run_key(r)}\nT={r['temperature']:g}"
+                        + (f" {r['dataset']}" if len({x['dataset'] for x in sub}) > 1 else "")
+                        for r in sub], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("TPOT per request (ms)")
+    ax.set_title("Time per output token, distribution over prompts")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_concurrency(plt, runs):
+    sub = [r for r in runs if r.get("endpoint") and r.get("aggregate_tokens_per_s")]
+    if len({r.get("concurrency") for r in sub}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict = {}
+    for r in sub:
+        groups.setdefault((r["dataset"], r["label"], r["temperature"]), []).append(r)
+    for key, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["concurrency"])
+        ax.plot([r["concurrency"] for r in rs], [r["aggregate_tokens_per_s"] for r in rs],
+                marker="o", label=f"{key[0]} {key[1]} T={key[2]:g}")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title("Service throughput under load")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

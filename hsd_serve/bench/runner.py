@@ -1,0 +1,664 @@
+"""Run the benchmark: methods side by side on the same prompts, interleaved prompt by prompt.
+
+For every (dataset, temperature) AR runs as well, so every ratio is against AR from the same
+process run.  After a warm-up request per method, each prompt is sent to every configured method
+(the order rotates from prompt to prompt so no method always runs first), then the samples are
+aggregated into one ``run`` per (dataset, method, temperature, lookahead).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from hsd_serve.bench.datasets import (LONG_CONTEXT, Prompt, context_fitter, fit_prompts,
+                                      load_prompts)
+from hsd_serve.bench.metrics import (alpha_from_tokens_per_round, conditional_alpha, geomean,
+                                     ideal_speedup, mean, percentile, ratio, rnd)
+
+log = logging.getLogger(__name__)
+
+BENCH_METHODS = ("ar", "sd", "slem", "tli", "slrs", "hf-uag")
+HF = "hf-uag"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration measured on every prompt."""
+
+    method: str
+    temperature: float
+    lookahead: int  # 0 for AR; hf-uag "default": its own num_assistant_tokens
+    variant: str = ""  # hf-uag: "default" (its settings) | "matched" (its lookahead = ours)
+
+    @property
+    def label(self) -> str:
+        if self.method == "ar":
+            return "ar"
+        if self.method == HF and self.variant == "default":
+            return f"{HF} (default, k={self.lookahead})"
+        return f"{self.method} k={self.lookahead}"
+
+    @property
+    def identity_required(self) -> bool:
+        """Our methods must reproduce AR token for token when greedy, and SLEM at any
+        temperature (position-keyed randomness: same seed, same tokens)."""
+        if self.method in ("ar", HF):
+            return False
+        return self.temperature == 0 or self.method == "slem"
+
+
+@dataclass
+class Sample:
+    """One request's measurements."""
+
+    dataset: str
+    prompt_id: str
+    spec: RunSpec
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    wall_s: float
+    ttft_s: float
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: Optional[list[int]] = field(default_factory=list)
+    fallback_rounds: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    bridge_s: float = 0.0
+    transport_s: float = 0.0
+    target_forwards: int = 0
+    drafter_forwards: int = 0
+    server_wall_s: Optional[float] = None  # endpoint runs: the service's own wall time
+    seed: int = 0
+    nll: Optional[float] = None  # mean target NLL of the sampled tokens (temperature > 0)
+    hf_settings: Optional[dict] = None
+    concurrency: int = 1
+    emitted: Optional[int] = None  # tokens emitted (defaults to len(token_ids))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.emitted if self.emitted is not None else len(self.token_ids)
+
+    @property
+    def tpot_s(self) -> Optional[float]:
+        n = self.n_tokens
+        return (self.wall_s - self.ttft_s) / (n - 1) if n > 1 else None
+
+    def record(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("spec", "token_ids")}
+        d.update(method=self.spec.method, temperature=self.spec.temperature,
+                 lookahead=self.spec.lookahead, variant=self.spec.variant,
+                 label=self.spec.label, tokens=self.n_tokens, tpot_s=self.tpot_s,
+                 token_ids=self.token_ids)
+        return rnd(d, 6)
+
+    @classmethod
+    def from_result(cls, dataset: str, prompt_id: str, spec: RunSpec, result, seed: int) -> "Sample":
+        s = result.stats
+        return cls(dataset=dataset, prompt_id=prompt_id, spec=spec, prompt_tokens=s.prompt_tokens,
+                   token_ids=list(result.token_ids), text=result.text,
+                   finish_reason=result.finish_reason, wall_s=s.wall_s, ttft_s=s.ttft_s,
+                   rounds=s.rounds, drafted=s.drafted, accepted=s.accepted,
+                   accepted_per_position=list(s.accepted_per_position),
+                   drafted_per_position=list(s.drafted_per_position),
+                   fallback_rounds=s.fallback_rounds, draft_s=s.draft_s, verify_s=s.verify_s,
+                   bridge_s=s.bridge_s, transport_s=s.transport_s,
+                   target_forwards=s.target_forwards, drafter_forwards=s.drafter_forwards,
+                   seed=seed)
+
+
+@dataclass
+class BenchConfig:
+    datasets: Sequence[str] = ("humaneval",)
+    data_dir: Optional[str] = None
+    limit: Optional[int] = 20
+    methods: Sequence[str] = ("ar", "slem", "tli", HF)
+    temperatures: Sequence[float] = (0.0,)
+    lookaheads: Sequence[int] = (4,)
+    max_new_tokens: int = 64
+    target: Optional[str] = None
+    drafter: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    warmup: bool = True
+    hf_default: bool = True  # also run hf-uag with its own default settings
+    calibration_steps: int = 16
+    threads: Optional[int] = None
+    nll: bool = True  # target NLL of sampled outputs (temperature > 0), outside the timing
+    # endpoint mode
+    endpoint: Optional[str] = None
+    application: str = "hsd"
+    concurrency: Sequence[int] = (1,)
+    duration: Optional[float] = None
+    timeout_s: float = 600.0
+    command: str = ""
+
+    def validate(self) -> None:
+        bad = [m for m in self.methods if m not in BENCH_METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from "
+                             f"{', '.join(BENCH_METHODS)}")
+        if not self.lookaheads or any(k < 1 or k > 64 for k in self.lookaheads):
+            raise ValueError("--lookahead values must be in [1, 64]")
+        if any(t < 0 for t in self.temperatures):
+            raise ValueError("--temperature values must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("--limit must be >= 1")
+        if any(c < 1 for c in self.concurrency):
+            raise ValueError("--concurrency values must be >= 1")
+        if self.endpoint is None and any(c != 1 for c in self.concurrency):
+            raise ValueError("--concurrency needs --endpoint (the in-process engine runs one "
+                             "request at a time)")
+
+
+def build_specs(methods: Sequence[str], temperatures: Sequence[float], lookaheads: Sequence[int],
+                *, hf_default_lookahead: Optional[int] = None) -> list[RunSpec]:
+    """AR plus every method × lookahead at every temperature (AR is always included)."""
+    specs: list[RunSpec] = []
+    for t in temperatures:
+        t = float(t)
+        specs.append(RunSpec("ar", t, 0))
+        for m in dict.fromkeys(methods):
+            if m == "ar":
+                continue
+            if m == HF and hf_default_lookahead is not None:
+                specs.append(RunSpec(HF, t, int(hf_default_lookahead), "default"))
+            for k in dict.fromkeys(lookaheads):
+                specs.append(RunSpec(m, t, int(k), "matched" if m == HF else ""))
+    return specs
+
+
+# ---------------------------------------------------------------------------- machine info
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "gpu": None}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():  # pragma: no cover - CPU machine here
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["loadavg_start"] = list(os.getloadavg())
+    except OSError:  # pragma: no cover
+        pass
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, text=True,
+                               capture_output=True, timeout=10).stdout.strip()
+        if rev:
+            info["git"] = rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # pragma: no cover
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def _step_times(model, ids: list[int], steps: int, verify_ks: Sequence[int]) -> dict:
+    """Median single-token forward time after a prefill of ``ids`` (the decode step the engine
+    runs), and the time of a verification forward (``k`` candidates after the last committed
+    token, ``k+1`` tokens), through ``Session.forward_from``."""
+    sess = model.new_session()
+    ctx = list(ids)
+    sess.forward_from(ctx)  # prefill
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = sess.forward_from(ctx)  # recomputes only the last token ...
+        nxt = int(torch.argmax(logits[-1]))
+        times.append(time.perf_counter() - t0)
+        ctx.append(nxt)  # ... the next call then computes exactly this one token
+    verify = {}
+    for k in verify_ks:
+        extra = [ctx[-1]] * k
+        ts = []
+        for _ in range(max(3, steps // 4)):
+            t0 = time.perf_counter()
+            sess.forward_from(ctx, extra)
+            ts.append(time.perf_counter() - t0)
+            sess.crop(len(ctx) - 1)
+        verify[int(k)] = statistics.median(ts) * 1e3
+    sess.free()
+    return {"step_ms": statistics.median(times) * 1e3,
+            "step_ms_p10": percentile(times, 10) * 1e3, "step_ms_p90": percentile(times, 90) * 1e3,
+            "verify_ms": verify}
+
+
+def calibrate(target, drafter, prompt: str, *, steps: int = 16,
+              verify_ks: Sequence[int] = ()) -> dict:
+    """Cost ratio ``c`` = drafter step / target step, measured on a real prompt."""
+    with torch.inference_mode():
+        t = _step_times(target, target.tokenizer.encode_prompt(prompt), steps, list(verify_ks))
+        out = {"target_step_ms": t["step_ms"], "target_step_ms_p10": t["step_ms_p10"],
+               "target_step_ms_p90": t["step_ms_p90"],
+               # one forward of k candidates plus the uncached last committed token
+               "target_verify_ms": {str(k): v for k, v in t["verify_ms"].items()}}
+        if drafter is not None:
+            d = _step_times(drafter, drafter.tokenizer.encode_prompt(prompt), steps, [])
+            out.update(drafter_step_ms=d["step_ms"], drafter_step_ms_p10=d["step_ms_p10"],
+                       drafter_step_ms_p90=d["step_ms_p90"],
+                       c=d["step_ms"] / t["step_ms"])
+    return out
+
+
+def merge_calibrations(cals: Sequence[dict]) -> dict:
+    """Mean of the calibrations taken at the start and the end of the run."""
+    cals = [c for c in cals if c]
+    if not cals:
+        return {}
+    out: dict = {"samples": cals}
+    for key in ("target_step_ms", "drafter_step_ms"):
+        vals = [c[key] for c in cals if key in c]
+        if vals:
+            out[key] = statistics.fmean(vals)
+    if "drafter_step_ms" in out:
+        out["c"] = out["drafter_step_ms"] / out["target_step_ms"]
+    return out
+
+
+def target_nll(target, prompt_ids: Sequence[int], gen_ids: Sequence[int],
+               temperature: float) -> Optional[float]:
+    """Mean negative log-likelihood of ``gen_ids`` under the target at ``temperature``."""
+    if not gen_ids:
+        return None
+    ids = list(prompt_ids) + list(gen_ids)
+    ids = ids[-target.max_context:]
+    n = len(gen_ids)
+    with torch.inference_mode():
+        x = torch.tensor([ids], dtype=torch.long, device=target.device)
+        logits = target.model(input_ids=x).logits[0, -(n + 1):-1].float()
+        logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
+        tgt = torch.tensor(ids[-n:], dtype=torch.long, device=target.device)
+        return float(-logp.gather(1, tgt[:, None]).mean())
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+
+def _sum_positions(lists: Sequence[Optional[list[int]]]) -> list[int]:
+    out: list[int] = []
+    for lst in lists:
+        for i, v in enumerate(lst or []):
+            if i >= len(out):
+                out.append(0)
+            out[i] += v
+    return out
+
+
+def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
+              ar: Optional[Sequence[Sample]], calibration: dict, *,
+              ar_run: Optional[dict] = None) -> dict:
+    """One ``run`` entry of results.json."""
+    n_tok = sum(s.n_tokens for s in samples)
+    wall = sum(s.wall_s for s in samples)
+    rounds = sum(s.rounds for s in samples)
+    drafted = sum(s.drafted for s in samples)
+    accepted = sum(s.accepted for s in samples)
+    acc_pos = _sum_positions([s.accepted_per_position for s in samples])
+    have_dpp = all(s.drafted_per_position is not None for s in samples)
+    dr_pos = _sum_positions([s.drafted_per_position for s in samples]) if have_dpp else []
+    tpot = [s.tpot_s * 1e3 for s in samples if s.tpot_s is not None]
+    ttft = [s.ttft_s * 1e3 for s in samples]
+    tps = n_tok / wall if wall > 0 else 0.0
+    tpr = n_tok / rounds if rounds else None
+    is_ar = spec.method == "ar"
+    drafting = not is_ar
+    k = spec.lookahead
+    run: dict = {
+        "dataset": dataset, "method": spec.method, "label": spec.label,
+        "variant": spec.variant or None, "temperature": spec.temperature,
+        "lookahead": k, "prompts": len(samples), "tokens": n_tok, "wall_s": wall,
+        "tokens_per_s": tps,
+        "tpot_ms": mean(tpot), "tpot_ms_p50": percentile(tpot, 50),
+        "tpot_ms_p90": percentile(tpot, 90), "tpot_ms_samples": tpot,
+        "ttft_ms": mean(ttft), "ttft_ms_p50": percentile(ttft, 50),
+        "prompt_tokens_mean": mean([s.prompt_tokens for s in samples]),
+        "rounds": rounds, "tokens_per_round": tpr,
+        "acceptance_rate": (accepted / drafted if drafted else (None if drafting else None)),
+        "drafted": drafted, "accepted": accepted,
+        "accepted_by_position": acc_pos,
+        "drafted_by_position": dr_pos if have_dpp else None,
+        "acceptance_by_position": ([a / d if d else None for a, d in zip(acc_pos, dr_pos)]
+                                   if have_dpp else None),
+        "fallback_rounds": sum(s.fallback_rounds for s in samples),
+        "target_forwards": sum(s.target_forwards for s in samples),
+        "drafter_forwards": sum(s.drafter_forwards for s in samples),
+        "finish_reasons": {r: sum(1 for s in samples if s.finish_reason == r)
+                           for r in sorted({s.finish_reason for s in samples})},
+    }
+    # ---- time breakdown (ms per output token; our methods only)
+    if spec.method != HF:
+        draft = sum(s.draft_s for s in samples)
+        verify = sum(s.verify_s for s in samples)
+        bridge = sum(s.bridge_s for s in samples)
+        transport = sum(s.transport_s for s in samples)
+        server_wall = (sum(s.server_wall_s for s in samples)
+                       if all(s.server_wall_s is not None for s in samples) else wall)
+        outside = max(0.0, server_wall - draft - verify - bridge - transport)
+        per_tok = (lambda x: x / n_tok * 1e3) if n_tok else (lambda x: None)
+        run["time_ms_per_token"] = {
+            "draft": per_tok(draft), "verify": per_tok(verify), "bridge": per_tok(bridge),
+            "in_round_other": per_tok(transport), "outside_rounds": per_tok(outside),
+            "client_minus_server": per_tok(max(0.0, wall - server_wall))
+            if server_wall != wall else None}
+        run["time_fraction"] = {"draft": draft / wall if wall else None,
+                                "verify": verify / wall if wall else None,
+                                "bridge": bridge / wall if wall else None,
+                                "in_round_other": transport / wall if wall else None,
+                                "outside_rounds": outside / wall if wall else None}
+        run["ms_per_round"] = {"draft": draft / rounds * 1e3 if rounds else None,
+                               "verify": verify / rounds * 1e3 if rounds else None,
+                               "bridge": bridge / rounds * 1e3 if rounds else None,
+                               "in_round_other": transport / rounds * 1e3 if rounds else None}
+        df = sum(s.drafter_forwards for s in samples)
+        run["drafter_step_ms_in_run"] = draft / df * 1e3 if df else None
+        tf = sum(s.target_forwards for s in samples)
+        run["target_round_ms_in_run"] = verify / tf * 1e3 if tf else None
+    # ---- acceptance model and ideal speedup
+    alpha = None
+    if drafting and have_dpp and dr_pos:
+        alpha = conditional_alpha(acc_pos, dr_pos)
+    elif drafting and tpr is not None and k:
+        alpha = alpha_from_tokens_per_round(tpr, k)
+    run["alpha"] = alpha
+    c = calibration.get("c")
+    run["cost_ratio_c"] = c if drafting else None
+    if ar_run is not None and run.get("drafter_step_ms_in_run") and ar_run.get("target_round_ms_in_run"):
+        run["cost_ratio_c_in_run"] = run["drafter_step_ms_in_run"] / ar_run["target_round_ms_in_run"]
+    if is_ar:
+        run["ideal_speedup"] = 1.0
+    elif alpha is not None and c is not None:
+        run["ideal_speedup"] = ideal_speedup(min(1.0, max(0.0, alpha)), k, c)
+    else:
+        run["ideal_speedup"] = None
+    # ---- against AR from the same run
+    if ar:
+        by_prompt = {s.prompt_id: s for s in ar}
+        ar_tps = sum(s.n_tokens for s in ar) / sum(s.wall_s for s in ar)
+        run["speedup_vs_ar"] = tps / ar_tps if ar_tps else None
+        paired = []
+        same = []
+        for s in samples:
+            a = by_prompt.get(s.prompt_id)
+            if a is None:
+                continue
+            if s.wall_s > 0 and a.wall_s > 0 and s.n_tokens and a.n_tokens:
+                paired.append((s.n_tokens / s.wall_s) / (a.n_tokens / a.wall_s))
+            # token ids when there are any (HTTP endpoints return only text)
+            same.append(s.token_ids == a.token_ids if (s.token_ids or a.token_ids)
+                        else s.text == a.text)
+        run["speedup_vs_ar_paired_geomean"] = geomean(paired)
+        run["identical_to_ar"] = bool(same) and all(same)
+        run["identical_prompts"] = sum(same)
+        run["differing_prompts"] = [s.prompt_id for s, ok in zip(samples, same) if not ok]
+        ar_tpot = mean([s.tpot_s for s in ar if s.tpot_s is not None])
+        run["tpot_vs_ar"] = ratio(mean([s.tpot_s for s in samples if s.tpot_s is not None]), ar_tpot)
+    else:
+        run.update(speedup_vs_ar=None, identical_to_ar=None)
+    run["identity_required"] = spec.identity_required
+    run["measured_over_ideal"] = ratio(run.get("speedup_vs_ar"), run.get("ideal_speedup"))
+    nlls = [s.nll for s in samples if s.nll is not None]
+    if nlls:
+        w = [s.n_tokens for s in samples if s.nll is not None]
+        run["sample_nll"] = sum(a * b for a, b in zip(nlls, w)) / sum(w)
+    hf = next((s.hf_settings for s in samples if s.hf_settings), None)
+    if hf:
+        run["hf_settings"] = hf
+    return run
+
+
+def check_identity(runs: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(failures of our methods, mismatches of the transformers baseline)."""
+    failures, baseline = [], []
+    for r in runs:
+        if r.get("identical_to_ar") is False:
+            entry = {"dataset": r["dataset"], "label": r["label"], "temperature": r["temperature"],
+                     "prompts": r.get("differing_prompts", [])}
+            if r["identity_required"]:
+                failures.append(entry)
+            elif r["method"] == HF and r["temperature"] == 0:
+                baseline.append(entry)
+    return failures, baseline
+
+
+# ---------------------------------------------------------------------------- in-process
+
+
+ProgressFactory = Callable[..., object]
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    if tqdm is None or not enabled:
+        class _Null:
+            def update(self, n=1): pass
+            def set_postfix_str(self, s): pass
+            def close(self): pass
+        return _Null()
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def load_pair(cfg: BenchConfig):
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+    from hsd_serve.zoo import bundled_model_dir
+
+    target_path = cfg.target or str(bundled_model_dir("target"))
+    drafter_path = cfg.drafter if cfg.drafter is not None else str(bundled_model_dir("drafter"))
+    target = LoadedModel(ModelSpec(target_path, dtype=cfg.dtype, device=cfg.device))
+    drafter = None
+    if drafter_path and drafter_path.lower() != "none":
+        drafter = LoadedModel(ModelSpec(drafter_path, dtype=cfg.dtype, device=cfg.device))
+    return target, drafter
+
+
+def prepare_prompts(cfg: BenchConfig, dataset: str, target_tok, target_ctx: int,
+                    drafter_tok=None, drafter_ctx: Optional[int] = None) -> tuple[list[Prompt], dict]:
+    prompts = load_prompts(dataset, cfg.data_dir, cfg.limit)
+    fits = context_fitter(target_tok, target_ctx, cfg.max_new_tokens,
+                          drafter_tokenizer=drafter_tok, drafter_context=drafter_ctx,
+                          lookahead=max(cfg.lookaheads))
+    fitted, dropped = fit_prompts(prompts, fits)
+    info = {"loaded": len(prompts), "used": len(fitted), "dropped": dropped,
+            "truncated": sum(p.truncated for p in fitted),
+            "long_context": dataset in LONG_CONTEXT}
+    return fitted, info
+
+
+def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool = True) -> dict:
+    """Measure in this process; returns the results dict (``runs``, ``samples``, …)."""
+    from hsd_serve.engine.local import Engine
+    from hsd_serve.engine.types import GenerationRequest, RequestError
+    from hsd_serve.core.sampling import SamplingParams
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.time()
+    machine = machine_info()
+    if target is None:
+        target, drafter = load_pair(cfg)
+    engine = Engine(target, drafter)
+    hf = None
+    hf_default_k = None
+    if HF in cfg.methods and drafter is not None:
+        from hsd_serve.bench.hf_uag import HFAssisted
+
+        hf = HFAssisted(target, drafter)
+        if cfg.hf_default:
+            hf_default_k = int(hf.effective_settings(None, False)["num_assistant_tokens"])
+    methods = [m for m in cfg.methods if drafter is not None or m == "ar"]
+    specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads,
+                            hf_default_lookahead=hf_default_k)
+    skipped: list[dict] = []
+    if drafter is None and len(methods) < len(cfg.methods):
+        skipped.append({"method": ",".join(m for m in cfg.methods if m not in methods),
+                        "reason": "no drafter"})
+
+    def run_one(spec: RunSpec, dataset: str, prompt: Prompt, seed: int, max_new: int) -> Sample:
+        if spec.method == HF:
+            ids = target.tokenizer.encode_prompt(prompt.text)
+            r = hf.generate(ids, max_new, temperature=spec.temperature, seed=seed,
+                            num_assistant_tokens=None if spec.variant == "default" else spec.lookahead)
+            return Sample(dataset=dataset, prompt_id=prompt.id, spec=spec, prompt_tokens=len(ids),
+                          token_ids=r.token_ids, text=r.text, finish_reason=r.finish_reason,
+                          wall_s=r.wall_s, ttft_s=r.ttft_s, rounds=r.rounds,
+                          drafted_per_position=None, target_forwards=r.target_forwards,
+                          drafter_forwards=r.drafter_forwards, seed=seed,
+                          hf_settings=r.settings)
+        req = GenerationRequest(prompt=prompt.text, max_new_tokens=max_new,
+                                params=SamplingParams(temperature=spec.temperature, seed=seed),
+                                method=spec.method, lookahead=max(1, spec.lookahead))
+        result = engine.generate(req)
+        return Sample.from_result(dataset, prompt.id, spec, result, seed)
+
+    results_runs: list[dict] = []
+    all_samples: list[Sample] = []
+    calibrations: list[dict] = []
+    dataset_info: dict = {}
+    for dataset in cfg.datasets:
+        prompts, info = prepare_prompts(cfg, dataset, target.tokenizer, target.max_context,
+                                        drafter.tokenizer if drafter else None,
+                                        drafter.max_context if drafter else None)
+        dataset_info[dataset] = info
+        if not prompts:
+            skipped.append({"dataset": dataset, "reason": "no prompt fits the context"})
+            continue
+        specs = list(specs_all)
+        # ---- warm-up: one short request per configuration; drop the ones refused
+        if cfg.warmup:
+            for spec in list(specs):
+                try:
+                    run_one(spec, dataset, prompts[0], cfg.seed, min(8, cfg.max_new_tokens))
+                except RequestError as exc:
+                    specs.remove(spec)
+                    skipped.append({"dataset": dataset, "label": spec.label,
+                                    "temperature": spec.temperature, "reason": str(exc)})
+                except Exception as exc:  # noqa: BLE001 - the baseline may fail on a pair
+                    if spec.method != HF:
+                        raise
+                    specs.remove(spec)
+                    skipped.append({"dataset": dataset, "label": spec.label,
+                                    "temperature": spec.temperature,
+                                    "reason": f"{type(exc).__name__}: {exc}"})
+        calibrations.append(calibrate(target, drafter, prompts[0].text,
+                                      steps=cfg.calibration_steps, verify_ks=cfg.lookaheads))
+        # ---- measured: prompt by prompt, every configuration, rotating the order
+        samples: list[Sample] = []
+        bar = _progress(len(prompts) * len(specs), progress, f"bench {dataset}")
+        for i, prompt in enumerate(prompts):
+            order = specs[i % len(specs):] + specs[:i % len(specs)]
+            for spec in order:
+                bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
+                samples.append(run_one(spec, dataset, prompt, cfg.seed + i, cfg.max_new_tokens))
+                bar.update(1)
+        bar.close()
+        calibrations.append(calibrate(target, drafter, prompts[-1].text,
+                                      steps=cfg.calibration_steps, verify_ks=cfg.lookaheads))
+        if cfg.nll and any(s.spec.temperature > 0 for s in samples):
+            by_id = {p.id: p for p in prompts}
+            for s in samples:
+                if s.spec.temperature > 0:
+                    ids = target.tokenizer.encode_prompt(by_id[s.prompt_id].text)
+                    s.nll = target_nll(target, ids, s.token_ids, s.spec.temperature)
+        all_samples += samples
+        results_runs += aggregate_dataset(dataset, specs, samples, merge_calibrations(calibrations[-2:]))
+    calibration = merge_calibrations(calibrations)
+    failures, baseline = check_identity(results_runs)
+    try:
+        machine["loadavg_end"] = list(os.getloadavg())
+    except OSError:  # pragma: no cover
+        pass
+    return {
+        "runs": results_runs, "machine": machine, "command": cfg.command,
+        "mode": "in-process",
+        "models": {"target": getattr(target, "name", None),
+                   "drafter": getattr(drafter, "name", None) if drafter else None,
+                   "target_max_context": target.max_context},
+        "config": _config_dict(cfg), "calibration": calibration, "datasets": dataset_info,
+        "failures": failures, "baseline_mismatches": baseline, "skipped": skipped,
+        "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
+        "elapsed_s": time.time() - started,
+        "samples": all_samples,
+    }
+
+
+def aggregate_dataset(dataset: str, specs: Sequence[RunSpec], samples: Sequence[Sample],
+                      calibration: dict, concurrency: Optional[int] = None) -> list[dict]:
+    runs = []
+    ar_runs: dict[float, dict] = {}
+    for spec in specs:  # AR first so the others can refer to it
+        if spec.method != "ar":
+            continue
+        mine = [s for s in samples if s.spec == spec]
+        if mine:
+            ar_runs[spec.temperature] = aggregate(dataset, spec, mine, mine, calibration)
+    for spec in specs:
+        mine = [s for s in samples if s.spec == spec]
+        if not mine:
+            continue
+        if spec.method == "ar":
+            runs.append(ar_runs[spec.temperature])
+            continue
+        ar = [s for s in samples if s.spec.method == "ar" and s.spec.temperature == spec.temperature]
+        runs.append(aggregate(dataset, spec, mine, ar or None, calibration,
+                              ar_run=ar_runs.get(spec.temperature)))
+    if concurrency is not None:
+        for r in runs:
+            r["concurrency"] = concurrency
+    # paired comparison against transformers' baseline at the same temperature and lookahead
+    for r in runs:
+        if r["method"] in ("ar", HF):
+            continue
+        for h in runs:
+            if h["method"] == HF and h["temperature"] == r["temperature"]:
+                key = "vs_hf_uag_default" if h.get("variant") == "default" else None
+                if key is None and h["lookahead"] == r["lookahead"]:
+                    key = "vs_hf_uag_matched"
+                if key:
+                    r[key] = ratio(r["tokens_per_s"], h["tokens_per_s"])
+    return runs
+
+
+def _config_dict(cfg: BenchConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("command", None)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

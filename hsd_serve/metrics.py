@@ -1,0 +1,361 @@
+"""Prometheus metrics: every metric is named here, once (DESIGN.md §7).
+
+The engine gathers plain data (:class:`~hsd_serve.engine.types.RequestStats`) and hands each
+finished or failed request to a *sink*; :func:`request_samples` turns one request into counter
+increments and histogram observations, and a sink applies them:
+
+- :class:`PrometheusSink`: ``prometheus_client`` with its own registry (in-process ``generate``,
+  ``bench``, tests).  Exposed names: ``hsd_<name>`` (counters end in ``_total``).
+- :class:`RaySink`: ``ray.serve.metrics`` inside the cluster (replica tags ``deployment``,
+  ``replica``, ``application`` are added by Ray Serve).  Ray's export adds ``ray_`` in front
+  (``ray_hsd_<name>``), ``_total`` to counters, and shows values ~10 s after they are recorded.
+  Ray's histogram ``_sum`` is approximate (Ray records bucket midpoints); ``_count`` and buckets
+  are exact.
+
+Labels are low-cardinality by construction: ``method`` (one of ``METHODS`` or ``other``),
+``outcome`` (``OUTCOMES``), ``position`` (``0``..``15`` or ``16+``), ``component``
+(coordinator, drafter, target).  Never a prompt, a request id or a free-form string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import urllib.request
+from dataclasses import dataclass
+from typing import Iterable, Optional, Protocol
+
+from hsd_serve.engine.types import METHODS, RequestStats
+
+log = logging.getLogger(__name__)
+
+PREFIX = "hsd_"
+RAY_PREFIX = "ray_"  # what Ray's metrics export puts in front of custom metric names
+
+# A request's end: ok = a final result was produced; invalid = bad input (400/INVALID_ARGUMENT);
+# error = failed while running; cancelled = the client went away; unavailable = no replica
+# could be leased (backpressure, no target).
+OUTCOMES = ("ok", "invalid", "error", "cancelled", "unavailable")
+COMPONENTS = ("coordinator", "drafter", "target")
+MAX_POSITION_LABEL = 16  # draft positions >= this share the label "16+"
+
+REQUEST_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                           120.0, 300.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ROUND_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                         2.5, 5.0)
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str  # without the prefix
+    kind: str  # counter | histogram | gauge
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def full_name(self) -> str:
+        """The name as ``prometheus_client`` exposes it (counters get ``_total`` there)."""
+        return PREFIX + self.name
+
+    def exposed(self, ray: bool = False) -> str:
+        """The series base name in a scrape: ``hsd_x_total`` / ``ray_hsd_x_total`` for counters."""
+        base = (RAY_PREFIX if ray else "") + PREFIX + self.name
+        return base + "_total" if self.kind == "counter" else base
+
+
+_M = ("method",)
+METRICS: dict[str, MetricDef] = {m.name: m for m in (
+    MetricDef("requests", "counter", "Requests by method and outcome.", ("method", "outcome")),
+    MetricDef("drafted_tokens", "counter",
+              "Draft tokens checked by the target (candidates per round, summed).", _M),
+    MetricDef("accepted_tokens", "counter", "Draft tokens the target accepted.", _M),
+    MetricDef("emitted_tokens", "counter", "Output tokens committed (completion tokens).", _M),
+    MetricDef("drafted_tokens_by_position", "counter",
+              "Draft tokens checked, by position within the round's draft (0 = first).",
+              ("method", "position")),
+    MetricDef("accepted_tokens_by_position", "counter",
+              "Draft tokens accepted, by position within the round's draft (0 = first).",
+              ("method", "position")),
+    MetricDef("rounds", "counter", "Draft/verify rounds (one target forward each).", _M),
+    MetricDef("fallback_rounds", "counter",
+              "Rounds of a speculative method that ran target-only (no usable draft).", _M),
+    MetricDef("ttft_seconds", "histogram", "Time to first token, per successful request.", _M,
+              REQUEST_LATENCY_BUCKETS),
+    MetricDef("tpot_seconds", "histogram",
+              "Mean time per output token after the first, per successful request with more "
+              "than one output token.", _M, TOKEN_LATENCY_BUCKETS),
+    MetricDef("e2e_latency_seconds", "histogram",
+              "End-to-end latency of the round loop, per successful request.", _M,
+              REQUEST_LATENCY_BUCKETS),
+    MetricDef("draft_latency_seconds", "histogram",
+              "Time drafting (and bridging) in one round; every round of a speculative method "
+              "(0 for target-only rounds).", _M, ROUND_LATENCY_BUCKETS),
+    MetricDef("verify_latency_seconds", "histogram",
+              "Time in the target's verify forward in one round; every round.", _M,
+              ROUND_LATENCY_BUCKETS),
+    MetricDef("transport_latency_seconds", "histogram",
+              "Round wall time not spent drafting, verifying or bridging (network, "
+              "serialization, scheduling); every round.", _M, ROUND_LATENCY_BUCKETS),
+    MetricDef("ongoing_requests", "gauge",
+              "Requests in flight on this replica (coordinator: requests; drafter/target: "
+              "open leases).", ("component",)),
+    MetricDef("cache_sessions", "gauge",
+              "Per-request cache sessions held by this replica.", ("component",)),
+)}
+
+COUNTERS = tuple(m for m in METRICS.values() if m.kind == "counter")
+HISTOGRAMS = tuple(m for m in METRICS.values() if m.kind == "histogram")
+GAUGES = tuple(m for m in METRICS.values() if m.kind == "gauge")
+
+
+def method_label(method: object) -> str:
+    """A method name safe to use as a label: one of ``METHODS``, else ``other``."""
+    return method if isinstance(method, str) and method in METHODS else "other"
+
+
+def position_label(i: int) -> str:
+    return str(i) if i < MAX_POSITION_LABEL else f"{MAX_POSITION_LABEL}+"
+
+
+@dataclass(frozen=True)
+class Sample:
+    metric: str  # a key of METRICS
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+def request_samples(stats: RequestStats, outcome: str) -> list[Sample]:
+    """Counter increments and histogram observations for one request that ended.
+
+    Counters count the work done, whatever the outcome (a cancelled request's rounds ran).
+    Request histograms (TTFT, TPOT, end-to-end) take one sample per ``ok`` request (TPOT only
+    when it emitted more than one token); round histograms take one sample per round (draft:
+    only for speculative methods, where every round is sampled, target-only rounds as 0).
+    """
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}; one of {', '.join(OUTCOMES)}")
+    m = method_label(stats.method)
+    lm = (("method", m),)
+    out = [Sample("requests", (("method", m), ("outcome", outcome)), 1.0)]
+    for name, value in (("drafted_tokens", stats.drafted), ("accepted_tokens", stats.accepted),
+                        ("emitted_tokens", stats.emitted), ("rounds", stats.rounds),
+                        ("fallback_rounds", stats.fallback_rounds)):
+        if value:
+            out.append(Sample(name, lm, float(value)))
+    by_pos: dict[str, list[float]] = {}
+    for i, (d, a) in enumerate(zip(stats.drafted_per_position, stats.accepted_per_position)):
+        acc = by_pos.setdefault(position_label(i), [0.0, 0.0])
+        acc[0] += d
+        acc[1] += a
+    for pos, (d, a) in by_pos.items():
+        labels = (("method", m), ("position", pos))
+        if d:
+            out.append(Sample("drafted_tokens_by_position", labels, d))
+        if a:
+            out.append(Sample("accepted_tokens_by_position", labels, a))
+    if outcome == "ok":
+        out.append(Sample("ttft_seconds", lm, _seconds(stats.ttft_s)))
+        out.append(Sample("e2e_latency_seconds", lm, _seconds(stats.wall_s)))
+        if stats.emitted > 1:
+            out.append(Sample("tpot_seconds", lm, _seconds(stats.tpot_s)))
+    if m != "ar":
+        out.extend(Sample("draft_latency_seconds", lm, _seconds(v)) for v in stats.round_draft_s)
+    out.extend(Sample("verify_latency_seconds", lm, _seconds(v)) for v in stats.round_verify_s)
+    out.extend(Sample("transport_latency_seconds", lm, _seconds(v))
+               for v in stats.round_transport_s)
+    return out
+
+
+def _seconds(v: float) -> float:
+    v = float(v)
+    return v if math.isfinite(v) and v > 0 else 0.0
+
+
+class MetricsSink(Protocol):
+    """Where the engine reports requests (``Coordinator(sink=...)``) and replicas set gauges."""
+
+    def record_request(self, stats: RequestStats, outcome: str) -> None: ...
+
+    def set_gauge(self, name: str, value: float, **labels: str) -> None: ...
+
+
+class _SinkBase:
+    def record_request(self, stats: RequestStats, outcome: str) -> None:
+        for s in request_samples(stats, outcome):
+            self._apply(s)
+
+    def _apply(self, s: Sample) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _gauge_def(name: str, labels: dict) -> MetricDef:
+        m = METRICS.get(name)
+        if m is None or m.kind != "gauge":
+            raise ValueError(f"{name!r} is not a gauge; gauges: {[g.name for g in GAUGES]}")
+        if set(labels) != set(m.labels):
+            raise ValueError(f"gauge {name} takes labels {m.labels}, got {tuple(labels)}")
+        comp = labels.get("component")
+        if comp is not None and comp not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {comp!r}")
+        return m
+
+
+class PrometheusSink(_SinkBase):
+    """``prometheus_client`` metrics in a registry of their own (never the global one)."""
+
+    def __init__(self, registry=None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._metrics = {}
+        for m in METRICS.values():
+            if m.kind == "counter":
+                obj = Counter(m.full_name, m.help, m.labels, registry=self.registry)
+            elif m.kind == "histogram":
+                obj = Histogram(m.full_name, m.help, m.labels, buckets=m.buckets,
+                                registry=self.registry)
+            else:
+                obj = Gauge(m.full_name, m.help, m.labels, registry=self.registry)
+            self._metrics[m.name] = obj
+
+    def _apply(self, s: Sample) -> None:
+        m = METRICS[s.metric]
+        child = self._metrics[s.metric].labels(**dict(s.labels))
+        if m.kind == "counter":
+            child.inc(s.value)
+        else:
+            child.observe(s.value)
+
+    def set_gauge(self, name: str, value: float, **labels: str) -> None:
+        self._gauge_def(name, labels)
+        self._metrics[name].labels(**labels).set(value)
+
+    def render(self) -> str:
+        """The Prometheus text exposition of this sink's registry."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode("utf-8")
+
+    def serve(self, port: int, addr: str = "127.0.0.1"):
+        """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the server (call
+        ``shutdown()`` to stop).  Port 0 picks a free port (``server.server_port``)."""
+        from prometheus_client import start_http_server
+
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"metrics port must be in [0, 65535], got {port!r}")
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server
+
+
+class RaySink(_SinkBase):
+    """``ray.serve.metrics`` (``ray.util.metrics`` with Ray Serve's replica tags) in this process.
+
+    Create it inside a replica (e.g. in the deployment's ``__init__``) so the tags are set.
+    """
+
+    def __init__(self):
+        from ray.serve import metrics as rm
+
+        self._metrics = {}
+        for m in METRICS.values():
+            if m.kind == "counter":
+                obj = rm.Counter(m.full_name, description=m.help, tag_keys=m.labels)
+            elif m.kind == "histogram":
+                obj = rm.Histogram(m.full_name, description=m.help, boundaries=list(m.buckets),
+                                   tag_keys=m.labels)
+            else:
+                obj = rm.Gauge(m.full_name, description=m.help, tag_keys=m.labels)
+            self._metrics[m.name] = obj
+
+    def _apply(self, s: Sample) -> None:
+        m = METRICS[s.metric]
+        tags = dict(s.labels)
+        if m.kind == "counter":
+            if s.value > 0:  # Ray's Counter.inc rejects 0
+                self._metrics[s.metric].inc(s.value, tags=tags)
+        else:
+            self._metrics[s.metric].observe(s.value, tags=tags)
+
+    def set_gauge(self, name: str, value: float, **labels: str) -> None:
+        self._gauge_def(name, labels)
+        self._metrics[name].set(value, tags=labels)
+
+
+class FanoutSink:
+    """Report to several sinks (e.g. Ray's export and a local registry)."""
+
+    def __init__(self, sinks: Iterable[MetricsSink]):
+        self.sinks = tuple(sinks)
+
+    def record_request(self, stats: RequestStats, outcome: str) -> None:
+        for s in self.sinks:
+            s.record_request(stats, outcome)
+
+    def set_gauge(self, name: str, value: float, **labels: str) -> None:
+        for s in self.sinks:
+            s.set_gauge(name, value, **labels)
+
+
+# ------------------------------------------------------------------ Ray's metrics export
+
+
+def ray_metrics_url() -> str:
+    """``http://HOST:PORT/metrics`` of the Ray metrics export of the node this process is on."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            port = int(node.get("MetricsExportPort") or 0)
+            if port <= 0:
+                raise RuntimeError("this Ray node has no metrics export port")
+            return f"http://{node.get('NodeManagerAddress') or '127.0.0.1'}:{port}/metrics"
+    raise RuntimeError(f"Ray node {node_id} not found in ray.nodes()")
+
+
+class RayMetricsProxy:
+    """Reads this node's Ray metrics export (so the coordinator's ``/metrics`` shows it)."""
+
+    def __init__(self, url: Optional[str] = None, timeout_s: float = 10.0):
+        self.url = url
+        self.timeout_s = timeout_s
+
+    def _fetch(self) -> tuple[bytes, str]:
+        if self.url is None:
+            self.url = ray_metrics_url()
+        with urllib.request.urlopen(self.url, timeout=self.timeout_s) as resp:
+            return resp.read(), resp.headers.get("Content-Type",
+                                                 "text/plain; version=0.0.4; charset=utf-8")
+
+    async def scrape(self) -> tuple[bytes, str]:
+        """(body, content type); raises ``RuntimeError`` naming the export when it fails."""
+        try:
+            return await asyncio.to_thread(self._fetch)
+        except Exception as exc:  # noqa: BLE001 - reported as one clear error
+            url, self.url = self.url, None  # look the port up again next time
+            raise RuntimeError(f"Ray metrics export {url or '(unknown)'} unreachable: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+# ------------------------------------------------------------------ reading a scrape
+
+
+def parse_scrape(text: str) -> dict[tuple[str, frozenset], float]:
+    """Samples of a Prometheus text exposition as ``{(name, frozenset(labels)): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, frozenset], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def total(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)

@@ -46,6 +46,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow model repositories to run their own code (off by default)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (hsd_*) on http://127.0.0.1:PORT/metrics while "
+                        "running (0: any free port, printed on stderr)")
+    g.add_argument("--metrics-hold-s", type=float, default=0.0, metavar="S",
+                   help="with --metrics-port: keep serving S seconds after generating, for a "
+                        "scraper (default 0)")
+    g.add_argument("--print-metrics", action="store_true",
+                   help="print the Prometheus text exposition (hsd_*) to stderr at the end")
     g.set_defaults(func=cmd_generate)
 
 
@@ -69,13 +77,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             method=args.method, lookahead=args.lookahead,
                             adaptive_lookahead=args.adaptive_lookahead, stop=tuple(args.stop))
     req.validate()
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ValueError(f"--metrics-port must be in [0, 65535], got {args.metrics_port}")
     target = LoadedModel(ModelSpec(target_path, dtype=args.dtype, device=args.device,
                                    trust_remote_code=args.trust_remote_code))
     drafter = None
     if drafter_path is not None:
         drafter = LoadedModel(ModelSpec(drafter_path, dtype=args.dtype, device=args.device,
                                         trust_remote_code=args.trust_remote_code))
-    engine = Engine(target, drafter, slrs_max_forwards=args.slrs_max_forwards)
+    sink, server = _metrics_sink(args)
+    try:
+        engine = Engine(target, drafter, slrs_max_forwards=args.slrs_max_forwards, sink=sink)
+        return _generate(engine, req, args)
+    finally:
+        _finish_metrics(args, sink, server)
+
+
+def _metrics_sink(args: argparse.Namespace):
+    """(PrometheusSink or None, HTTP server or None) for --metrics-port / --print-metrics."""
+    if args.metrics_port is None and not args.print_metrics:
+        return None, None
+    from hsd_serve.metrics import PrometheusSink
+
+    if args.metrics_hold_s < 0:
+        raise ValueError(f"--metrics-hold-s must be >= 0, got {args.metrics_hold_s}")
+    sink = PrometheusSink()
+    server = None
+    if args.metrics_port is not None:
+        server = sink.serve(args.metrics_port)  # ValueError/OSError: exit 2 with the reason
+        print(f"hsd-serve: metrics on http://127.0.0.1:{server.server_port}/metrics",
+              file=sys.stderr, flush=True)
+    return sink, server
+
+
+def _finish_metrics(args: argparse.Namespace, sink, server) -> None:
+    import time
+
+    try:
+        if server is not None and args.metrics_hold_s > 0:
+            time.sleep(args.metrics_hold_s)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if sink is not None and args.print_metrics:
+            sys.stderr.write(sink.render())
+            sys.stderr.flush()
+
+
+def _generate(engine, req, args: argparse.Namespace) -> int:
     if args.json:
         result = engine.generate(req)
         print(json.dumps(result.as_dict()))
@@ -119,6 +169,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--once", metavar="PROMPT", default=None,
                    help="send one request over gRPC and HTTP once deployed, print it, shut down")
     s.add_argument("--max-tokens", type=int, default=32, help="max tokens for --once")
+    s.add_argument("--metrics-export-port", type=int, default=8080,
+                   help="Prometheus export port of the local Ray node (default 8080, as on "
+                        "KubeRay; 0: any); http://127.0.0.1:HTTP_PORT/metrics serves it too")
     s.set_defaults(func=cmd_serve)
 
 
@@ -127,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve_from_config(args.config, address=args.address, num_cpus=args.num_cpus,
                              http_port=args.http_port, grpc_port=args.grpc_port,
-                             once=args.once, once_max_tokens=args.max_tokens)
+                             once=args.once, once_max_tokens=args.max_tokens,
+                             metrics_export_port=args.metrics_export_port)
 
 
 def _add_client(sub: argparse._SubParsersAction) -> None:
@@ -163,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_client(sub)
     _add_zoo(sub)
+    from hsd_serve.bench.cli import add_bench_parser
+    add_bench_parser(sub)
     return p
 
 

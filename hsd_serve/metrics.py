@@ -91,7 +91,7 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
               "End-to-end latency of the round loop, per successful request.", _M,
               REQUEST_LATENCY_BUCKETS),
     MetricDef("draft_latency_seconds", "histogram",
-              "Time drafting (and bridging) in one round; every round of a speculative method "
+              "Time in the drafter in one round; every round of a speculative method "
               "(0 for target-only rounds).", _M, ROUND_LATENCY_BUCKETS),
     MetricDef("verify_latency_seconds", "histogram",
               "Time in the target's verify forward in one round; every round.", _M,
@@ -338,6 +338,57 @@ class RayMetricsProxy:
             url, self.url = self.url, None  # look the port up again next time
             raise RuntimeError(f"Ray metrics export {url or '(unknown)'} unreachable: "
                                f"{type(exc).__name__}: {exc}") from exc
+
+
+def mount_metrics_route(app, proxy: Optional[RayMetricsProxy] = None,
+                        path: str = "/metrics") -> None:
+    """Add ``GET /metrics`` to a FastAPI app: this node's Ray metrics export, passed through
+    (``ray_hsd_*``, ``ray_serve_*`` and Ray's own metrics: one scrape shows everything
+    locally).  503 with a one-line reason when the export cannot be read."""
+    from fastapi.responses import PlainTextResponse, Response
+
+    proxy = proxy or RayMetricsProxy()
+
+    @app.get(path, include_in_schema=False)
+    async def _metrics() -> Response:
+        try:
+            body, content_type = await proxy.scrape()
+        except RuntimeError as exc:
+            return PlainTextResponse(f"metrics unavailable: {exc}\n", status_code=503)
+        return Response(content=body, media_type=content_type)
+
+
+class ReplicaGauges:
+    """Keeps a replica's ``ongoing_requests``/``cache_sessions`` gauges current: set on every
+    change the caller reports (:meth:`update`) and refreshed every ``interval_s`` by a task."""
+
+    def __init__(self, sink: MetricsSink, component: str, ongoing, sessions=None,
+                 interval_s: float = 2.0):
+        self.sink, self.component = sink, component
+        self.ongoing, self.sessions = ongoing, sessions  # () -> number
+        self.interval_s = interval_s
+        self.task: Optional[asyncio.Task] = None
+        self.update()
+
+    def update(self) -> None:
+        try:
+            self.sink.set_gauge("ongoing_requests", float(self.ongoing()),
+                                component=self.component)
+            if self.sessions is not None:
+                self.sink.set_gauge("cache_sessions", float(self.sessions()),
+                                    component=self.component)
+        except Exception as exc:  # noqa: BLE001 - metrics must not break serving
+            log.warning("gauge update failed: %s: %s", type(exc).__name__, exc)
+
+    def start(self) -> "ReplicaGauges":
+        """Start the refresh task on the running event loop."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                self.update()
+
+        self.task = asyncio.get_running_loop().create_task(loop())
+        return self
 
 
 # ------------------------------------------------------------------ reading a scrape

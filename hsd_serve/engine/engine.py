@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -94,13 +95,28 @@ class StopStrings:
 
 
 class Lookahead:
-    """Fixed lookahead, or adaptive: +1 after a fully accepted round, −1 after a round that
-    accepted fewer than half of its drafts, within ``[1, k_max]``."""
+    """The lookahead ``k`` of the next round.
 
-    def __init__(self, k_max: int, adaptive: bool):
+    Fixed, or adaptive (``adaptive``): +1 after a fully accepted round, −1 after a round that
+    accepted fewer than half of its drafts, within ``[1, k_max]``.  Load-aware (``load_aware``):
+    when the target replica verified ``load`` requests in the same forward pass last round, ``k``
+    is capped at ``ceil(k_max / (1 + (load − 1) / 4))`` — at high load every extra draft token
+    costs target compute that other requests could use, so speculation gets shallower (k_max at
+    1–4 requests per pass, about half at 5–8, a quarter at 13 or more).
+    """
+
+    def __init__(self, k_max: int, adaptive: bool, load_aware: bool = False):
         self.k = k_max
         self.k_max = k_max
         self.adaptive = adaptive
+        self.load_aware = load_aware
+        self.load = 1
+
+    @property
+    def current(self) -> int:
+        if not self.load_aware or self.load <= 4:
+            return self.k
+        return min(self.k, max(1, math.ceil(self.k_max / (1 + (self.load - 1) / 4))))
 
     def update(self, drafted: int, accepted: int) -> None:
         if not self.adaptive or drafted == 0:
@@ -119,13 +135,14 @@ class Coordinator:
 
     def __init__(self, target: TargetPort, info: TargetInfo, drafter: Optional[DrafterPort] = None,
                  *, same_vocab: bool = False, draft_timeout_s: Optional[float] = None,
-                 drafter_retry_rounds: int = 8, sink=None):
+                 drafter_retry_rounds: int = 8, sink=None, load_aware_lookahead: bool = False):
         self.target = target
         self.info = info
         self.drafter = drafter
         self.same_vocab = same_vocab
         self.draft_timeout_s = draft_timeout_s
         self.drafter_retry_rounds = drafter_retry_rounds
+        self.load_aware_lookahead = load_aware_lookahead
         self.sink = sink  # hsd_serve.metrics.MetricsSink: gets each request's stats once, at its end
 
     def report(self, stats: RequestStats, outcome: str) -> None:
@@ -218,7 +235,7 @@ class Coordinator:
         generated_bytes = bytearray()
         detok = IncrementalDetokenizer(token_bytes)
         stops = StopStrings(req.stop)
-        lookahead = Lookahead(req.lookahead, req.adaptive_lookahead)
+        lookahead = Lookahead(req.lookahead, req.adaptive_lookahead, self.load_aware_lookahead)
         released: list[str] = []
         finish: Optional[str] = None
         drafter_open = False
@@ -252,12 +269,17 @@ class Coordinator:
                 return EXACT, [], None
             return (EXACT if method == "slem" else SPECULATIVE), d.target_ids, d.proposals
 
+        async def verify(position: int, cands: list[int], rule: str, proposals=None) -> Verdict:
+            v = await target.verify(rid, committed, cands, rule, params, position, proposals)
+            stats.verify_s += v.verify_s
+            stats.target_forwards += 1
+            lookahead.load = v.batch_size
+            return v
+
         async def slrs_round(position: int) -> tuple[list[int], int, int, bool]:
             if not drafter_open:
                 await open_drafter()
-            v = await target.verify(rid, committed, [], ROW, params, position)
-            stats.verify_s += v.verify_s
-            stats.target_forwards += 1
+            v = await verify(position, [], ROW)
             try:
                 out = await self._call_drafter(
                     drafter.slrs_step(rid, bytes(generated_bytes), v.row, position))
@@ -291,24 +313,18 @@ class Coordinator:
                     finish = "length"
                     break
                 position = len(committed) - prompt_len
-                k = max(0, min(lookahead.k, room - 1))
+                k = max(0, min(lookahead.current, room - 1))
                 r0 = (time.perf_counter(), stats.draft_s, stats.verify_s, stats.bridge_s)
                 tokens: list[int] = []
                 drafted = accepted = 0
                 fallback = method != "ar"
+                draft = None
                 if drafter_ok and k > 0 and stats.rounds >= retry_at:
                     try:
                         if method == "slrs":
                             tokens, drafted, accepted, fallback = await slrs_round(position)
                         else:
-                            rule, cands, proposals = await draft_round(k, position)
-                            if cands:
-                                v = await target.verify(rid, committed, cands, rule, params,
-                                                             position, proposals)
-                                stats.verify_s += v.verify_s
-                                stats.target_forwards += 1
-                                tokens, drafted, accepted = v.tokens, len(cands), v.accepted
-                                fallback = False
+                            draft = await draft_round(k, position)
                     except _NoDraft:
                         pass
                     except (RequestError, asyncio.CancelledError):
@@ -319,11 +335,13 @@ class Coordinator:
                         drafter_open = False
                         retry_at = stats.rounds + self.drafter_retry_rounds
                         tokens = []
+                if draft is not None and draft[1]:  # candidates to verify
+                    rule, cands, proposals = draft
+                    v = await verify(position, cands, rule, proposals)
+                    tokens, drafted, accepted = v.tokens, len(cands), v.accepted
+                    fallback = False
                 if not tokens:  # AR, or no usable draft this round
-                    v = await target.verify(rid, committed, [], EXACT, params, position)
-                    stats.verify_s += v.verify_s
-                    stats.target_forwards += 1
-                    tokens = v.tokens
+                    tokens = (await verify(position, [], EXACT)).tokens
                 stats.record_round(drafted, accepted, fallback=fallback, timing=(
                     time.perf_counter() - r0[0], stats.draft_s - r0[1], stats.verify_s - r0[2],
                     stats.bridge_s - r0[3]))

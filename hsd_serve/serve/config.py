@@ -93,6 +93,8 @@ class AppConfig(_Strict):
     verify_timeout_s: Optional[float] = Field(120.0, gt=0)  # per target call, then fail over
     target_failover_s: float = Field(60.0, ge=0)  # resume on another target replica this long
     drafter_retry_rounds: int = Field(8, ge=1)
+    load_aware_lookahead: bool = True  # shrink k when the target batches many requests
+    max_batch: int = Field(16, ge=1)  # requests per batched target forward
     slrs_max_forwards: int = Field(64, ge=1)
     slrs_max_target_bytes: Optional[int] = Field(8, ge=1)
     max_sessions_per_replica: int = Field(256, ge=1)

@@ -210,7 +210,8 @@ _KINDS = {
 
 
 async def start_dataplane_server(servicer_kind: str, worker, host: str = "0.0.0.0",
-                                 port: int = 0, *, executor: Optional[ThreadPoolExecutor] = None
+                                 port: int = 0, *, executor: Optional[ThreadPoolExecutor] = None,
+                                 servicer_options: Optional[dict] = None
                                  ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for ``worker`` (``servicer_kind`` "drafter" or "target") on
     ``host:port`` (0 = any free port) with health and reflection; returns ``(server, port)``.
@@ -221,7 +222,7 @@ async def start_dataplane_server(servicer_kind: str, worker, host: str = "0.0.0.
     if servicer_kind not in _KINDS:
         raise ValueError(f"servicer_kind must be 'drafter' or 'target', got {servicer_kind!r}")
     cls, add, name = _KINDS[servicer_kind]
-    servicer = cls(worker, executor)
+    servicer = cls(worker, executor, **(servicer_options or {}))
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add(servicer, server)
     health_servicer = health.aio.HealthServicer()

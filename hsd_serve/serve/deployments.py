@@ -37,32 +37,59 @@ class _ModelReplica:
 
     kind = "?"
 
-    async def _start(self, worker) -> None:
+    async def _start(self, worker, **servicer_options) -> None:
         import ray
 
         from hsd_serve.serve.dataplane import start_dataplane_server
 
         self.worker = worker
-        self.server, port = await start_dataplane_server(self.kind, worker)
+        self.server, port = await start_dataplane_server(self.kind, worker,
+                                                         servicer_options=servicer_options)
         self.servicer = self.server.hsd_servicer  # runs calls on the worker's own thread
         self.address = f"{ray.util.get_node_ip_address()}:{port}"
         log.info("%s replica serving its data plane on %s", self.kind, self.address)
+        from hsd_serve.metrics import RaySink, ReplicaGauges
+
+        self.gauges = ReplicaGauges(  # hsd_ongoing_requests / hsd_cache_sessions of this replica
+            RaySink(), self.kind,
+            ongoing=lambda: sum(getattr(self, "active_leases", {}).values()),
+            sessions=lambda: len(self.worker.sessions)).start()
 
     async def lease(self, rid: str) -> AsyncIterator[str]:
-        """Yield this replica's gRPC address; hold the lease until the caller closes it."""
+        """Yield this replica's gRPC address; hold the lease until the caller closes it (or the
+        caller's process dies: Ray cancels the call), then free the request's caches here."""
         self.leases_total = getattr(self, "leases_total", 0) + 1
-        yield self.address
+        active = self.__dict__.setdefault("active_leases", {})
+        active[rid] = active.get(rid, 0) + 1
         try:
+            yield self.address
             await asyncio.Event().wait()
         finally:
+            active[rid] -= 1
+            if not active[rid]:
+                del active[rid]
             await self.servicer.run(self.worker.free, rid)
 
     def address_of(self) -> str:
         return self.address
 
     def stats(self) -> dict:
-        return {"sessions": len(self.worker.sessions), "evictions": self.worker.evictions,
-                "address": self.address, "leases_total": getattr(self, "leases_total", 0)}
+        import os
+
+        import ray
+
+        w = self.worker
+        calls = getattr(w, "verifies", None)
+        if calls is None:
+            calls = getattr(w, "drafts", 0)
+        ctx = ray.get_runtime_context()
+        return {"sessions": len(w.sessions), "evictions": w.evictions,
+                "cached_tokens": w.cached_tokens(), "max_cached_tokens": w.max_cached_tokens,
+                "calls": calls, "address": self.address,
+                "leases_total": getattr(self, "leases_total", 0),
+                "leases_active": sum(getattr(self, "active_leases", {}).values()),
+                "actor_name": ctx.get_actor_name(), "namespace": ctx.namespace,
+                "pid": os.getpid()}
 
     async def check_health(self) -> None:
         if self.server is None:
@@ -85,7 +112,8 @@ class DrafterDeployment(_ModelReplica):
             model, target_vocab, proposal_top_m=config.proposal_top_m,
             slrs_max_forwards=config.slrs_max_forwards,
             slrs_max_target_bytes=config.slrs_max_target_bytes,
-            max_sessions=config.max_sessions_per_replica))
+            max_sessions=config.max_sessions_per_replica,
+            max_cached_tokens=config.max_cached_tokens_per_replica), max_batch=config.max_batch)
 
 
 @serve.deployment(name="Target")
@@ -98,8 +126,9 @@ class TargetDeployment(_ModelReplica):
 
         config = load_config(cfg)
         _set_threads(config.target_deployment.torch_threads)
-        await self._start(TargetWorker(LoadedModel(config.target.spec()),
-                                       max_sessions=config.max_sessions_per_replica))
+        await self._start(TargetWorker(
+            LoadedModel(config.target.spec()), max_sessions=config.max_sessions_per_replica,
+            max_cached_tokens=config.max_cached_tokens_per_replica))
 
 
 class _Lease:
@@ -151,6 +180,16 @@ def _is_transport_failure(exc: BaseException) -> bool:
         grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
 
+def _replica_gone(exc: BaseException) -> bool:
+    """The replica's address is dead (not merely slow): its pooled channel should go too.  A
+    deadline is no such sign; closing the shared channel would fail other requests' calls."""
+    import grpc
+
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() == grpc.StatusCode.UNAVAILABLE
+    return isinstance(exc, ConnectionError)
+
+
 class _LeasedPort:
     """A port bound to a lease; after a transport failure it leases another replica."""
 
@@ -164,15 +203,17 @@ class _LeasedPort:
         self.failovers = 0
         self.addresses: list[str] = []  # every replica this request leased, in order
 
-    async def connect(self) -> None:
-        self.lease = await _open_lease(self.handle, self.rid, self.dep.lease_timeout_s)
-        self.addresses.append(self.lease.address)
-        self.port = self.make_port(self.dep.channels.get(self.lease.address))
+    async def connect(self, timeout_s: Optional[float] = None) -> None:
+        lease = await _open_lease(self.handle, self.rid, timeout_s or self.dep.lease_timeout_s)
+        self.lease = lease
+        self.addresses.append(lease.address)
+        self.port = self.make_port(self.dep.channels.get(lease.address))
 
-    async def drop(self) -> None:
+    async def drop(self, discard_channel: bool = True) -> None:
         if self.lease is not None:
             self.lease.close()
-            await self.dep.channels.discard(self.lease.address)
+            if discard_channel:
+                await self.dep.channels.discard(self.lease.address)
         self.lease, self.port = None, None
 
     def close(self) -> None:
@@ -184,28 +225,47 @@ class _LeasedPort:
 class _LeasedTarget(_LeasedPort):
     """TargetPort that survives the loss of its replica: every call carries the committed tokens,
     so the request resumes on a newly leased replica (a prefill there, never a repeated or missing
-    token).  Gives up after ``target_failover_s`` and the request fails with UNAVAILABLE."""
+    token).  If no replica takes the round within ``target_failover_s`` of the first failure
+    (lease waits included), the request fails with ConnectionError (gRPC UNAVAILABLE, HTTP 503)."""
+
+    async def start(self) -> None:
+        """Lease the request's first replica.  Overload fails at once (Serve's backpressure →
+        RESOURCE_EXHAUSTED / 503; no lease within ``lease_timeout_s`` → UNAVAILABLE / 503); a
+        lease that failed because its replica just died is retried like a failover."""
+        await self._with_failover(None)
 
     async def verify(self, *args, **kwargs):
+        return await self._with_failover(lambda: self.port.verify(*args, **kwargs))
+
+    async def _with_failover(self, call):
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.dep.config.target_failover_s
+        limit = self.dep.config.target_failover_s
+        deadline = None  # set at the first failure
         while True:
             try:
                 if self.port is None:
-                    await self.connect()
-                return await self.port.verify(*args, **kwargs)
+                    timeout = self.dep.lease_timeout_s
+                    if deadline is not None:
+                        timeout = max(0.05, min(timeout, deadline - loop.time()))
+                    await self.connect(timeout)
+                return None if call is None else await call()
             except Exception as exc:  # noqa: BLE001 - classified below
-                if not _is_transport_failure(exc) and self.port is not None:
-                    raise
-                await self.drop()
+                if self.port is not None and not _is_transport_failure(exc):
+                    raise  # the replica answered: this request's own error
+                if call is None and deadline is None and (
+                        "BackPressure" in type(exc).__name__
+                        or isinstance(exc, (TimeoutError, asyncio.TimeoutError))):
+                    raise  # overloaded: tell the client now
+                await self.drop(_replica_gone(exc))
                 self.failovers += 1
-                if loop.time() >= deadline:
+                now = loop.time()
+                deadline = now + limit if deadline is None else deadline
+                if now >= deadline:
                     raise ConnectionError(f"target replica lost and none took over within "
-                                          f"{self.dep.config.target_failover_s:.0f}s: {exc}") \
-                        from exc
-                log.warning("request %s: target replica failed (%s); leasing another",
-                            self.rid, exc)
-                await asyncio.sleep(0.5)
+                                          f"{limit:g}s: {type(exc).__name__}: {exc}") from exc
+                log.warning("request %s: target replica failed (%s: %s); leasing another",
+                            self.rid, type(exc).__name__, exc)
+                await asyncio.sleep(min(0.25, deadline - now))
 
     async def free(self, rid):
         if self.port is not None:
@@ -214,17 +274,46 @@ class _LeasedTarget(_LeasedPort):
 
 class _LeasedDrafter(_LeasedPort):
     """DrafterPort whose failures the coordinator turns into target-only rounds; the next
-    ``open`` (the coordinator re-opens after its retry interval) leases a replica again."""
+    ``open`` (the coordinator re-opens after its retry interval) leases a replica again.
+
+    Leasing runs as a background task: the first ``open`` of a request waits for it (within the
+    coordinator's ``draft_timeout_s``), later ones do not — while no drafter replica can be
+    leased (it died and Serve is replacing it, or every drafter is saturated) each retry fails at
+    once and the rounds go on target-only without stalling."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._connecting: Optional[asyncio.Task] = None
+        self._failed_once = False
+
+    async def _ensure_port(self) -> None:
+        task = self._connecting
+        if task is not None and task.done():
+            self._connecting = task = None
+        if self.port is not None:
+            return
+        if task is None:
+            task = self._connecting = asyncio.ensure_future(self.connect())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+        if self._failed_once and not task.done():
+            raise ConnectionError("no drafter replica leased yet")
+        await asyncio.shield(task)  # a timeout here cancels this wait, not the lease
 
     async def _call(self, name, *args, **kwargs):
-        if self.port is None:
-            await self.connect()
         try:
+            await self._ensure_port()
             return await getattr(self.port, name)(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            if _is_transport_failure(exc):
-                await self.drop()
+        except BaseException as exc:  # noqa: BLE001 - re-raised; timeouts arrive as cancellation
+            self._failed_once = True
+            if isinstance(exc, Exception) and _is_transport_failure(exc):
+                await self.drop(_replica_gone(exc))
             raise
+
+    def close(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()  # _open_lease cancels the lease call
+        self._connecting = None
+        super().close()
 
     async def open(self, *args, **kwargs):
         return await self._call("open", *args, **kwargs)
@@ -248,6 +337,7 @@ class CoordinatorDeployment:
     def __init__(self, cfg: dict, drafter_handle, target_handle):
         from hsd_serve.core.vocab import same_vocabulary
         from hsd_serve.engine.engine import Coordinator, TargetInfo
+        from hsd_serve.metrics import RaySink
         from hsd_serve.models.hf import describe_model
         from hsd_serve.serve.convert import RequestDefaults
         from hsd_serve.serve.dataplane import ChannelPool
@@ -265,7 +355,10 @@ class CoordinatorDeployment:
             target=None, info=TargetInfo(target.tokenizer, target.eos_ids, target.max_context),
             drafter=_UnavailableDrafter("not leased") if drafter_handle is not None else None,
             same_vocab=same_vocab, draft_timeout_s=self.config.draft_timeout_s,
-            drafter_retry_rounds=self.config.drafter_retry_rounds)
+            drafter_retry_rounds=self.config.drafter_retry_rounds,
+            load_aware_lookahead=self.config.load_aware_lookahead, sink=RaySink())
+        self.ongoing = 0  # requests in flight here (hsd_ongoing_requests{component="coordinator"})
+        self.gauges = None  # started with the first request (needs the replica's event loop)
         self.defaults = RequestDefaults(
             max_tokens=min(self.config.default_max_tokens, self.config.max_tokens_limit),
             max_max_tokens=self.config.max_tokens_limit,
@@ -273,24 +366,38 @@ class CoordinatorDeployment:
             max_prompt_chars=self.config.max_prompt_chars,
             method=self.config.default_method)
         self.channels = ChannelPool()
-        self.lease_timeout_s = 30.0
+        self.lease_timeout_s = self.config.lease_timeout_s
 
     # ---- one request through leased replicas ------------------------------------------------
     async def stream(self, req, rid: Optional[str] = None):
         """Chunks of one request; raises RequestError before anything starts for bad input."""
         from hsd_serve.serve.dataplane import GrpcDrafter, GrpcTarget
 
-        method, _ = self.coordinator.prepare(req)
+        from hsd_serve.engine.types import RequestError, RequestStats
+        from hsd_serve.metrics import ReplicaGauges
+
+        if self.gauges is None:
+            self.gauges = ReplicaGauges(self.coordinator.sink, "coordinator",
+                                        ongoing=lambda: self.ongoing).start()
+        try:
+            method, _ = self.coordinator.prepare(req)
+        except RequestError:
+            self.coordinator.report(RequestStats(method=req.method), "invalid")
+            raise
         rid = rid or uuid.uuid4().hex
+        entered = False  # once the coordinator's stream runs, it reports the request itself
+        self.ongoing += 1
+        self.gauges.update()
         target = _LeasedTarget(self, self.target_handle, rid, lambda ch: GrpcTarget(
             ch, timeout_s=self.config.verify_timeout_s))
         drafter = None
         try:
-            await target.connect()  # no target replica: fail now (UNAVAILABLE / backpressure)
+            await target.start()  # overloaded: fail now (RESOURCE_EXHAUSTED/UNAVAILABLE)
             if method != "ar" and self.drafter_handle is not None:
                 drafter = _LeasedDrafter(self, self.drafter_handle, rid, lambda ch: GrpcDrafter(
                     ch, target_vocab_size=self.tokenizer.vocab.size,
                     timeout_s=self.config.draft_timeout_s))
+            entered = True
             # close the inner stream here, so its caches are freed before the leases close
             async with contextlib.aclosing(self.coordinator.stream(
                     req, rid, target=target, drafter=drafter)) as chunks:
@@ -300,7 +407,13 @@ class CoordinatorDeployment:
                             "target": list(target.addresses),
                             "drafter": list(drafter.addresses) if drafter is not None else []}
                     yield chunk
+        except Exception:
+            if not entered:  # no replica could be leased: the round loop never ran
+                self.coordinator.report(RequestStats(method=method), "unavailable")
+            raise
         finally:
+            self.ongoing -= 1
+            self.gauges.update()
             target.close()
             if drafter is not None:
                 drafter.close()

@@ -6,6 +6,7 @@ unexpected failure → ``INTERNAL``.  Nothing is started for a request that fail
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import grpc
@@ -38,8 +39,9 @@ async def generate_unary(dep, request, ctx) -> hsd_pb2.GenerateResponse:
     try:
         req = request_from_proto(request, dep.defaults)
         result = None
-        async for chunk in dep.stream(req):
-            result = chunk.result
+        async with contextlib.aclosing(dep.stream(req)) as chunks:
+            async for chunk in chunks:
+                result = chunk.result
         return result_to_proto(result)
     except Exception as exc:  # noqa: BLE001 - mapped to a status
         code = _status_for(exc)
@@ -52,8 +54,11 @@ async def generate_unary(dep, request, ctx) -> hsd_pb2.GenerateResponse:
 async def generate_stream(dep, request, ctx):
     try:
         req = request_from_proto(request, dep.defaults)
-        async for chunk in dep.stream(req):
-            yield chunk_to_proto(chunk)
+        # closed here, not by the garbage collector, when the client cancels: the request's
+        # caches and leases are freed at once
+        async with contextlib.aclosing(dep.stream(req)) as chunks:
+            async for chunk in chunks:
+                yield chunk_to_proto(chunk)
     except Exception as exc:  # noqa: BLE001 - mapped to a status
         code = _status_for(exc)
         if code == grpc.StatusCode.INTERNAL:

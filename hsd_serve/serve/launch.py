@@ -72,7 +72,9 @@ def _http_once(port: int, prompt: str, max_tokens: int) -> dict:
 def serve_from_config(config: str, *, address: Optional[str] = None,
                       num_cpus: Optional[float] = None, http_port: Optional[int] = None,
                       grpc_port: Optional[int] = None, once: Optional[str] = None,
-                      once_max_tokens: int = 32) -> int:
+                      once_max_tokens: int = 32, metrics_export_port: Optional[int] = 8080) -> int:
+    """``metrics_export_port``: the local Ray node's Prometheus export port (8080 as on KubeRay;
+    0/None: Ray picks one).  The coordinator's ``/metrics`` passes it through either way."""
     import ray
     from ray import serve
 
@@ -84,6 +86,11 @@ def serve_from_config(config: str, *, address: Optional[str] = None,
         init_kwargs["include_dashboard"] = False
         if num_cpus is not None:
             init_kwargs["num_cpus"] = num_cpus
+        if metrics_export_port:
+            if not 1024 <= metrics_export_port <= 65535:
+                raise ValueError(f"--metrics-export-port must be in [1024, 65535], got "
+                                 f"{metrics_export_port}")
+            init_kwargs["_metrics_export_port"] = metrics_export_port
     ray.init(**init_kwargs)
     try:
         info = deploy(cfg, http_port=http_port, grpc_port=grpc_port)
@@ -94,6 +101,8 @@ def serve_from_config(config: str, *, address: Optional[str] = None,
         if gp:
             print(f"  gRPC:           127.0.0.1:{gp}  (hsd.v1.Generation, grpc.health.v1)  "
                   f"e.g. hsd-serve client --address 127.0.0.1:{gp} 'def fib(n):'", flush=True)
+        print(f"  Metrics:        http://127.0.0.1:{hp}/metrics  (Prometheus text: ray_hsd_*, "
+              f"ray_serve_*; Ray export port {_export_port(ray)})", flush=True)
         if once is not None:
             return _run_once(once, hp, gp, once_max_tokens)
         print("  Ctrl-C to stop.", flush=True)
@@ -133,4 +142,44 @@ def _run_once(prompt: str, http_port: int, grpc_port: Optional[int], max_tokens:
     except Exception as exc:  # noqa: BLE001 - reported as a failure of the run
         print(f"hsd-serve: HTTP request failed: {exc}", file=sys.stderr)
         rc = 1
+    _print_metrics_excerpt(http_port, expect=2 if grpc_port else 1)
     return rc
+
+
+def _export_port(ray) -> str:
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        return str(next(n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node_id))
+    except Exception:  # noqa: BLE001 - informational only
+        return "?"
+
+
+def _print_metrics_excerpt(http_port: int, expect: int = 1, wait_s: float = 40.0) -> None:
+    """Print the ``ray_hsd_*`` counters from ``/metrics`` once Ray has exported the requests
+    just made (Ray exports every ~10 s)."""
+    from hsd_serve.metrics import parse_scrape, total
+
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    deadline = time.time() + wait_s
+    text = ""
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                text = resp.read().decode("utf-8")
+            if total(parse_scrape(text), "ray_hsd_requests_total") >= expect:
+                break
+        except Exception:  # noqa: BLE001 - retried until the deadline
+            pass
+        time.sleep(1.0)
+    keep = ("method", "outcome", "position", "component", "deployment")
+    rows: dict[str, float] = {}
+    for (name, labels), value in parse_scrape(text).items():
+        if name.startswith("ray_hsd_") and name.endswith(("_total", "_count")):
+            shown = ",".join(f'{k}="{v}"' for k, v in sorted(labels) if k in keep)
+            key = f"{name}{{{shown}}}"
+            rows[key] = rows.get(key, 0.0) + value
+    print(f"--- GET {url} (ray_hsd_* counters and histogram counts)", flush=True)
+    if not rows:
+        print("  (no hsd metrics exported yet)", flush=True)
+    for key in sorted(rows):
+        print(f"  {key} {rows[key]:g}", flush=True)

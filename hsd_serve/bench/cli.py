@@ -1,0 +1,152 @@
+"""`hsd-serve bench`: methods side by side against AR and transformers' assisted generation."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Optional, Sequence
+
+from hsd_serve.bench.datasets import DATASETS
+
+DEFAULT_METHODS = "ar,slem,tli,hf-uag"
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return parse
+
+
+def _datasets(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in DATASETS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown dataset(s) {', '.join(bad)}; choose from "
+                                         f"{', '.join(DATASETS)}")
+    return names
+
+
+def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    b.add_argument("--dataset", type=_datasets, default=["humaneval"],
+                   help=f"comma list of {', '.join(DATASETS)} (default: humaneval)")
+    b.add_argument("--data-dir", default=None,
+                   help="dataset folder (default: ../shared/assets/datasets when present)")
+    b.add_argument("--limit", type=int, default=20, help="prompts per dataset (default 20)")
+    b.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS.split(","),
+                   help=f"comma list of ar,sd,slem,tli,slrs,hf-uag (default {DEFAULT_METHODS}); "
+                        "AR always runs")
+    b.add_argument("--temperature", type=_csv(float), default=[0.0],
+                   help="comma list of temperatures (default 0 = greedy)")
+    b.add_argument("--lookahead", type=_csv(int), default=[4],
+                   help="comma list of lookaheads to sweep (default 4)")
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--target", default=None, help="target model folder (default: bundled)")
+    b.add_argument("--drafter", default=None, help="drafter model folder (default: bundled)")
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--seed", type=int, default=0, help="sampling seed of prompt i is seed + i")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    b.add_argument("--no-warmup", action="store_true")
+    b.add_argument("--no-hf-default", action="store_true",
+                   help="skip hf-uag with its own default settings (keep the matched lookahead)")
+    b.add_argument("--calibration-steps", type=int, default=16)
+    b.add_argument("--endpoint", default=None,
+                   help="measure a running service instead: grpc://HOST:PORT (or HOST:PORT) or "
+                        "http://HOST:PORT")
+    b.add_argument("--application", default="hsd", help="Ray Serve application (gRPC metadata)")
+    b.add_argument("--concurrency", type=_csv(int), default=[1],
+                   help="comma list of concurrent streams (endpoint only)")
+    b.add_argument("--duration", type=float, default=None,
+                   help="seconds of load per method and concurrency (endpoint only)")
+    b.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (endpoint)")
+    b.add_argument("--out", default="bench/results/latest", help="output folder")
+    b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    return b
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    b = sub.add_parser("bench", help="benchmark methods side by side (vs AR and transformers)",
+                       description="Run AR, our speculative methods and transformers' "
+                                   "heterogeneous assisted generation on the same prompts, "
+                                   "interleaved, and write results.json, results.md and plots.")
+    return configure_parser(b)
+
+
+def config_from_args(args: argparse.Namespace, command: str = ""):
+    from hsd_serve.bench.runner import BenchConfig
+
+    return BenchConfig(datasets=args.dataset, data_dir=args.data_dir, limit=args.limit,
+                       methods=args.methods, temperatures=args.temperature,
+                       lookaheads=args.lookahead, max_new_tokens=args.max_new_tokens,
+                       target=args.target, drafter=args.drafter, dtype=args.dtype,
+                       device=args.device, seed=args.seed, warmup=not args.no_warmup,
+                       hf_default=not args.no_hf_default,
+                       calibration_steps=args.calibration_steps, threads=args.threads,
+                       endpoint=args.endpoint, application=args.application,
+                       concurrency=args.concurrency, duration=args.duration,
+                       timeout_s=args.timeout, command=command)
+
+
+def cmd_bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from hsd_serve.bench.report import write_outputs
+    from hsd_serve.bench.runner import run_inprocess
+
+    hf_logging.set_verbosity_error()
+    command = "hsd-serve bench " + " ".join(shlex.quote(a) for a in (
+        argv if argv is not None else _bench_argv()))
+    cfg = config_from_args(args, command)
+    if cfg.endpoint:
+        from hsd_serve.bench.remote import run_endpoint
+
+        results = run_endpoint(cfg, progress=not args.no_progress)
+    else:
+        results = run_inprocess(cfg, progress=not args.no_progress)
+    paths = write_outputs(results, args.out, plots=not args.no_plots)
+    _summary(results)
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    if results["failures"]:
+        print("FAILURES: outputs differ from AR where they must be identical: "
+              + "; ".join(f"{f['label']} T={f['temperature']:g} ({len(f['prompts'])} prompts)"
+                          for f in results["failures"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_argv() -> list[str]:
+    argv = sys.argv[1:]
+    return argv[argv.index("bench") + 1:] if "bench" in argv else argv
+
+
+def _summary(results: dict) -> None:
+    for r in results["runs"]:
+        print(f"{r['dataset']:10s} T={r['temperature']:<4g} {r['label']:28s} "
+              f"{r['tokens_per_s']:8.1f} tok/s  x{(r.get('speedup_vs_ar') or 0):.2f} AR  "
+              f"ideal {(r.get('ideal_speedup') or 0):.2f}  identical={r.get('identical_to_ar')}",
+              file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = configure_parser(argparse.ArgumentParser(prog="hsd-serve bench",
+                                                      description=__doc__))
+    args = parser.parse_args(argv)
+    try:
+        return cmd_bench(args, list(argv) if argv is not None else sys.argv[1:])
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as exc:
+        print(f"hsd-serve bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Measure a running service (``--endpoint``) over gRPC or the OpenAI-compatible HTTP API.
+
+``grpc://HOST:PORT`` (or a bare ``HOST:PORT``) streams ``hsd.v1.Generation/GenerateStream`` with
+the ``application`` metadata; ``http://HOST:PORT[/prefix]`` streams ``POST /v1/completions``.  Wall
+time and TTFT are measured by this client; the service's own statistics (rounds, acceptance,
+draft/verify/bridge/transport seconds, its wall time) come back in the last chunk.
+
+Single stream (``--concurrency 1`` and no ``--duration``) interleaves the methods prompt by prompt,
+as in-process.  Otherwise each method gets a load phase: ``C`` client threads take prompts in turn
+(cycling through them until ``--duration`` seconds have passed, or once through without it) and
+``aggregate_tokens_per_s`` is all tokens of the phase over its wall time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+from urllib.parse import urlparse
+
+from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
+from hsd_serve.bench.runner import (HF, BenchConfig, RunSpec, Sample, _config_dict, _progress,
+                                    aggregate_dataset, build_specs, calibrate, check_identity,
+                                    machine_info, merge_calibrations)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str]:
+    """(``grpc`` | ``http``, address or base URL)."""
+    if endpoint.startswith(("http://", "https://")):
+        return "http", endpoint.rstrip("/")
+    if endpoint.startswith("grpc://"):
+        return "grpc", endpoint[len("grpc://"):].rstrip("/")
+    if "://" in endpoint:
+        raise ValueError(f"--endpoint: unsupported scheme in {endpoint!r} (grpc:// or http://)")
+    return "grpc", endpoint
+
+
+class GrpcClient:
+    def __init__(self, address: str, application: str, timeout_s: float):
+        import grpc
+
+        from hsd_serve.pb import hsd_pb2_grpc
+
+        self.channel = grpc.insecure_channel(address)
+        self.stub = hsd_pb2_grpc.GenerationStub(self.channel)
+        self.metadata = (("application", application),)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, dataset: str, prompt: Prompt, spec: RunSpec, max_new: int, seed: int,
+                 concurrency: int = 1) -> Sample:
+        from hsd_serve.pb import hsd_pb2
+
+        req = hsd_pb2.GenerateRequest(
+            prompt=prompt.text, max_tokens=max_new, method=spec.method,
+            lookahead=max(1, spec.lookahead),
+            sampling=hsd_pb2.SamplingParams(temperature=spec.temperature, seed=seed))
+        ids, text, first, last = [], [], None, None
+        t0 = time.perf_counter()
+        for chunk in self.stub.GenerateStream(req, metadata=self.metadata, timeout=self.timeout_s):
+            if first is None and (chunk.token_ids or chunk.text):
+                first = time.perf_counter()
+            ids += list(chunk.token_ids)
+            text.append(chunk.text)
+            last = chunk
+        wall = time.perf_counter() - t0
+        st = last.stats if last is not None else None
+        return Sample(dataset=dataset, prompt_id=prompt.id, spec=spec,
+                      prompt_tokens=int(st.prompt_tokens) if st else 0, token_ids=ids,
+                      text="".join(text), finish_reason=last.finish_reason if last else "",
+                      wall_s=wall, ttft_s=(first or time.perf_counter()) - t0,
+                      rounds=int(st.rounds), drafted=int(st.drafted), accepted=int(st.accepted),
+                      accepted_per_position=list(st.accepted_per_position),
+                      drafted_per_position=None, fallback_rounds=int(st.fallback_rounds),
+                      draft_s=st.draft_s, verify_s=st.verify_s, bridge_s=st.bridge_s,
+                      transport_s=st.transport_s, server_wall_s=st.wall_s, seed=seed,
+                      concurrency=concurrency)
+
+
+class HttpClient:
+    def __init__(self, base: str, timeout_s: float):
+        import httpx
+
+        self.base = base
+        self.client = httpx.Client(timeout=timeout_s)
+        self.model = None
+        try:
+            models = self.client.get(f"{base}/v1/models").json()
+            self.model = models["data"][0]["id"]
+        except Exception:  # noqa: BLE001 - the model field is optional
+            pass
+
+    def close(self) -> None:
+        self.client.close()
+
+    def generate(self, dataset: str, prompt: Prompt, spec: RunSpec, max_new: int, seed: int,
+                 concurrency: int = 1) -> Sample:
+        body = {"prompt": prompt.text, "max_tokens": max_new, "temperature": spec.temperature,
+                "seed": seed, "method": spec.method, "lookahead": max(1, spec.lookahead),
+                "stream": True}
+        if self.model:
+            body["model"] = self.model
+        text, first, final = [], None, None
+        t0 = time.perf_counter()
+        with self.client.stream("POST", f"{self.base}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:300]}")
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data.strip() == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    raise RuntimeError(f"stream error: {obj['error']}")
+                piece = "".join(c.get("text") or "" for c in obj.get("choices", []))
+                if piece and first is None:
+                    first = time.perf_counter()
+                text.append(piece)
+                if obj.get("hsd") is not None:
+                    final = obj
+        wall = time.perf_counter() - t0
+        hsd = (final or {}).get("hsd") or {}
+        usage = (final or {}).get("usage") or {}
+        finish = ""
+        if final:
+            finish = next((c.get("finish_reason") for c in final.get("choices", [])
+                           if c.get("finish_reason")), "") or ""
+        return Sample(dataset=dataset, prompt_id=prompt.id, spec=spec,
+                      prompt_tokens=int(usage.get("prompt_tokens", 0)), token_ids=[],
+                      text="".join(text), finish_reason=finish, wall_s=wall,
+                      ttft_s=(first or time.perf_counter()) - t0,
+                      rounds=int(hsd.get("rounds", 0)), drafted=int(hsd.get("drafted", 0)),
+                      accepted=int(hsd.get("accepted", 0)), accepted_per_position=[],
+                      drafted_per_position=None, fallback_rounds=int(hsd.get("fallback_rounds", 0)),
+                      server_wall_s=hsd.get("wall_s"), seed=seed, concurrency=concurrency,
+                      emitted=int(usage.get("completion_tokens", 0)))
+
+
+def _local_description(cfg: BenchConfig):
+    """Tokenizers/contexts of the pair (config files only) for fitting prompts; None if absent."""
+    from hsd_serve.models.hf import ModelSpec, describe_model
+    from hsd_serve.zoo import bundled_model_dir
+
+    try:
+        t = describe_model(ModelSpec(cfg.target or str(bundled_model_dir("target"))))
+        dpath = cfg.drafter if cfg.drafter is not None else str(bundled_model_dir("drafter"))
+        d = describe_model(ModelSpec(dpath)) if dpath and dpath.lower() != "none" else None
+        return t, d
+    except Exception:  # noqa: BLE001
+        return None, None
+
+
+def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: bool = True) -> dict:
+    import datetime as _dt
+
+    cfg.validate()
+    started = time.time()
+    machine = machine_info()
+    kind, address = parse_endpoint(cfg.endpoint)
+    client = (GrpcClient(address, cfg.application, cfg.timeout_s) if kind == "grpc"
+              else HttpClient(address, cfg.timeout_s))
+    methods = [m for m in cfg.methods if m != HF]
+    skipped = []
+    if HF in cfg.methods:
+        skipped.append({"method": HF, "reason": "the transformers baseline runs in-process only"})
+    specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads)
+    t_desc, d_desc = _local_description(cfg)
+    calibration: dict = {}
+    if calibrate_locally and t_desc is not None:
+        try:  # models loaded here only to time their steps, before any load is sent
+            from hsd_serve.bench.runner import load_pair
+
+            target, drafter = load_pair(cfg)
+            first = load_prompts(cfg.datasets[0], cfg.data_dir, 1)[0]
+            calibration = merge_calibrations([calibrate(target, drafter, first.text,
+                                                        steps=cfg.calibration_steps,
+                                                        verify_ks=cfg.lookaheads)])
+            calibration["where"] = "bench process (same machine), before the load"
+            del target, drafter
+        except Exception as exc:  # noqa: BLE001
+            calibration = {"error": f"{type(exc).__name__}: {exc}"}
+    runs, all_samples, dataset_info = [], [], {}
+    try:
+        for dataset in cfg.datasets:
+            prompts = load_prompts(dataset, cfg.data_dir, cfg.limit)
+            if t_desc is not None:
+                fits = context_fitter(t_desc.tokenizer, t_desc.max_context, cfg.max_new_tokens,
+                                      drafter_tokenizer=d_desc.tokenizer if d_desc else None,
+                                      drafter_context=d_desc.max_context if d_desc else None,
+                                      lookahead=max(cfg.lookaheads))
+                loaded = len(prompts)
+                prompts, dropped = fit_prompts(prompts, fits)
+            else:
+                loaded, dropped = len(prompts), 0
+            dataset_info[dataset] = {"loaded": loaded, "used": len(prompts), "dropped": dropped,
+                                     "truncated": sum(p.truncated for p in prompts),
+                                     "long_context": dataset in LONG_CONTEXT}
+            if not prompts:
+                continue
+            specs = list(specs_all)
+            if cfg.warmup:
+                for spec in list(specs):
+                    try:
+                        client.generate(dataset, prompts[0], spec, min(8, cfg.max_new_tokens),
+                                        cfg.seed)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a method the pair refuses
+                        if spec.method == "ar":
+                            raise
+                        specs.remove(spec)
+                        skipped.append({"dataset": dataset, "label": spec.label,
+                                        "temperature": spec.temperature, "reason": str(exc)[:300]})
+            for conc in cfg.concurrency:
+                if conc == 1 and not cfg.duration:
+                    samples, aggregate_tps = _single_stream(client, cfg, dataset, prompts, specs,
+                                                            progress)
+                else:
+                    samples, aggregate_tps = _load_phases(client, cfg, dataset, prompts, specs,
+                                                          conc, progress)
+                sub = aggregate_dataset(dataset, specs, samples, calibration, concurrency=conc)
+                for r in sub:
+                    r["endpoint"] = True
+                    r["endpoint_kind"] = kind
+                    key = RunSpec(r["method"], r["temperature"], r["lookahead"], r["variant"] or "")
+                    r["aggregate_tokens_per_s"] = aggregate_tps.get(key, r["tokens_per_s"])
+                runs += sub
+                all_samples += samples
+    finally:
+        client.close()
+    # aggregate throughput against one stream of the same configuration
+    for r in runs:
+        one = next((o for o in runs if o["dataset"] == r["dataset"] and o["label"] == r["label"]
+                    and o["temperature"] == r["temperature"] and o["concurrency"] == 1), None)
+        if one and one.get("aggregate_tokens_per_s"):
+            r["aggregate_vs_single_stream"] = r["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"]
+    failures, baseline = check_identity(runs)
+    try:
+        machine["loadavg_end"] = list(os.getloadavg())
+    except OSError:  # pragma: no cover
+        pass
+    return {"runs": runs, "machine": machine, "command": cfg.command,
+            "mode": f"endpoint ({kind} {address})", "endpoint": cfg.endpoint,
+            "config": _config_dict(cfg), "calibration": calibration, "datasets": dataset_info,
+            "failures": failures, "baseline_mismatches": baseline, "skipped": skipped,
+            "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
+            "elapsed_s": time.time() - started, "samples": all_samples}
+
+
+def _single_stream(client, cfg, dataset, prompts, specs, progress):
+    samples = []
+    bar = _progress(len(prompts) * len(specs), progress, f"bench {dataset} (endpoint)")
+    for i, prompt in enumerate(prompts):
+        order = specs[i % len(specs):] + specs[:i % len(specs)]
+        for spec in order:
+            bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
+            samples.append(client.generate(dataset, prompt, spec, cfg.max_new_tokens, cfg.seed + i))
+            bar.update(1)
+    bar.close()
+    return samples, {}
+
+
+def _load_phases(client, cfg, dataset, prompts, specs, conc, progress):
+    samples, aggregate = [], {}
+    total = None if cfg.duration else len(prompts) * len(specs)
+    bar = _progress(total or 0, progress, f"bench {dataset} ×{conc}")
+    for spec in specs:
+        counter = itertools.count()
+        lock = threading.Lock()
+        phase: list[Sample] = []
+        deadline = time.perf_counter() + cfg.duration if cfg.duration else None
+        bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
+
+        def worker():
+            while True:
+                with lock:
+                    i = next(counter)
+                if deadline is None and i >= len(prompts):
+                    return
+                if deadline is not None and time.perf_counter() >= deadline:
+                    return
+                j = i % len(prompts)
+                s = client.generate(dataset, prompts[j], spec, cfg.max_new_tokens, cfg.seed + j,
+                                    concurrency=conc)
+                s.prompt_id = prompts[j].id if i < len(prompts) else f"{prompts[j].id}#{i // len(prompts)}"
+                with lock:
+                    phase.append(s)
+                    bar.update(1)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=conc) as pool:
+            futures = [pool.submit(worker) for _ in range(conc)]
+            for f in futures:
+                f.result()
+        wall = time.perf_counter() - t0
+        aggregate[spec] = sum(s.n_tokens for s in phase) / wall if wall > 0 else 0.0
+        samples += phase
+    bar.close()
+    return samples, aggregate

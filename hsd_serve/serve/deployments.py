@@ -128,7 +128,7 @@ class TargetDeployment(_ModelReplica):
         _set_threads(config.target_deployment.torch_threads)
         await self._start(TargetWorker(
             LoadedModel(config.target.spec()), max_sessions=config.max_sessions_per_replica,
-            max_cached_tokens=config.max_cached_tokens_per_replica))
+            max_cached_tokens=config.max_cached_tokens_per_replica), max_batch=config.max_batch)
 
 
 class _Lease:

@@ -113,7 +113,7 @@ class DrafterDeployment(_ModelReplica):
             slrs_max_forwards=config.slrs_max_forwards,
             slrs_max_target_bytes=config.slrs_max_target_bytes,
             max_sessions=config.max_sessions_per_replica,
-            max_cached_tokens=config.max_cached_tokens_per_replica), max_batch=config.max_batch)
+            max_cached_tokens=config.max_cached_tokens_per_replica))
 
 
 @serve.deployment(name="Target")

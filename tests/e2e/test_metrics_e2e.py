@@ -154,20 +154,24 @@ def test_scrape_shows_exact_counts_after_requests(app):
 
 
 def test_replica_gauges_and_the_apps_own_metrics_route(app):
-    # through this application's own HTTP route too
-    deadline = time.time() + DEADLINE_S
-    while True:
-        got = _mine(_scrape(f"{app['base']}{ROUTE}/metrics"))
+    want = {("Coordinator", "coordinator"), ("Drafter", "drafter"), ("Target", "target")}
+
+    def state(got):
         have = {(dict(ls).get("deployment"), dict(ls).get("component"))
                 for (n, ls) in got if n in ("ray_hsd_ongoing_requests", "ray_hsd_cache_sessions")}
-        want = {("Coordinator", "coordinator"), ("Drafter", "drafter"), ("Target", "target")}
-        if want <= have or time.time() > deadline:
+        # nothing in flight once the requests are over; caches freed with the leases
+        busy = M.total(got, "ray_hsd_ongoing_requests") + M.total(got, "ray_hsd_cache_sessions")
+        return have, busy
+
+    deadline = time.time() + DEADLINE_S
+    while True:  # through this application's own HTTP route
+        got = _mine(_scrape(f"{app['base']}{ROUTE}/metrics"))
+        have, busy = state(got)
+        if (want <= have and busy == 0) or time.time() > deadline:
             break
         time.sleep(1.0)
     assert want <= have, have
-    # nothing in flight once the requests are over; caches freed with the leases
-    assert M.total(got, "ray_hsd_ongoing_requests", component="target") == 0
-    assert M.total(got, "ray_hsd_cache_sessions", component="target") == 0
+    assert busy == 0
     assert M.total(got, "ray_serve_deployment_replica_healthy", deployment="Target") >= 1
 
 

@@ -24,7 +24,7 @@ import logging
 import math
 import urllib.request
 from dataclasses import dataclass
-from typing import Iterable, Optional, Protocol
+from typing import Optional, Protocol
 
 from hsd_serve.engine.types import METHODS, RequestStats
 
@@ -282,21 +282,6 @@ class RaySink(_SinkBase):
     def set_gauge(self, name: str, value: float, **labels: str) -> None:
         self._gauge_def(name, labels)
         self._metrics[name].set(value, tags=labels)
-
-
-class FanoutSink:
-    """Report to several sinks (e.g. Ray's export and a local registry)."""
-
-    def __init__(self, sinks: Iterable[MetricsSink]):
-        self.sinks = tuple(sinks)
-
-    def record_request(self, stats: RequestStats, outcome: str) -> None:
-        for s in self.sinks:
-            s.record_request(stats, outcome)
-
-    def set_gauge(self, name: str, value: float, **labels: str) -> None:
-        for s in self.sinks:
-            s.set_gauge(name, value, **labels)
 
 
 # ------------------------------------------------------------------ Ray's metrics export

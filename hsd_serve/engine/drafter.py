@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -24,9 +24,20 @@ from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.core.vocab import Vocab, build_id_map, same_vocabulary
 from hsd_serve.engine.protocol import Draft, SessionMissing, SLRSOutcome
 from hsd_serve.engine.sync import DrafterText
-from hsd_serve.models.hf import LoadedModel, Session
+from hsd_serve.models.hf import LoadedModel, Session, forward_batch
 
 DRAFTING_METHODS = ("sd", "slem", "tli", "slrs")
+
+
+@dataclass
+class DraftCall:
+    """One request's drafting step on this replica."""
+
+    rid: str
+    k: int
+    position: int
+    committed: Optional[Sequence[int]] = None
+    generated: Optional[bytes] = None
 
 
 @dataclass
@@ -39,14 +50,6 @@ class DrafterState:
     last_drafted: list[int] = field(default_factory=list)
     forwards: int = 0
     draft_s: float = 0.0
-
-    def row(self, context: list[int]) -> torch.Tensor:
-        """Raw drafter logits after ``context`` (one forward of its uncached suffix)."""
-        t0 = time.perf_counter()
-        out = self.session.forward_from(context)[-1]
-        self.draft_s += time.perf_counter() - t0
-        self.forwards += 1
-        return out
 
     def context(self) -> list[int]:
         return self.committed if self.text is None else self.text.ids
@@ -157,19 +160,71 @@ class DrafterWorker:
               generated: Optional[bytes] = None) -> Draft:
         """Propose up to ``k`` tokens after the committed text (SD: ``committed`` ids; others:
         the ``generated`` bytes after the prompt)."""
+        out = self.draft_batch([DraftCall(rid, k, position, committed, generated)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def draft_batch(self, calls: list["DraftCall"]) -> list[Union[Draft, Exception]]:
+        """Draft for several requests in lockstep: one batched drafter forward per step.
+
+        Each request's draft depends only on its own state (``forward_batch`` keeps every cache as
+        if it ran alone; randomness is keyed by the request's seed and positions).  A call that
+        fails gets its exception back; a request id appearing twice drafts its later call alone.
+        """
         from hsd_serve.engine.methods import DRAFT_FUNCTIONS
 
-        st = self._state(rid)
-        self.drafts += 1
-        f0, t0 = st.forwards, st.draft_s
-        self._sync(st, committed, generated)
-        if st.text is not None and st.text.pending(generated):  # mid-character: nothing useful
-            return Draft()
-        out = DRAFT_FUNCTIONS[st.method](self, st, k, position)
-        st.last_drafted = list(out.drafter_ids)
-        out.forwards, out.draft_s = st.forwards - f0, st.draft_s - t0
-        self._make_room(rid)
-        return out
+        results: list = [None] * len(calls)
+        active: dict[int, list] = {}  # index -> [generator, state, context, forwards0, time0]
+        seen: set[str] = set()
+        later = []
+
+        def finish(i: int, st: DrafterState, draft: Draft, f0: int, t0: float) -> None:
+            st.last_drafted = list(draft.drafter_ids)
+            draft.forwards, draft.draft_s = st.forwards - f0, st.draft_s - t0
+            self._make_room(calls[i].rid)
+            results[i] = draft
+
+        for i, c in enumerate(calls):
+            if c.rid in seen:
+                later.append(i)
+                continue
+            seen.add(c.rid)
+            try:
+                st = self._state(c.rid)
+                self.drafts += 1
+                f0, t0 = st.forwards, st.draft_s
+                self._sync(st, c.committed, c.generated)
+                if st.text is not None and st.text.pending(c.generated):  # mid-character
+                    results[i] = Draft()
+                    continue
+                gen = DRAFT_FUNCTIONS[st.method](self, st, c.k, c.position)
+                active[i] = [gen, st, next(gen), f0, t0]
+            except StopIteration as stop:
+                finish(i, st, stop.value, f0, t0)
+            except Exception as exc:  # noqa: BLE001 - reported to that caller only
+                results[i] = exc
+        while active:
+            items = list(active.items())
+            t_step = time.perf_counter()
+            rows = forward_batch([a[1].session for _, a in items], [a[2] for _, a in items],
+                                 [[] for _ in items])
+            dt = time.perf_counter() - t_step
+            for (i, a), logits in zip(items, rows):
+                gen, st = a[0], a[1]
+                st.forwards += 1
+                st.draft_s += dt
+                try:
+                    a[2] = gen.send(logits[-1])
+                except StopIteration as stop:
+                    del active[i]
+                    finish(i, st, stop.value, a[3], a[4])
+                except Exception as exc:  # noqa: BLE001
+                    del active[i]
+                    results[i] = exc
+        for i in later:
+            results[i] = self.draft_batch([calls[i]])[0]
+        return results
 
     def slrs_step(self, rid: str, generated: bytes, row: torch.Tensor,
                   position: int) -> SLRSOutcome:

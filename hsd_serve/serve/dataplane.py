@@ -69,11 +69,52 @@ CHANNEL_OPTIONS = [
 class _WorkerServicer:
     """One worker, one thread: every call to the worker goes through ``run``."""
 
-    def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None):
+    def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None, *,
+                 max_batch: int = 16):
         self.worker = worker
         self._own_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"hsd-{type(worker).__name__}")
+        # continuous batching: calls that arrive while the worker thread is busy wait here and
+        # the next pass takes up to max_batch of them at once; at low load a call runs alone
+        self.max_batch = max_batch
+        self._pending: list[tuple[object, asyncio.Future]] = []
+        self._batcher: Optional[asyncio.Task] = None
+        self.batches = 0
+        self.batched_calls = 0
+
+    def _run_batch(self, calls: list) -> list:  # pragma: no cover - per servicer
+        raise NotImplementedError
+
+    async def _batched(self, context, call):
+        """Queue ``call`` for the next batch; return its result (errors → status codes; a
+        ``SessionMissing`` is re-raised for the caller to answer)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((call, fut))
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.get_running_loop().create_task(self._run_batches())
+        out = await asyncio.shield(fut)
+        if isinstance(out, SessionMissing):
+            raise out
+        if isinstance(out, ValueError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(out))
+        if isinstance(out, Exception):
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(out).__name__}: {out}")
+        return out
+
+    async def _run_batches(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            try:
+                results = await self.run(self._run_batch, [c for c, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
+                log.exception("batched call failed")
+                results = [exc] * len(batch)
+            self.batches += 1
+            self.batched_calls += len(batch)
+            for (_, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
 
     async def run(self, fn: Callable, *args, **kwargs) -> Any:
         """Run ``fn(*args, **kwargs)`` on the worker thread (use it for any other access to the
@@ -100,7 +141,12 @@ class _WorkerServicer:
 
 
 class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
-    """``hsd.v1.Drafter`` for a ``DrafterWorker``."""
+    """``hsd.v1.Drafter`` for a ``DrafterWorker``; Draft calls are batched
+    (``DrafterWorker.draft_batch``: concurrent requests draft in lockstep)."""
+
+    def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None, *,
+                 max_batch: int = 16):
+        super().__init__(worker, executor, max_batch=max_batch)
 
     async def Open(self, request: pb.OpenRequest, context) -> pb.OpenReply:
         def work():
@@ -111,16 +157,19 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
 
         return await self._serve(context, work)
 
-    async def Draft(self, request: pb.DraftRequest, context) -> pb.DraftReply:
-        def work():
-            try:
-                d = self.worker.draft(request.request_id, request.k, request.position,
-                                      **convert.draft_request_args(request))
-            except SessionMissing:
-                return pb.DraftReply(session_missing=True)
-            return convert.draft_to_proto(d)
+    def _run_batch(self, calls):
+        return self.worker.draft_batch(calls)
 
-        return await self._serve(context, work)
+    async def Draft(self, request: pb.DraftRequest, context) -> pb.DraftReply:
+        from hsd_serve.engine.drafter import DraftCall
+
+        call = DraftCall(request.request_id, request.k, request.position,
+                         **convert.draft_request_args(request))
+        try:
+            d = await self._batched(context, call)
+        except SessionMissing:
+            return pb.DraftReply(session_missing=True)
+        return convert.draft_to_proto(d)
 
     async def SLRSStep(self, request: pb.SLRSRequest, context) -> pb.SLRSReply:
         def work():
@@ -143,21 +192,15 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
 
 class TargetServicer(_WorkerServicer, pb_grpc.TargetServicer):
     """``hsd.v1.Target`` for a ``TargetWorker``; proposal rows span the target's vocabulary.
-
-    Verify calls are batched continuously: calls that arrive while the worker thread is busy
-    wait in a queue and the next forward pass takes up to ``max_batch`` of them at once
-    (``TargetWorker.verify_batch``).  At low load a call runs alone, with no added wait.
-    """
+    Verify calls are batched (``TargetWorker.verify_batch``)."""
 
     def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None, *,
                  max_batch: int = 16):
-        super().__init__(worker, executor)
+        super().__init__(worker, executor, max_batch=max_batch)
         self.width = worker.model.vocab.size
-        self.max_batch = max_batch
-        self._pending: list[tuple[object, asyncio.Future]] = []
-        self._batcher: Optional[asyncio.Task] = None
-        self.batches = 0
-        self.batched_calls = 0
+
+    def _run_batch(self, calls):
+        return self.worker.verify_batch(calls)
 
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyReply:
         from hsd_serve.engine.target import VerifyCall
@@ -169,34 +212,7 @@ class TargetServicer(_WorkerServicer, pb_grpc.TargetServicer):
                               convert.rows_from_proto(request.proposals, self.width))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((call, fut))
-        if self._batcher is None or self._batcher.done():
-            self._batcher = asyncio.get_running_loop().create_task(self._run_batches())
-        try:
-            out = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            raise
-        if isinstance(out, ValueError):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(out))
-        if isinstance(out, Exception):
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(out).__name__}: {out}")
-        return convert.verdict_to_proto(out)
-
-    async def _run_batches(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-            calls = [c for c, _ in batch]
-            try:
-                results = await self.run(self.worker.verify_batch, calls)
-            except Exception as exc:  # noqa: BLE001 - every caller gets the failure
-                log.exception("batched verify failed")
-                results = [exc] * len(batch)
-            self.batches += 1
-            self.batched_calls += len(batch)
-            for (_, fut), res in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(res)
+        return convert.verdict_to_proto(await self._batched(context, call))
 
     async def Free(self, request: pb.FreeRequest, context) -> pb.FreeReply:
         return await self._serve(

@@ -279,12 +279,17 @@ class _LeasedDrafter(_LeasedPort):
     Leasing runs as a background task: the first ``open`` of a request waits for it (within the
     coordinator's ``draft_timeout_s``), later ones do not — while no drafter replica can be
     leased (it died and Serve is replacing it, or every drafter is saturated) each retry fails at
-    once and the rounds go on target-only without stalling."""
+    once and the rounds go on target-only without stalling.  While the coordinator's last drafter
+    lease attempt failed, new requests do not wait for their first lease either."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._connecting: Optional[asyncio.Task] = None
-        self._failed_once = False
+        self._failed_once = bool(getattr(self.dep, "drafter_unavailable", False))
+
+    async def connect(self, timeout_s: Optional[float] = None) -> None:
+        await super().connect(timeout_s)
+        self.dep.drafter_unavailable = False
 
     async def _ensure_port(self) -> None:
         task = self._connecting
@@ -305,6 +310,8 @@ class _LeasedDrafter(_LeasedPort):
             return await getattr(self.port, name)(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - re-raised; timeouts arrive as cancellation
             self._failed_once = True
+            if self.port is None:  # no lease: tell the next requests not to wait for one
+                self.dep.drafter_unavailable = True
             if isinstance(exc, Exception) and _is_transport_failure(exc):
                 await self.drop(_replica_gone(exc))
             raise
@@ -367,6 +374,7 @@ class CoordinatorDeployment:
             method=self.config.default_method)
         self.channels = ChannelPool()
         self.lease_timeout_s = self.config.lease_timeout_s
+        self.drafter_unavailable = False  # the last drafter lease attempt failed
 
     # ---- one request through leased replicas ------------------------------------------------
     async def stream(self, req, rid: Optional[str] = None):

@@ -31,11 +31,13 @@ def reference(service):
                     LoadedModel(ModelSpec(str(service["drafter"]))))
     cache: dict = {}
 
-    def ar(prompt: str, n: int) -> list[int]:
-        if (prompt, n) not in cache:
-            cache[prompt, n] = engine.generate(
-                GenerationRequest(prompt, max_new_tokens=n, method="ar")).token_ids
-        return cache[prompt, n]
+    def ar(prompt: str, n: int, method: str = "ar"):
+        """AR token ids (``method`` another greedy method: its in-process result)."""
+        if (prompt, n, method) not in cache:
+            cache[prompt, n, method] = engine.generate(
+                GenerationRequest(prompt, max_new_tokens=n, method=method))
+        result = cache[prompt, n, method]
+        return result.token_ids if method == "ar" else result
 
     return ar
 
@@ -102,9 +104,13 @@ def test_drafter_killed_mid_stream_requests_complete_exactly(faults_app, referen
             assert last.stats.fallback_rounds > 0, (prompt, last.stats)
             assert last.stats.completion_tokens == len(ids)
 
-    # Serve replaces the replica; a later request speculates again (no fallback rounds)
+    # Serve replaces the replica; a later request speculates again: no fallback rounds beyond
+    # those the same request has in process (SLEM falls back where a draft has no candidate)
+    inherent = reference(PROMPTS[0], 24, "slem").stats.fallback_rounds
     wait_for(lambda: live_replica_names(APP, "Drafter") - before, 120,
              what="a replacement drafter replica")
+    replaced_s = time.monotonic() - killed_at
+    in_flight = [last.stats.fallback_rounds for _, last, t in out if t > killed_at]
     with grpc.insecure_channel(f"127.0.0.1:{faults_app['grpc']}") as ch:
         stub = hsd_pb2_grpc.GenerationStub(ch)
 
@@ -112,9 +118,12 @@ def test_drafter_killed_mid_stream_requests_complete_exactly(faults_app, referen
             r = stub.Generate(_greedy(PROMPTS[0], 24), metadata=(("application", APP),),
                               timeout=60)
             assert list(r.token_ids) == reference(PROMPTS[0], 24)
-            return r.stats.fallback_rounds == 0 and r.stats.drafted > 0
+            return r.stats.fallback_rounds <= inherent and r.stats.drafted > 0
 
         wait_for(speculating_again, 120, interval_s=1.0, what="drafted rounds after the kill")
+    print(f"\ndrafter kill: {len(in_flight)} streams in flight, fallback rounds {in_flight}; "
+          f"replacement actor after {replaced_s:.1f}s, drafting again after "
+          f"{time.monotonic() - killed_at:.1f}s")
 
 
 def test_target_killed_mid_stream_resumes_on_the_other_replica(faults_app, reference):
@@ -163,6 +172,8 @@ def test_target_killed_mid_stream_resumes_on_the_other_replica(faults_app, refer
         if victim["address"] in used and used[-1] != victim["address"]:
             moved += 1  # it was on the victim and finished elsewhere
     assert moved >= 1, [r.stats.replicas for _, r in results]
+    print(f"\ntarget kill: {moved}/{len(PROMPTS)} streams moved to the other replica; "
+          f"all finished {time.monotonic() - victim['at']:.1f}s after the kill")
     assert set(targets) >= {victim["name"]}
 
 
@@ -223,6 +234,9 @@ def test_target_lost_without_failover_fails_fast_with_unavailable(fragile_app, r
     t.start()
     t.join(180)
     assert not t.is_alive(), "the stream hung after its target replica died"
+    print(f"\nlone target killed: " + (
+        f"{err['code']} after {err['at'] - err['killed_at']:.1f}s, {len(err['ids'])} tokens "
+        f"streamed: {err['details'][:120]}" if "code" in err else "resumed on the replacement"))
     if "code" in err:
         assert err["code"] == grpc.StatusCode.UNAVAILABLE, err
         assert "target replica lost" in err["details"]
@@ -246,3 +260,5 @@ def test_target_lost_without_failover_fails_fast_with_unavailable(fragile_app, r
             return list(r.token_ids) == reference(PROMPTS[0], 8)
 
         wait_for(answers, 180, interval_s=1.0, what="the service answering again")
+    print(f"lone target killed: service answering again {time.monotonic() - err['killed_at']:.1f}s "
+          f"after the kill")

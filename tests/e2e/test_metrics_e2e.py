@@ -31,7 +31,10 @@ def app(service):
 
     from hsd_serve.serve.app import build_app
 
-    serve.run(build_app(service["args"]), name=APP, route_prefix=ROUTE)
+    # the target drafts for itself here: tiny random models of two vocabularies accept almost
+    # nothing, and these counts should move
+    args = dict(service["args"], drafter={"path": str(service["target"])})
+    serve.run(build_app(args), name=APP, route_prefix=ROUTE)
     yield dict(service, base=f"http://127.0.0.1:{service['http']}")
     serve.delete(APP)
 
@@ -73,10 +76,11 @@ def _run_requests(app) -> list[dict]:
                     "accepted": body["hsd"]["accepted"],
                     "fallback_rounds": body["hsd"]["fallback_rounds"],
                     "emitted": body["usage"]["completion_tokens"], "per_position": []})
-        # valid JSON, but the coordinator refuses it: sd needs one vocabulary (tiny pair: two)
-        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "method": "sd"})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "method", r.text
-        out.append({"outcome": "invalid", "method": "sd", "rounds": 0, "drafted": 0,
+        # valid JSON, but the coordinator refuses it: longer than the target's context (512)
+        r = client.post("/v1/completions", json={"prompt": "tok " * 2000, "max_tokens": 3,
+                                                 "method": "tli"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        out.append({"outcome": "invalid", "method": "tli", "rounds": 0, "drafted": 0,
                     "accepted": 0, "fallback_rounds": 0, "emitted": 0, "per_position": []})
     return out
 

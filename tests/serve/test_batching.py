@@ -76,11 +76,13 @@ def test_concurrent_requests_batch_and_stay_exact(loaded_model, families):
     async def main():
         async with served(target, drafter) as srv:
             alone = [await srv.run(r) for r in requests()]
-            servicer = srv.target_server.hsd_servicer
-            b0, c0 = servicer.batches, servicer.batched_calls
+            servicers = [srv.target_server.hsd_servicer, srv.drafter_server.hsd_servicer]
+            before = [(s.batches, s.batched_calls) for s in servicers]
             together = await asyncio.gather(*(srv.run(r) for r in requests()))
-            return alone, together, servicer.batches - b0, servicer.batched_calls - c0
+            after = [(s.batches, s.batched_calls) for s in servicers]
+            return alone, together, before, after
 
-    alone, together, batches, calls = asyncio.run(asyncio.wait_for(main(), 300))
+    alone, together, before, after = asyncio.run(asyncio.wait_for(main(), 300))
     assert [key(r)[:3] for r in together] == [key(r)[:3] for r in alone]
-    assert calls > batches, "no two verify calls ever shared a forward pass"
+    for name, (b0, c0), (b1, c1) in zip(("target", "drafter"), before, after):
+        assert c1 - c0 > b1 - b0, f"no two {name} calls ever shared a forward pass"

@@ -114,13 +114,12 @@ def spy_proposals(srv):
     sent, received = [], []
     dw = srv.drafter_server.hsd_servicer.worker
     tw = srv.target_server.hsd_servicer.worker
-    draft, verify_batch = dw.draft, tw.verify_batch
+    draft_batch, verify_batch = dw.draft_batch, tw.verify_batch
 
-    def spy_draft(*args, **kwargs):
-        d = draft(*args, **kwargs)
-        if d.proposals is not None:
-            sent.append(d.proposals.clone())
-        return d
+    def spy_draft_batch(calls):
+        out = draft_batch(calls)
+        sent.extend(d.proposals.clone() for d in out if getattr(d, "proposals", None) is not None)
+        return out
 
     def spy_verify_batch(calls):
         for c in calls:
@@ -128,7 +127,7 @@ def spy_proposals(srv):
                 received.append(c.proposals.clone())
         return verify_batch(calls)
 
-    dw.draft, tw.verify_batch = spy_draft, spy_verify_batch
+    dw.draft_batch, tw.verify_batch = spy_draft_batch, spy_verify_batch
     return sent, received
 
 

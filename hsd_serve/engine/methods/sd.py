@@ -13,12 +13,13 @@ from hsd_serve.core.speculative import truncate_proposal
 from hsd_serve.engine.protocol import Draft
 
 
-def draft_sd(worker, st, k: int, position: int) -> Draft:
+def draft_sd(worker, st, k: int, position: int):
+    """Generator: yields each context it needs the drafter's logits after; returns the Draft."""
     v_target = worker.target_vocab.size
     drafts: list[int] = []
     rows = []
     for i in range(k):
-        logits = st.row(st.committed + drafts)[:v_target]
+        logits = (yield st.committed + drafts)[:v_target]
         if st.params.greedy:
             t = int(torch.argmax(logits))
             q = torch.zeros(v_target)

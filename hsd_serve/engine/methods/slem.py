@@ -16,11 +16,12 @@ from hsd_serve.engine.sync import encode_after
 CANDIDATES_PER_DRAFT = 3  # cap on target candidates per drafted token (long drafter tokens)
 
 
-def draft_slem(worker, st, k: int, position: int) -> Draft:
+def draft_slem(worker, st, k: int, position: int):
+    """Generator: yields each context it needs the drafter's logits after; returns the Draft."""
     token_bytes = worker.model.vocab.token_bytes
     drafted: list[int] = []
     for _ in range(k):
-        d = int(torch.argmax(st.row(st.context() + drafted)))
+        d = int(torch.argmax((yield st.context() + drafted)))
         if not token_bytes[d]:  # EOS or another special: the drafter's text ends here
             break
         drafted.append(d)

@@ -30,14 +30,15 @@ def _tables(worker):
     return worker._tli_tables
 
 
-def draft_tli(worker, st, k: int, position: int) -> Draft:
+def draft_tli(worker, st, k: int, position: int):
+    """Generator: yields each context it needs the drafter's logits after; returns the Draft."""
     in_i, back = _tables(worker)
     id_map, v_target = worker.id_map, worker.target_vocab.size
     drafter_ids: list[int] = []
     targets: list[int] = []
     rows = []
     for i in range(k):
-        logits = st.row(st.text.ids + drafter_ids)
+        logits = yield st.text.ids + drafter_ids
         if st.params.greedy:
             d = int(torch.argmax(logits.masked_fill(~in_i, float("-inf"))))
             t = int(id_map[d])

@@ -271,18 +271,29 @@ def _temps(runs):
     return sorted({r["temperature"] for r in runs})
 
 
+def _grid(plt, n: int, w: float = 6.5, h: float = 4.2, ncols_max: int = 3):
+    ncols = min(ncols_max, max(1, n))
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
 def _plot_speedup(plt, runs):
-    temps = _temps(runs)
     if not runs:
         return None
-    fig, axes = plt.subplots(1, len(temps), figsize=(max(6, 1.2 * len(runs) / max(1, len(temps)) + 3)
-                                                   * len(temps), 4.5), squeeze=False)
-    for ax, t in zip(axes[0], temps):
+    temps = _temps(runs)
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    n_labels = max(len({_run_key(r) for r in runs if r["temperature"] == t}) for t in temps)
+    width_in = min(18.0, 3.0 + len(datasets) * (0.32 * n_labels + 0.6))
+    fig, axes = plt.subplots(len(temps), 1, figsize=(width_in, 4.2 * len(temps)), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, t in zip(axes[:, 0], temps):
         sub = [r for r in runs if r["temperature"] == t]
-        datasets = list(dict.fromkeys(r["dataset"] for r in sub))
         labels = list(dict.fromkeys(_run_key(r) for r in sub))
         width = 0.8 / max(1, len(labels))
-        cmap = plt.get_cmap("tab20")
         for j, lab in enumerate(labels):
             xs, ys, ideals = [], [], []
             for i, d in enumerate(datasets):
@@ -292,17 +303,19 @@ def _plot_speedup(plt, runs):
                 xs.append(i + (j - (len(labels) - 1) / 2) * width)
                 ys.append(r["speedup_vs_ar"])
                 ideals.append(r.get("ideal_speedup"))
-            ax.bar(xs, ys, width * 0.95, label=lab, color=cmap(j % 20))
+            bars = ax.bar(xs, ys, width * 0.95, label=lab, color=cmap(j % 20))
+            if len(datasets) == 1:
+                ax.bar_label(bars, fmt="%.2f", fontsize=7)
             ix = [(x, v) for x, v in zip(xs, ideals) if v is not None]
             if ix:
-                ax.scatter([x for x, _ in ix], [v for _, v in ix], marker="_", s=200, color="black",
-                           zorder=3, label="ideal" if j == 0 else None)
+                ax.scatter([x for x, _ in ix], [v for _, v in ix], marker="_", s=250,
+                           color="black", zorder=3, label="S_ideal" if j == 0 else None)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(datasets)))
         ax.set_xticklabels(datasets)
         ax.set_ylabel("tokens/s ÷ AR tokens/s")
-        ax.set_title(f"Speedup over AR (T={t:g}); black tick = S_ideal")
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"Speedup over AR by method and dataset, T={t:g} (black tick: S_ideal)")
+        ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
@@ -311,16 +324,20 @@ def _plot_acceptance(plt, runs):
     sub = [r for r in runs if r.get("acceptance_by_position")]
     if not sub:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in sub:
-        ys = r["acceptance_by_position"]
-        ax.plot(range(1, len(ys) + 1), ys, marker="o",
-                label=f"{r['dataset']} {r['label']} T={r['temperature']:g}")
-    ax.set_xlabel("candidate position in the round")
-    ax.set_ylabel("accepted / drafted")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Acceptance by position")
-    ax.legend(fontsize=7)
+    datasets = list(dict.fromkeys(r["dataset"] for r in sub))
+    fig, axes = _grid(plt, len(datasets))
+    for ax, d in zip(axes, datasets):
+        for r in sub:
+            if r["dataset"] != d:
+                continue
+            ys = r["acceptance_by_position"]
+            ax.plot(range(1, len(ys) + 1), ys, marker="o",
+                    label=f"{_run_key(r)} T={r['temperature']:g}")
+        ax.set_xlabel("candidate position in the round")
+        ax.set_ylabel("accepted / drafted")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"Acceptance by position: {d}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -330,31 +347,34 @@ def _plot_lookahead(plt, runs):
     for r in runs:
         if r["method"] == "ar" or r.get("variant") == "default" or r.get("speedup_vs_ar") is None:
             continue
-        groups.setdefault((r["dataset"], r["method"], r["temperature"], r.get("concurrency")),
-                          []).append(r)
+        groups.setdefault(r["dataset"], {}).setdefault(
+            (r["method"], r["temperature"], r.get("concurrency")), []).append(r)
     if not groups:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = _grid(plt, len(groups))
     cmap = plt.get_cmap("tab10")
-    for j, (key, rs) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        rs = sorted(rs, key=lambda r: r["lookahead"])
-        ks = [r["lookahead"] for r in rs]
-        name = f"{key[0]} {key[1]} T={key[2]:g}" + (f" c={key[3]}" if key[3] else "")
-        ax.plot(ks, [r["speedup_vs_ar"] for r in rs], marker="o", color=cmap(j % 10), label=name)
-        ideal = [(r["lookahead"], r["ideal_speedup"]) for r in rs if r.get("ideal_speedup")]
-        if ideal and key[1] != "hf-uag":
-            ax.plot([k for k, _ in ideal], [v for _, v in ideal], ls="--", color=cmap(j % 10),
-                    alpha=0.7, label=f"{name} ideal")
-    for r in runs:
-        if r.get("variant") == "default" and r.get("speedup_vs_ar") is not None:
-            ax.axhline(r["speedup_vs_ar"], ls=":", color="grey")
-            ax.text(ax.get_xlim()[0], r["speedup_vs_ar"], f" hf-uag default T={r['temperature']:g}",
-                    fontsize=7, va="bottom")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("lookahead k")
-    ax.set_ylabel("speedup over AR")
-    ax.set_title("Speedup vs lookahead (dashed: S_ideal)")
-    ax.legend(fontsize=7)
+    for ax, (dataset, by_method) in zip(axes, groups.items()):
+        for j, (key, rs) in enumerate(sorted(by_method.items(), key=lambda kv: str(kv[0]))):
+            rs = sorted(rs, key=lambda r: r["lookahead"])
+            name = f"{key[0]} T={key[1]:g}" + (f" c={key[2]}" if key[2] else "")
+            ax.plot([r["lookahead"] for r in rs], [r["speedup_vs_ar"] for r in rs], marker="o",
+                    color=cmap(j % 10), label=name)
+            ideal = [(r["lookahead"], r["ideal_speedup"]) for r in rs if r.get("ideal_speedup")]
+            if ideal and key[0] != "hf-uag":
+                ax.plot([k for k, _ in ideal], [v for _, v in ideal], ls="--",
+                        color=cmap(j % 10), alpha=0.7, label=f"{name} S_ideal")
+        for r in runs:
+            if r["dataset"] == dataset and r.get("variant") == "default" \
+                    and r.get("speedup_vs_ar") is not None:
+                ax.axhline(r["speedup_vs_ar"], ls=":", color="grey")
+                ax.annotate(f"hf-uag default (k={r['lookahead']}) T={r['temperature']:g}",
+                            (0.01, r["speedup_vs_ar"]), xycoords=("axes fraction", "data"),
+                            fontsize=7, va="bottom")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("lookahead k")
+        ax.set_ylabel("speedup over AR")
+        ax.set_title(f"Speedup vs lookahead: {dataset} (dashed: S_ideal)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -363,14 +383,17 @@ def _plot_tpot(plt, runs):
     sub = [r for r in runs if r.get("tpot_ms_samples")]
     if not sub:
         return None
-    fig, ax = plt.subplots(figsize=(max(7, 0.7 * len(sub) + 2), 4.5))
-    ax.boxplot([r["tpot_ms_samples"] for r in sub], showfliers=True)
-    ax.set_xticks(range(1, len(sub) + 1))
-    ax.set_xticklabels([f"{_run_key(r)}\nT={r['temperature']:g}"
-                        + (f" {r['dataset']}" if len({x['dataset'] for x in sub}) > 1 else "")
-                        for r in sub], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("TPOT per request (ms)")
-    ax.set_title("Time per output token, distribution over prompts")
+    datasets = list(dict.fromkeys(r["dataset"] for r in sub))
+    n_max = max(sum(1 for r in sub if r["dataset"] == d) for d in datasets)
+    fig, axes = _grid(plt, len(datasets), w=max(6.5, 0.55 * n_max + 2), ncols_max=2)
+    for ax, d in zip(axes, datasets):
+        rs = [r for r in sub if r["dataset"] == d]
+        ax.boxplot([r["tpot_ms_samples"] for r in rs], showfliers=True)
+        ax.set_xticks(range(1, len(rs) + 1))
+        ax.set_xticklabels([f"{_run_key(r)} T={r['temperature']:g}" for r in rs], rotation=60,
+                           ha="right", fontsize=7)
+        ax.set_ylabel("TPOT per request (ms)")
+        ax.set_title(f"Time per output token over prompts: {d}")
     fig.tight_layout()
     return fig
 

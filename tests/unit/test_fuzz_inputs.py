@@ -209,3 +209,17 @@ def test_model_asking_for_custom_code_is_refused_without_trust(remote_code_model
     with pytest.raises(ModelLoadError):
         describe_model(ModelSpec(str(remote_code_model)))
     assert not (remote_code_model / "REMOTE_CODE_RAN").exists()
+
+
+def test_known_architecture_with_auto_map_loads_builtin_code_only(remote_code_model):
+    """A config that names a built-in architecture *and* carries an ``auto_map`` loads with the
+    library's own class; the repository's file is never imported."""
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+
+    cfg = json.loads((remote_code_model / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (remote_code_model / "config.json").write_text(json.dumps(cfg))
+    model = LoadedModel(ModelSpec(str(remote_code_model)))
+    assert type(model.model).__name__ == "LlamaForCausalLM"
+    assert not (remote_code_model / "REMOTE_CODE_RAN").exists()

@@ -13,18 +13,29 @@ from hsd_serve.core.detok import valid_utf8_prefix_len
 from hsd_serve.engine.protocol import Draft
 from hsd_serve.engine.sync import encode_after
 
-CANDIDATES_PER_DRAFT = 3  # cap on target candidates per drafted token (long drafter tokens)
+CANDIDATES_PER_DRAFT = 3  # cap on target candidates per unit of k (long drafter tokens)
+MAX_DRAFT_PER_K = 4  # cap on drafter tokens per unit of k (whitespace runs)
 
 
 def draft_slem(worker, st, k: int, position: int):
-    """Generator: yields each context it needs the drafter's logits after; returns the Draft."""
+    """Generator: yields each context it needs the drafter's logits after; returns the Draft.
+
+    ``k`` counts drafted tokens the way most target tokenizers would: a run of whitespace-only
+    drafter tokens (GPT-2 spells an 8-space indent as 8 tokens) counts once, so a round reaches
+    past indentation; at most ``MAX_DRAFT_PER_K * k`` drafter tokens per round.
+    """
     token_bytes = worker.model.vocab.token_bytes
     drafted: list[int] = []
-    for _ in range(k):
+    counted = 0
+    prev_space = False
+    while counted < k and len(drafted) < MAX_DRAFT_PER_K * k:
         d = int(torch.argmax((yield st.context() + drafted)))
         if not token_bytes[d]:  # EOS or another special: the drafter's text ends here
             break
         drafted.append(d)
+        space = not token_bytes[d].strip()
+        counted += not (space and prev_space)
+        prev_space = space
     # shared vocabulary: the drafted ids are target ids already, no re-encoding needed
     return Draft(drafter_ids=drafted, text=b"".join(token_bytes[d] for d in drafted),
                  target_ids=list(drafted) if st.text is None else [])

@@ -1,0 +1,300 @@
+"""`hsd-serve bench`: datasets, the ideal-speedup arithmetic, a tiny in-process run, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hsd_serve.bench.datasets import (DATASETS, Prompt, available_datasets, load_prompts,
+                                      truncate_to_fit)
+from hsd_serve.bench.metrics import (alpha_from_tokens_per_round, conditional_alpha,
+                                     ideal_speedup, percentile)
+from hsd_serve.bench.report import PLOTS, markdown, write_outputs
+from hsd_serve.bench.runner import (BenchConfig, RunSpec, build_specs, check_identity,
+                                    run_inprocess)
+
+REQUIRED = ("dataset", "method", "temperature", "lookahead", "prompts", "tokens_per_s", "tpot_ms",
+            "ttft_ms", "acceptance_rate", "tokens_per_round", "speedup_vs_ar", "ideal_speedup",
+            "identical_to_ar")
+
+
+# ---------------------------------------------------------------------------- arithmetic
+
+
+def test_ideal_speedup_hand_values():
+    # (1 - 0.5^5) / (0.5 * (4*0.1 + 1)) = 0.96875 / 0.7
+    assert ideal_speedup(0.5, 4, 0.1) == pytest.approx(0.96875 / 0.7)
+    # (1 - 0.8^3) / (0.2 * (2*0.05 + 1)) = 0.488 / 0.22
+    assert ideal_speedup(0.8, 2, 0.05) == pytest.approx(0.488 / 0.22)
+    assert ideal_speedup(1.0, 3, 0.0) == pytest.approx(4.0)  # every draft accepted, free drafts
+    assert ideal_speedup(1.0, 4, 0.25) == pytest.approx(5.0 / 2.0)
+    assert ideal_speedup(0.0, 2, 0.05) == pytest.approx(1.0 / 1.1)  # nothing accepted: pure cost
+    assert ideal_speedup(0.999999, 3, 0.1) == pytest.approx(4.0 / 1.3, rel=1e-4)  # continuous at 1
+    with pytest.raises(ValueError):
+        ideal_speedup(1.5, 2, 0.1)
+
+
+def test_alpha_estimates():
+    # 4 rounds of 2 candidates: 3 accepted the first, 1 of those also the second
+    assert conditional_alpha([3, 1], [4, 4]) == pytest.approx(4 / 7)
+    assert conditional_alpha([], []) is None
+    assert conditional_alpha([0, 0], [5, 5]) == 0.0
+    assert conditional_alpha([5, 5, 5], [5, 5, 5]) == 1.0
+    for alpha in (0.0, 0.3, 0.7, 0.95):
+        tau = (1 - alpha ** 5) / (1 - alpha)
+        assert alpha_from_tokens_per_round(tau, 4) == pytest.approx(alpha, abs=1e-6)
+    assert alpha_from_tokens_per_round(0.5, 4) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+
+
+def test_specs_and_identity_rules():
+    specs = build_specs(["slem", "tli", "hf-uag"], [0.0, 1.0], [2, 4], hf_default_lookahead=20)
+    labels = [(s.label, s.temperature) for s in specs]
+    assert labels.count(("ar", 0.0)) == 1 and labels.count(("ar", 1.0)) == 1  # AR always runs
+    assert ("hf-uag (default, k=20)", 0.0) in labels and ("hf-uag k=4", 1.0) in labels
+    assert RunSpec("slem", 0.0, 4).identity_required
+    assert RunSpec("slem", 1.0, 4).identity_required  # position-keyed seeds: same tokens as AR
+    assert not RunSpec("tli", 1.0, 4).identity_required
+    assert not RunSpec("hf-uag", 0.0, 4, "matched").identity_required
+    runs = [{"dataset": "d", "label": "tli k=4", "method": "tli", "temperature": 0.0,
+             "identical_to_ar": False, "identity_required": True, "differing_prompts": ["p"]},
+            {"dataset": "d", "label": "hf-uag k=4", "method": "hf-uag", "temperature": 0.0,
+             "identical_to_ar": False, "identity_required": False, "differing_prompts": ["q"]},
+            {"dataset": "d", "label": "tli k=4", "method": "tli", "temperature": 1.0,
+             "identical_to_ar": False, "identity_required": False, "differing_prompts": ["r"]}]
+    failures, baseline = check_identity(runs)
+    assert [f["prompts"] for f in failures] == [["p"]]
+    assert [b["prompts"] for b in baseline] == [["q"]]
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_dataset_loaders(assets, name):
+    if name not in available_datasets():
+        pytest.skip(f"{name} not in the shared assets")
+    prompts = load_prompts(name, limit=3)
+    assert len(prompts) == 3
+    for p in prompts:
+        assert isinstance(p.text, str) and p.text.strip() and p.id
+    if name == "humaneval":
+        assert "def " in prompts[0].text
+    if name == "mbpp":
+        assert prompts[0].text.startswith('"""') and "assert" in prompts[0].text
+    if name in ("cnndm", "xsum"):
+        assert prompts[0].text.startswith("Summarize: ") and prompts[0].text.endswith("Summary:")
+    if name == "qmsum":
+        assert len(prompts[0].text) > 10_000 and "Query:" in prompts[0].suffix
+
+
+def test_truncate_to_fit_keeps_prefix_and_suffix():
+    p = Prompt("qmsum", "x", "Transcript:\n", "word " * 1000, "\nQuery: q\nAnswer:")
+    q = truncate_to_fit(p, lambda text: len(text) <= 300)
+    assert q is not None and q.truncated and len(q.text) <= 300
+    assert q.text.startswith("Transcript:\nword") and q.text.endswith("\nQuery: q\nAnswer:")
+    assert truncate_to_fit(p, lambda text: len(text) < 5) is None
+    assert truncate_to_fit(p, lambda text: True) is p
+
+
+# ---------------------------------------------------------------------------- a tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_results(loaded_model, families, tmp_path_factory):
+    if "humaneval" not in available_datasets():
+        pytest.skip("HumanEval not in the shared assets")
+    target = loaded_model(families[0])
+    drafter = loaded_model(families[1], seed=1)
+    cfg = BenchConfig(datasets=["humaneval"], limit=2, methods=["ar", "slem", "tli"],
+                      temperatures=[0.0, 1.0], lookaheads=[2], max_new_tokens=8,
+                      calibration_steps=3, command="hsd-serve bench (test)")
+    results = run_inprocess(cfg, target=target, drafter=drafter, progress=False)
+    out = tmp_path_factory.mktemp("bench-out")
+    paths = write_outputs(results, out)
+    return results, out, paths
+
+
+def test_tiny_run_writes_results_json(tiny_results):
+    results, out, _ = tiny_results
+    data = json.loads((out / "results.json").read_text())
+    assert data["command"] == "hsd-serve bench (test)" and data["machine"]["cores"]
+    runs = data["runs"]
+    assert {(r["method"], r["temperature"]) for r in runs} == {
+        (m, t) for m in ("ar", "slem", "tli") for t in (0.0, 1.0)}
+    for r in runs:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, (r["label"], missing)
+        assert r["prompts"] == 2 and r["tokens_per_s"] > 0
+        assert 0 < r["speedup_vs_ar"] < 100
+        assert r["tpot_ms"] is None or r["tpot_ms"] > 0
+        assert r["ttft_ms"] > 0
+        if r["method"] == "ar":
+            assert r["speedup_vs_ar"] == 1.0 and r["ideal_speedup"] == 1.0
+            assert r["identical_to_ar"] is True
+        else:
+            assert r["lookahead"] == 2 and 0 <= r["acceptance_rate"] <= 1
+            assert 1 <= r["tokens_per_round"] <= 3
+            assert 0 < r["ideal_speedup"] <= 3 and r["cost_ratio_c"] > 0
+            assert r["time_ms_per_token"]["verify"] > 0
+        if r["temperature"] == 0 or r["method"] == "slem":
+            assert r["identical_to_ar"] is True, r["label"]
+        if r["temperature"] > 0:
+            assert r["sample_nll"] > 0
+    assert data["failures"] == []
+    assert data["calibration"]["target_step_ms"] > 0 and data["calibration"]["c"] > 0
+    lines = (out / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * len(runs)
+
+
+def test_tiny_run_writes_report_and_plots(tiny_results):
+    results, out, paths = tiny_results
+    md = (out / "results.md").read_text()
+    assert "| dataset | method | k |" in md and "## Temperature 0 (greedy)" in md
+    assert "Where the time goes" in md and "S_ideal" in md
+    for name in PLOTS:
+        p = out / name
+        assert p in paths and p.stat().st_size > 1000
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown(results) == md
+
+
+def test_hf_uag_greedy_matches_ar(loaded_model, families):
+    """transformers' heterogeneous assisted generation on a tiny pair, against our AR."""
+    from hsd_serve.bench.hf_uag import HFAssisted
+    from hsd_serve.engine.local import Engine
+    from hsd_serve.engine.types import GenerationRequest
+
+    target = loaded_model(families[0])
+    drafter = loaded_model(families[1], seed=1)
+    prompt = "def fibonacci(n):\n    "
+    ar = Engine(target).generate(GenerationRequest(prompt, max_new_tokens=8, method="ar"))
+    hf = HFAssisted(target, drafter)
+    head = drafter.model.get_output_embeddings().weight.data_ptr()
+    res = hf.generate(target.tokenizer.encode_prompt(prompt), 8, num_assistant_tokens=3)
+    assert res.token_ids == ar.token_ids
+    assert res.settings["num_assistant_tokens"] == 3 and res.target_forwards >= 1
+    assert res.wall_s > 0 and 0 < res.ttft_s <= res.wall_s
+    default = hf.effective_settings(None, False)
+    assert default["num_assistant_tokens"] >= 1
+    # the baseline drives its own copy: our drafter is untouched
+    assert drafter.model.get_output_embeddings().weight.data_ptr() == head
+
+
+def test_cli_parses_bench_arguments():
+    from hsd_serve.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--dataset", "humaneval,mbpp", "--lookahead", "2,4,6",
+                                      "--temperature", "0,1", "--methods", "ar,slem,hf-uag",
+                                      "--limit", "3", "--out", "x"])
+    assert args.dataset == ["humaneval", "mbpp"] and args.lookahead == [2, 4, 6]
+    assert args.temperature == [0.0, 1.0] and args.methods == ["ar", "slem", "hf-uag"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--dataset", "nope"])
+    from hsd_serve.bench.cli import config_from_args
+
+    cfg = config_from_args(args)
+    cfg.validate()
+    cfg.concurrency = [2]
+    with pytest.raises(ValueError):
+        cfg.validate()  # concurrency needs an endpoint
+
+
+# ---------------------------------------------------------------------------- endpoint mode
+
+
+@pytest.fixture(scope="module")
+def live_endpoints(loaded_model, families):
+    """The engine on a tiny pair behind a real gRPC server and a real HTTP server (uvicorn), each
+    on its own event loop thread — what ``--endpoint`` talks to, without Ray."""
+    import asyncio
+    import socket
+    import threading
+
+    import grpc
+    import uvicorn
+
+    from hsd_serve.engine.local import Engine
+    from hsd_serve.pb import hsd_pb2_grpc
+    from hsd_serve.serve.convert import RequestDefaults
+    from hsd_serve.serve.grpc_api import generate_stream, generate_unary
+    from hsd_serve.serve.openai_api import CoordinatorBackend, build_openai_app
+
+    engine = Engine(loaded_model(families[0]), loaded_model(families[1], seed=1))
+
+    class Dep:
+        defaults = RequestDefaults()
+
+        def stream(self, req):
+            return engine.coordinator.stream(req)
+
+    class Servicer(hsd_pb2_grpc.GenerationServicer):
+        async def Generate(self, request, ctx):
+            return await generate_unary(Dep(), request, ctx)
+
+        async def GenerateStream(self, request, ctx):
+            async for chunk in generate_stream(Dep(), request, ctx):
+                yield chunk
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    grpc_port, http_port = free_port(), free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state = {}
+
+    async def serve_grpc():
+        server = grpc.aio.server()
+        hsd_pb2_grpc.add_GenerationServicer_to_server(Servicer(), server)
+        server.add_insecure_port(f"127.0.0.1:{grpc_port}")
+        await server.start()
+        state["grpc"] = server
+        ready.set()
+        await server.wait_for_termination()
+
+    threading.Thread(target=lambda: loop.run_until_complete(serve_grpc()), daemon=True).start()
+    app = build_openai_app(CoordinatorBackend(engine.coordinator, engine.target.tokenizer, "tiny"))
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=http_port, log_level="error"))
+    threading.Thread(target=http.run, daemon=True).start()
+    assert ready.wait(30)
+    import time
+
+    for _ in range(300):
+        if http.started:
+            break
+        time.sleep(0.1)
+    yield {"grpc": f"grpc://127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}"}
+    http.should_exit = True
+    fut = asyncio.run_coroutine_threadsafe(state["grpc"].stop(0), loop)
+    try:  # best effort: the server threads are daemons
+        fut.result(5)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@pytest.mark.parametrize("kind", ["grpc", "http"])
+def test_endpoint_run(live_endpoints, kind, tmp_path):
+    from hsd_serve.bench.remote import run_endpoint
+
+    if "humaneval" not in available_datasets():
+        pytest.skip("HumanEval not in the shared assets")
+    cfg = BenchConfig(datasets=["humaneval"], limit=2, methods=["ar", "slem", "hf-uag"],
+                      lookaheads=[2], max_new_tokens=6, endpoint=live_endpoints[kind],
+                      concurrency=[1, 2], target="none-here", calibration_steps=2)
+    results = run_endpoint(cfg, progress=False, calibrate_locally=False)
+    runs = results["runs"]
+    assert {(r["method"], r["concurrency"]) for r in runs} == {
+        ("ar", 1), ("slem", 1), ("ar", 2), ("slem", 2)}
+    for r in runs:
+        assert all(k in r for k in REQUIRED)
+        assert r["endpoint"] is True and r["aggregate_tokens_per_s"] > 0
+        assert r["identical_to_ar"] is True and r["ttft_ms"] > 0
+        assert r["time_ms_per_token"] is not None
+    assert results["failures"] == []
+    assert any(s.get("method") == "hf-uag" for s in results["skipped"])
+    write_outputs(results, tmp_path)
+    assert "conc." in (tmp_path / "results.md").read_text()

@@ -150,7 +150,7 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from hsd_serve.zoo.__main__ import main as zoo_main
+    from hsd_serve.zoo.cli import main as zoo_main
 
     return int(zoo_main(args.zoo_args) or 0)
 

@@ -85,6 +85,8 @@ class Sample:
     target_forwards: int = 0
     drafter_forwards: int = 0
     server_wall_s: Optional[float] = None  # endpoint runs: the service's own wall time
+    drafter_call_s: Optional[float] = None  # in-process: wall time inside drafter-port calls
+    target_call_s: Optional[float] = None  # in-process: wall time inside target-port calls
     seed: int = 0
     nll: Optional[float] = None  # mean target NLL of the sampled tokens (temperature > 0)
     hf_settings: Optional[dict] = None
@@ -370,23 +372,28 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
         transport = sum(s.transport_s for s in samples)
         server_wall = (sum(s.server_wall_s for s in samples)
                        if all(s.server_wall_s is not None for s in samples) else wall)
-        outside = max(0.0, server_wall - draft - verify - bridge - transport)
-        per_tok = (lambda x: x / n_tok * 1e3) if n_tok else (lambda x: None)
-        run["time_ms_per_token"] = {
-            "draft": per_tok(draft), "verify": per_tok(verify), "bridge": per_tok(bridge),
-            "in_round_other": per_tok(transport), "outside_rounds": per_tok(outside),
-            "client_minus_server": per_tok(max(0.0, wall - server_wall))
-            if server_wall != wall else None}
-        run["time_fraction"] = {"draft": draft / wall if wall else None,
-                                "verify": verify / wall if wall else None,
-                                "bridge": bridge / wall if wall else None,
-                                "in_round_other": transport / wall if wall else None,
-                                "outside_rounds": outside / wall if wall else None}
-        run["ms_per_round"] = {"draft": draft / rounds * 1e3 if rounds else None,
-                               "verify": verify / rounds * 1e3 if rounds else None,
-                               "bridge": bridge / rounds * 1e3 if rounds else None,
-                               "in_round_other": transport / rounds * 1e3 if rounds else None}
+        per_tok = (lambda x: x / n_tok * 1e3 if x is not None else None) if n_tok else (lambda x: None)
+        frac = (lambda x: x / wall if x is not None else None) if wall else (lambda x: None)
+        timed = all(s.drafter_call_s is not None for s in samples)
+        if timed:  # in-process: the port calls were timed, so the rest is the coordinator's
+            d_call = sum(s.drafter_call_s for s in samples)
+            t_call = sum(s.target_call_s for s in samples)
+            parts = {"draft_forwards": draft,
+                     "drafter_other": max(0.0, d_call - draft),
+                     "verify": verify,
+                     "target_call_other": max(0.0, t_call - verify),
+                     "bridge": bridge,
+                     "coordinator": max(0.0, wall - d_call - t_call - bridge)}
+        else:  # through a service: what its statistics say, and the client's share
+            outside = max(0.0, server_wall - draft - verify - bridge - transport)
+            parts = {"draft_forwards": draft, "verify": verify, "bridge": bridge,
+                     "transport_and_rpc": transport, "outside_rounds": outside,
+                     "client_minus_server": max(0.0, wall - server_wall)}
+        run["time_ms_per_token"] = {k: per_tok(v) for k, v in parts.items()}
+        run["time_fraction"] = {k: frac(v) for k, v in parts.items()}
+        run["ms_per_round"] = {k: (v / rounds * 1e3 if rounds else None) for k, v in parts.items()}
         df = sum(s.drafter_forwards for s in samples)
+        run["drafter_forwards_per_round"] = df / rounds if rounds else None
         run["drafter_step_ms_in_run"] = draft / df * 1e3 if df else None
         tf = sum(s.target_forwards for s in samples)
         run["target_round_ms_in_run"] = verify / tf * 1e3 if tf else None
@@ -460,6 +467,42 @@ def check_identity(runs: Sequence[dict]) -> tuple[list[dict], list[dict]]:
 # ---------------------------------------------------------------------------- in-process
 
 
+class _Clock:
+    def __init__(self):
+        self.drafter = 0.0
+        self.target = 0.0
+
+    def reset(self) -> tuple[float, float]:
+        out = (self.drafter, self.target)
+        self.drafter = self.target = 0.0
+        return out
+
+
+class _TimedPort:
+    """Wraps a drafter/target port: adds the wall time of every awaited call to a clock, so the
+    drafter's work outside its forwards and the coordinator's own time can be told apart."""
+
+    def __init__(self, port, clock: _Clock, side: str):
+        self._port = port
+        self._clock = clock
+        self._side = side
+
+    def __getattr__(self, name):
+        attr = getattr(self._port, name)
+        if not callable(attr):
+            return attr
+
+        async def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return await attr(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                setattr(self._clock, self._side, getattr(self._clock, self._side) + dt)
+
+        return timed
+
+
 ProgressFactory = Callable[..., object]
 
 
@@ -517,6 +560,10 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
     if target is None:
         target, drafter = load_pair(cfg)
     engine = Engine(target, drafter)
+    clock = _Clock()
+    engine.coordinator.target = _TimedPort(engine.coordinator.target, clock, "target")
+    if engine.coordinator.drafter is not None:
+        engine.coordinator.drafter = _TimedPort(engine.coordinator.drafter, clock, "drafter")
     hf = None
     hf_default_k = None
     if HF in cfg.methods and drafter is not None:
@@ -547,8 +594,11 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
         req = GenerationRequest(prompt=prompt.text, max_new_tokens=max_new,
                                 params=SamplingParams(temperature=spec.temperature, seed=seed),
                                 method=spec.method, lookahead=max(1, spec.lookahead))
+        clock.reset()
         result = engine.generate(req)
-        return Sample.from_result(dataset, prompt.id, spec, result, seed)
+        sample = Sample.from_result(dataset, prompt.id, spec, result, seed)
+        sample.drafter_call_s, sample.target_call_s = clock.reset()
+        return sample
 
     results_runs: list[dict] = []
     all_samples: list[Sample] = []

@@ -38,8 +38,8 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dataset folder (default: ../shared/assets/datasets when present)")
     b.add_argument("--limit", type=int, default=20, help="prompts per dataset (default 20)")
     b.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS.split(","),
-                   help=f"comma list of ar,sd,slem,tli,slrs,hf-uag (default {DEFAULT_METHODS}); "
-                        "AR always runs")
+                   help=f"comma list of ar,sd,slem,tli,slrs,hf-uag,hf-ar (default {DEFAULT_METHODS}); "
+                        "AR always runs; hf-ar = transformers' plain generate()")
     b.add_argument("--temperature", type=_csv(float), default=[0.0],
                    help="comma list of temperatures (default 0 = greedy)")
     b.add_argument("--lookahead", type=_csv(int), default=[4],

@@ -113,19 +113,29 @@ class HFAssisted:
             m.generation_config.num_assistant_tokens_schedule = "constant"
 
     @torch.inference_mode()
+    def generate_plain(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                       temperature: float = 0.0, seed: int = 0) -> HFResult:
+        """transformers' own plain decoding (``generate`` without an assistant): the reference
+        for its assisted path's overhead, and for our AR's."""
+        return self.generate(prompt_ids, max_new_tokens, temperature=temperature, seed=seed,
+                             plain=True)
+
+    @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
-                 seed: int = 0, num_assistant_tokens: Optional[int] = None) -> HFResult:
+                 seed: int = 0, num_assistant_tokens: Optional[int] = None,
+                 plain: bool = False) -> HFResult:
         sampling = temperature > 0
-        m = self._assistant(sampling)
-        key = "sample" if sampling else "greedy"
-        self._configure(m, key, num_assistant_tokens)
         eos = sorted(self.target.eos_ids)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.target.device)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
                       max_new_tokens=max_new_tokens, min_new_tokens=0,
-                      assistant_model=m, tokenizer=self.target.tokenizer.hf,
-                      assistant_tokenizer=self.drafter.tokenizer.hf,
                       eos_token_id=eos, pad_token_id=eos[0] if eos else None)
+        m = None
+        if not plain:
+            m = self._assistant(sampling)
+            self._configure(m, "sample" if sampling else "greedy", num_assistant_tokens)
+            kwargs.update(assistant_model=m, tokenizer=self.target.tokenizer.hf,
+                          assistant_tokenizer=self.drafter.tokenizer.hf)
         if sampling:
             kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
             torch.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -133,15 +143,16 @@ class HFAssisted:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         clock = _FirstTokenClock()
         t_count, d_count = _Counter(), _Counter()
-        h1 = self.target.model.register_forward_hook(lambda *a: t_count())
-        h2 = m.register_forward_hook(lambda *a: d_count())
+        hooks = [self.target.model.register_forward_hook(lambda *a: t_count())]
+        if m is not None:
+            hooks.append(m.register_forward_hook(lambda *a: d_count()))
         try:
             t0 = time.perf_counter()
             out = self.target.model.generate(streamer=clock, **kwargs)
             wall = time.perf_counter() - t0
         finally:
-            h1.remove()
-            h2.remove()
+            for h in hooks:
+                h.remove()
         new = out[0, len(prompt_ids):].tolist()
         finish = "length"
         for i, t in enumerate(new):
@@ -153,4 +164,5 @@ class HFAssisted:
         ttft = (clock.first - t0) if clock.first is not None else wall
         return HFResult(token_ids=new, text=text, finish_reason=finish, wall_s=wall, ttft_s=ttft,
                         target_forwards=t_count.n, drafter_forwards=d_count.n,
-                        settings=self.effective_settings(num_assistant_tokens, sampling))
+                        settings=({"generator": "plain generate()"} if plain
+                                  else self.effective_settings(num_assistant_tokens, sampling)))

@@ -23,7 +23,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
-from hsd_serve.bench.runner import (HF, BenchConfig, RunSpec, Sample, _config_dict, _progress,
+from hsd_serve.bench.runner import (BASELINES, BenchConfig, RunSpec, Sample, _config_dict, _progress,
                                     aggregate_dataset, build_specs, calibrate, check_identity,
                                     machine_info, merge_calibrations)
 
@@ -168,10 +168,9 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     kind, address = parse_endpoint(cfg.endpoint)
     client = (GrpcClient(address, cfg.application, cfg.timeout_s) if kind == "grpc"
               else HttpClient(address, cfg.timeout_s))
-    methods = [m for m in cfg.methods if m != HF]
-    skipped = []
-    if HF in cfg.methods:
-        skipped.append({"method": HF, "reason": "the transformers baseline runs in-process only"})
+    methods = [m for m in cfg.methods if m not in BASELINES]
+    skipped = [{"method": m, "reason": "the transformers baselines run in-process only"}
+               for m in cfg.methods if m in BASELINES]
     specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads)
     t_desc, d_desc = _local_description(cfg)
     calibration: dict = {}

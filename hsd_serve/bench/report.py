@@ -237,7 +237,7 @@ def _identity(r: dict) -> str:
         return f"yes {s}".strip()
     if r.get("identity_required"):
         return f"**NO** {s}".strip()
-    if r["method"] == "hf-uag" and r["temperature"] == 0:
+    if r["method"] in ("hf-uag", "hf-ar") and r["temperature"] == 0:
         return f"no (baseline) {s}".strip()
     return f"n/a (sampled) {s}".strip()
 
@@ -355,7 +355,8 @@ def _plot_acceptance(plt, runs):
 def _plot_lookahead(plt, runs):
     groups: dict = {}
     for r in runs:
-        if r["method"] == "ar" or r.get("variant") == "default" or r.get("speedup_vs_ar") is None:
+        if r["method"] in ("ar", "hf-ar") or r.get("variant") == "default" \
+                or r.get("speedup_vs_ar") is None:
             continue
         groups.setdefault(r["dataset"], {}).setdefault(
             (r["method"], r["temperature"], r.get("concurrency")), []).append(r)

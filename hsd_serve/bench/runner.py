@@ -29,8 +29,10 @@ from hsd_serve.bench.metrics import (alpha_from_tokens_per_round, conditional_al
 
 log = logging.getLogger(__name__)
 
-BENCH_METHODS = ("ar", "sd", "slem", "tli", "slrs", "hf-uag")
+BENCH_METHODS = ("ar", "sd", "slem", "tli", "slrs", "hf-uag", "hf-ar")
 HF = "hf-uag"
+HF_AR = "hf-ar"  # transformers' plain generate(): a reference for AR and for hf-uag
+BASELINES = (HF, HF_AR)
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        if self.method == "ar":
-            return "ar"
+        if self.method in ("ar", HF_AR):
+            return self.method
         if self.method == HF and self.variant == "default":
             return f"{HF} (default, k={self.lookahead})"
         return f"{self.method} k={self.lookahead}"
@@ -54,7 +56,7 @@ class RunSpec:
     def identity_required(self) -> bool:
         """Our methods must reproduce AR token for token when greedy, and SLEM at any
         temperature (position-keyed randomness: same seed, same tokens)."""
-        if self.method in ("ar", HF):
+        if self.method in ("ar",) + BASELINES:
             return False
         return self.temperature == 0 or self.method == "slem"
 
@@ -181,6 +183,9 @@ def build_specs(methods: Sequence[str], temperatures: Sequence[float], lookahead
         specs.append(RunSpec("ar", t, 0))
         for m in dict.fromkeys(methods):
             if m == "ar":
+                continue
+            if m == HF_AR:
+                specs.append(RunSpec(HF_AR, t, 0))
                 continue
             if m == HF and hf_default_lookahead is not None:
                 specs.append(RunSpec(HF, t, int(hf_default_lookahead), "default"))
@@ -340,7 +345,7 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
     tps = n_tok / wall if wall > 0 else 0.0
     tpr = n_tok / rounds if rounds else None
     is_ar = spec.method == "ar"
-    drafting = not is_ar
+    drafting = spec.method not in ("ar", HF_AR)
     k = spec.lookahead
     run: dict = {
         "dataset": dataset, "method": spec.method, "label": spec.label,
@@ -365,7 +370,7 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
                            for r in sorted({s.finish_reason for s in samples})},
     }
     # ---- time breakdown (ms per output token; our methods only)
-    if spec.method != HF:
+    if spec.method not in BASELINES:
         draft = sum(s.draft_s for s in samples)
         verify = sum(s.verify_s for s in samples)
         bridge = sum(s.bridge_s for s in samples)
@@ -393,7 +398,7 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
         run["time_fraction"] = {k: frac(v) for k, v in parts.items()}
         run["ms_per_round"] = {k: (v / rounds * 1e3 if rounds else None) for k, v in parts.items()}
         df = sum(s.drafter_forwards for s in samples)
-        run["drafter_forwards_per_round"] = df / rounds if rounds else None
+        run["drafter_forwards_per_round"] = df / rounds if rounds and df else None
         run["drafter_step_ms_in_run"] = draft / df * 1e3 if df else None
         tf = sum(s.target_forwards for s in samples)
         run["target_round_ms_in_run"] = verify / tf * 1e3 if tf else None
@@ -410,6 +415,8 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
         run["cost_ratio_c_in_run"] = run["drafter_step_ms_in_run"] / ar_run["target_round_ms_in_run"]
     if is_ar:
         run["ideal_speedup"] = 1.0
+    elif not drafting:
+        run["ideal_speedup"] = None
     elif alpha is not None and c is not None:
         run["ideal_speedup"] = ideal_speedup(min(1.0, max(0.0, alpha)), k, c)
     else:
@@ -459,7 +466,7 @@ def check_identity(runs: Sequence[dict]) -> tuple[list[dict], list[dict]]:
                      "prompts": r.get("differing_prompts", [])}
             if r["identity_required"]:
                 failures.append(entry)
-            elif r["method"] == HF and r["temperature"] == 0:
+            elif r["method"] in BASELINES and r["temperature"] == 0:
                 baseline.append(entry)
     return failures, baseline
 
@@ -566,13 +573,13 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
         engine.coordinator.drafter = _TimedPort(engine.coordinator.drafter, clock, "drafter")
     hf = None
     hf_default_k = None
-    if HF in cfg.methods and drafter is not None:
+    if (HF in cfg.methods and drafter is not None) or HF_AR in cfg.methods:
         from hsd_serve.bench.hf_uag import HFAssisted
 
         hf = HFAssisted(target, drafter)
-        if cfg.hf_default:
+        if cfg.hf_default and HF in cfg.methods and drafter is not None:
             hf_default_k = int(hf.effective_settings(None, False)["num_assistant_tokens"])
-    methods = [m for m in cfg.methods if drafter is not None or m == "ar"]
+    methods = [m for m in cfg.methods if drafter is not None or m in ("ar", HF_AR)]
     specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads,
                             hf_default_lookahead=hf_default_k)
     skipped: list[dict] = []
@@ -581,10 +588,14 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
                         "reason": "no drafter"})
 
     def run_one(spec: RunSpec, dataset: str, prompt: Prompt, seed: int, max_new: int) -> Sample:
-        if spec.method == HF:
+        if spec.method in BASELINES:
             ids = target.tokenizer.encode_prompt(prompt.text)
-            r = hf.generate(ids, max_new, temperature=spec.temperature, seed=seed,
-                            num_assistant_tokens=None if spec.variant == "default" else spec.lookahead)
+            if spec.method == HF_AR:
+                r = hf.generate_plain(ids, max_new, temperature=spec.temperature, seed=seed)
+            else:
+                r = hf.generate(ids, max_new, temperature=spec.temperature, seed=seed,
+                                num_assistant_tokens=None if spec.variant == "default"
+                                else spec.lookahead)
             return Sample(dataset=dataset, prompt_id=prompt.id, spec=spec, prompt_tokens=len(ids),
                           token_ids=r.token_ids, text=r.text, finish_reason=r.finish_reason,
                           wall_s=r.wall_s, ttft_s=r.ttft_s, rounds=r.rounds,
@@ -623,7 +634,7 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
                     skipped.append({"dataset": dataset, "label": spec.label,
                                     "temperature": spec.temperature, "reason": str(exc)})
                 except Exception as exc:  # noqa: BLE001 - the baseline may fail on a pair
-                    if spec.method != HF:
+                    if spec.method not in BASELINES:
                         raise
                     specs.remove(spec)
                     skipped.append({"dataset": dataset, "label": spec.label,
@@ -660,8 +671,8 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
     return {
         "runs": results_runs, "machine": machine, "command": cfg.command,
         "mode": "in-process",
-        "models": {"target": getattr(target, "name", None),
-                   "drafter": getattr(drafter, "name", None) if drafter else None,
+        "models": {"target": _short_path(getattr(target, "name", None)),
+                   "drafter": _short_path(getattr(drafter, "name", None)) if drafter else None,
                    "target_max_context": target.max_context},
         "config": _config_dict(cfg), "calibration": calibration, "datasets": dataset_info,
         "failures": failures, "baseline_mismatches": baseline, "skipped": skipped,
@@ -696,7 +707,7 @@ def aggregate_dataset(dataset: str, specs: Sequence[RunSpec], samples: Sequence[
             r["concurrency"] = concurrency
     # paired comparison against transformers' baseline at the same temperature and lookahead
     for r in runs:
-        if r["method"] in ("ar", HF):
+        if r["method"] in ("ar",) + BASELINES:
             continue
         for h in runs:
             if h["method"] == HF and h["temperature"] == r["temperature"]:
@@ -706,6 +717,17 @@ def aggregate_dataset(dataset: str, specs: Sequence[RunSpec], samples: Sequence[
                 if key:
                     r[key] = ratio(r["tokens_per_s"], h["tokens_per_s"])
     return runs
+
+
+def _short_path(path: Optional[str]) -> Optional[str]:
+    """A model path relative to the repository when it lies inside it."""
+    if not path:
+        return path
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(repo))
+    except ValueError:
+        return path
 
 
 def _config_dict(cfg: BenchConfig) -> dict:

@@ -125,16 +125,16 @@ class DrafterWorker:
         """Tokens held in all sessions' KV caches."""
         return sum(len(st.session) for st in self.sessions.values())
 
-    def _make_room(self, rid: str) -> None:
-        """Evict least recently used sessions other than ``rid`` until the caches fit
-        ``max_cached_tokens`` (``rid``'s own cache is kept whatever its size)."""
+    def _make_room(self, keep: set[str]) -> None:
+        """Evict least recently used sessions not in ``keep`` (the ones just served) until the
+        caches fit ``max_cached_tokens``; the kept caches stay whatever their size."""
         if self.max_cached_tokens is None:
             return
         total = self.cached_tokens()
         for old_rid in list(self.sessions):
             if total <= self.max_cached_tokens:
                 break
-            if old_rid == rid:
+            if old_rid in keep:
                 continue
             old = self.sessions.pop(old_rid)
             total -= len(old.session)
@@ -182,7 +182,6 @@ class DrafterWorker:
         def finish(i: int, st: DrafterState, draft: Draft, f0: int, t0: float) -> None:
             st.last_drafted = list(draft.drafter_ids)
             draft.forwards, draft.draft_s = st.forwards - f0, st.draft_s - t0
-            self._make_room(calls[i].rid)
             results[i] = draft
 
         for i, c in enumerate(calls):
@@ -222,6 +221,7 @@ class DrafterWorker:
                 except Exception as exc:  # noqa: BLE001
                     del active[i]
                     results[i] = exc
+        self._make_room({c.rid for c in calls})  # not while the batch still uses its caches
         for i in later:
             results[i] = self.draft_batch([calls[i]])[0]
         return results
@@ -239,7 +239,7 @@ class DrafterWorker:
         out = slrs_step(self, st, row, position)
         st.last_drafted = list(out.drafter_ids)
         out.forwards, out.draft_s = st.forwards - f0, st.draft_s - t0
-        self._make_room(rid)
+        self._make_room({rid})
         return out
 
     def free(self, rid: str) -> bool:

@@ -317,7 +317,7 @@ class Coordinator:
                 r0 = (time.perf_counter(), stats.draft_s, stats.verify_s, stats.bridge_s)
                 tokens: list[int] = []
                 drafted = accepted = 0
-                fallback = method != "ar"
+                fallback = method != "ar" and k > 0  # a 1-token tail drafts nothing by design
                 draft = None
                 if drafter_ok and k > 0 and stats.rounds >= retry_at:
                     try:

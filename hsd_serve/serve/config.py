@@ -63,6 +63,13 @@ class DeploymentOptions(_Strict):
     resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"target_node": 1}
     torch_threads: Optional[int] = Field(None, ge=1)  # None: Ray's OMP_NUM_THREADS
 
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, v: int) -> int:
+        if v == 0:  # Ray Serve refuses 0 at deploy time; say so when the config is read
+            raise ValueError("max_queued_requests must be -1 (unbounded) or >= 1")
+        return v
+
     def serve_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,

@@ -24,6 +24,8 @@ from hsd_serve.serve.config import AppConfig, load_config
 
 log = logging.getLogger("hsd_serve.serve")
 
+LEASE_CALLER_CHECK_S = 5.0  # how often a replica checks that a lease holder is still alive
+
 
 def _set_threads(n: Optional[int]) -> None:
     if n:
@@ -55,20 +57,54 @@ class _ModelReplica:
             ongoing=lambda: sum(getattr(self, "active_leases", {}).values()),
             sessions=lambda: len(self.worker.sessions)).start()
 
-    async def lease(self, rid: str) -> AsyncIterator[str]:
-        """Yield this replica's gRPC address; hold the lease until the caller closes it (or the
-        caller's process dies: Ray cancels the call), then free the request's caches here."""
+    async def lease(self, rid: str, caller=None) -> AsyncIterator[str]:
+        """Yield this replica's gRPC address; hold the lease until the caller closes it, then
+        free the request's caches here.  ``caller`` (the coordinator replica's actor handle) is
+        watched: Ray does not cancel a dead caller's calls, so a lease whose coordinator died
+        ends by itself within ``LEASE_CALLER_CHECK_S`` and frees its caches and its slot."""
         self.leases_total = getattr(self, "leases_total", 0) + 1
         active = self.__dict__.setdefault("active_leases", {})
         active[rid] = active.get(rid, 0) + 1
         try:
             yield self.address
-            await asyncio.Event().wait()
+            if caller is None:
+                await asyncio.Event().wait()
+            else:
+                await self._caller_died(caller)
+                log.warning("%s lease %s: its coordinator died; freeing its caches", self.kind,
+                            rid)
         finally:
             active[rid] -= 1
             if not active[rid]:
                 del active[rid]
             await self.servicer.run(self.worker.free, rid)
+
+    async def _caller_died(self, caller) -> None:
+        """Return once the actor ``caller`` is dead (one watcher per caller, shared by all its
+        leases; a slow or briefly unreachable caller is not dead)."""
+        watchers = self.__dict__.setdefault("caller_watchers", {})
+        key = caller._actor_id.hex()
+        task = watchers.get(key)
+        if task is None or task.done():
+            task = watchers[key] = asyncio.ensure_future(self._watch_caller(caller, key))
+        await asyncio.shield(task)
+
+    async def _watch_caller(self, caller, key: str) -> None:
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        try:
+            while True:
+                await asyncio.sleep(LEASE_CALLER_CHECK_S)
+                try:
+                    await asyncio.wait_for(caller.__ray_ready__.remote(), 60)
+                except (ActorDiedError, RayActorError) as exc:
+                    if type(exc).__name__ == "ActorUnavailableError":
+                        continue  # unreachable for now (e.g. restarting node), not dead
+                    return
+                except Exception:  # noqa: BLE001 - a slow answer is no death
+                    continue
+        finally:
+            self.__dict__.get("caller_watchers", {}).pop(key, None)
 
     def address_of(self) -> str:
         return self.address
@@ -145,8 +181,8 @@ class _Lease:
             pass
 
 
-async def _open_lease(handle, rid: str, timeout_s: float) -> _Lease:
-    gen = handle.options(stream=True).lease.remote(rid)
+async def _open_lease(handle, rid: str, timeout_s: float, caller=None) -> _Lease:
+    gen = handle.options(stream=True).lease.remote(rid, caller)
     try:
         address = await asyncio.wait_for(gen.__anext__(), timeout_s)
     except BaseException:
@@ -175,6 +211,8 @@ def _is_transport_failure(exc: BaseException) -> bool:
 
     if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
         return True
+    if type(exc).__name__ == "UsageError" and "closed" in str(exc):
+        return True  # another request closed the pooled channel to a replica that died
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
         grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
@@ -204,7 +242,8 @@ class _LeasedPort:
         self.addresses: list[str] = []  # every replica this request leased, in order
 
     async def connect(self, timeout_s: Optional[float] = None) -> None:
-        lease = await _open_lease(self.handle, self.rid, timeout_s or self.dep.lease_timeout_s)
+        lease = await _open_lease(self.handle, self.rid, timeout_s or self.dep.lease_timeout_s,
+                                  getattr(self.dep, "self_handle", None))
         self.lease = lease
         self.addresses.append(lease.address)
         self.port = self.make_port(self.dep.channels.get(lease.address))
@@ -248,7 +287,11 @@ class _LeasedTarget(_LeasedPort):
                     if deadline is not None:
                         timeout = max(0.05, min(timeout, deadline - loop.time()))
                     await self.connect(timeout)
-                return None if call is None else await call()
+                out = None if call is None else await call()
+                if deadline is not None:
+                    log.warning("request %s: resumed on target %s after %.2fs", self.rid,
+                                self.addresses[-1], loop.time() - (deadline - limit))
+                return out
             except Exception as exc:  # noqa: BLE001 - classified below
                 if self.port is not None and not _is_transport_failure(exc):
                     raise  # the replica answered: this request's own error
@@ -374,6 +417,12 @@ class CoordinatorDeployment:
             method=self.config.default_method)
         self.channels = ChannelPool()
         self.lease_timeout_s = self.config.lease_timeout_s
+        try:  # replicas watch this handle to free the leases of a coordinator that died
+            import ray
+
+            self.self_handle = ray.get_runtime_context().current_actor
+        except Exception:  # noqa: BLE001 - not running as an actor (local testing)
+            self.self_handle = None
         self.drafter_unavailable = False  # the last drafter lease attempt failed
 
     # ---- one request through leased replicas ------------------------------------------------

@@ -137,14 +137,17 @@ def test_target_killed_mid_stream_resumes_on_the_other_replica(faults_app, refer
     async def one(prompt):
         gen = handle.options(stream=True).stream.remote(
             GenerationRequest(prompt, max_new_tokens=LONG, method="slem"))
-        ids, result = [], None
+        ids, result, stamps = [], None, []
         async for chunk in gen:
             ids.extend(chunk.token_ids)
+            stamps.append(time.monotonic())
             result = chunk.result or result
             if not victim.get("picked"):
                 victim["picked"] = True
                 victim["event"].set()
-        return ids, result
+        gap = max((b - a for a, b in zip(stamps, stamps[1:]) if b > victim.get("at", 1e18)),
+                  default=0.0)
+        return ids, result, gap
 
     def pick_and_kill():
         # the replica that holds leases now is serving streams: kill it
@@ -163,17 +166,19 @@ def test_target_killed_mid_stream_resumes_on_the_other_replica(faults_app, refer
         return await asyncio.gather(*tasks)
 
     results = asyncio.run(asyncio.wait_for(run(), 300))
-    moved = 0
-    for prompt, (ids, result) in zip(PROMPTS, results):
+    moved, gaps = 0, []
+    for prompt, (ids, result, gap) in zip(PROMPTS, results):
         assert result is not None and result.finish_reason in ("stop", "length")
         assert ids == reference(prompt, LONG), prompt  # no repeated or missing token
         assert result.token_ids == ids
         used = result.stats.replicas["target"]
         if victim["address"] in used and used[-1] != victim["address"]:
             moved += 1  # it was on the victim and finished elsewhere
-    assert moved >= 1, [r.stats.replicas for _, r in results]
+            gaps.append(round(gap, 2))
+    assert moved >= 1, [r.stats.replicas for _, r, _ in results]
     print(f"\ntarget kill: {moved}/{len(PROMPTS)} streams moved to the other replica; "
-          f"all finished {time.monotonic() - victim['at']:.1f}s after the kill")
+          f"longest pause between their chunks after the kill {gaps} s; all finished "
+          f"{time.monotonic() - victim['at']:.1f}s after the kill")
     assert set(targets) >= {victim["name"]}
 
 
@@ -262,3 +267,64 @@ def test_target_lost_without_failover_fails_fast_with_unavailable(fragile_app, r
         wait_for(answers, 180, interval_s=1.0, what="the service answering again")
     print(f"lone target killed: service answering again {time.monotonic() - err['killed_at']:.1f}s "
           f"after the kill")
+
+
+def test_coordinator_killed_streams_fail_and_replicas_are_freed(faults_app, reference):
+    """The coordinator holds the committed tokens, so its in-flight requests are lost with it:
+    clients get an error status at once (no hang), the replicas' leases and caches are freed,
+    and Serve's replacement coordinator serves new requests."""
+    before = live_replica_names(APP, "Coordinator")
+    assert len(before) == 1
+    victim = next(iter(before))
+    outcome: dict = {"codes": []}
+
+    def stream(i):
+        with grpc.insecure_channel(f"127.0.0.1:{faults_app['grpc']}") as ch:
+            stub = hsd_pb2_grpc.GenerationStub(ch)
+            try:
+                for j, _ in enumerate(stub.GenerateStream(
+                        _greedy(PROMPTS[i], LONG), metadata=(("application", APP),),
+                        timeout=120)):
+                    if j == 0 and i == 0:
+                        time.sleep(0.2)  # let the other streams start
+                        kill_replica(victim)
+                        outcome["killed_at"] = time.monotonic()
+                outcome["codes"].append("OK")
+            except grpc.RpcError as exc:
+                outcome["codes"].append(exc.code().name)
+                outcome.setdefault("details", exc.details())
+                outcome.setdefault("failed_after", time.monotonic())
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not any(t.is_alive() for t in threads), "a stream hung after its coordinator died"
+    print(f"\ncoordinator kill: client statuses {outcome['codes']}, first error "
+          f"{outcome.get('failed_after', 0) - outcome.get('killed_at', 0):.1f}s after the kill: "
+          f"{str(outcome.get('details'))[:150]}")
+    assert "killed_at" in outcome
+    assert outcome["codes"] and "OK" not in outcome["codes"]  # lost with their coordinator
+
+    def replicas_freed():
+        stats = {**replica_stats(APP, "Target", 2), **replica_stats(APP, "Drafter", 1)}
+        return all(s["leases_active"] == 0 and s["sessions"] == 0 for s in stats.values()) \
+            and stats
+    stats = wait_for(replicas_freed, 90, interval_s=1.0,
+                     what="leases/caches of the dead coordinator's requests freed")
+    print(f"coordinator kill: replicas freed {time.monotonic() - outcome['killed_at']:.1f}s "
+          f"after the kill")
+    assert stats
+    with grpc.insecure_channel(f"127.0.0.1:{faults_app['grpc']}") as ch:
+        stub = hsd_pb2_grpc.GenerationStub(ch)
+
+        def answers():
+            try:
+                r = stub.Generate(_greedy(PROMPTS[0], 8, "ar"),
+                                  metadata=(("application", APP),), timeout=30)
+            except grpc.RpcError:
+                return False
+            return list(r.token_ids) == reference(PROMPTS[0], 8)
+
+        wait_for(answers, 180, interval_s=1.0, what="a replacement coordinator answering")

@@ -248,3 +248,33 @@ def test_real_engine_fuzz_then_normal_request(engine):
         assert r.json()["choices"][0]["text"] == want.text
     finally:
         client.close()
+
+
+def test_lost_target_is_503_not_500(target):
+    """The service's HTTP app maps the coordinator's "target replica lost" ConnectionError to 503
+    (before the first chunk) or to an SSE error event of type server_overloaded (mid-stream)."""
+    from types import SimpleNamespace
+
+    from hsd_serve.serve.config import load_config
+    from hsd_serve.serve.http import build_http_app
+
+    async def stream(req):
+        if req.stop:  # mid-stream failure
+            yield Chunk([1], "a")
+        raise ConnectionError("target replica lost and none took over within 2s")
+
+    dep = SimpleNamespace(config=load_config({}), tokenizer=target.tokenizer, stream=stream,
+                          drafter_handle=None)
+    client = Client(build_http_app(dep))
+    try:
+        r = client.post(C, json.dumps({"prompt": "x", "max_tokens": 2}))
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "server_overloaded"
+        r = client.post(C, json.dumps({"prompt": "x", "max_tokens": 2, "stream": True,
+                                       "stop": ["zz"]}))
+        assert r.status_code == 200
+        blocks = [b for b in r.text.split("\n\n") if b.strip()]
+        assert blocks[-1] == "data: [DONE]"
+        assert json.loads(blocks[-2][len("data: "):])["error"]["type"] == "server_overloaded"
+    finally:
+        client.close()

@@ -107,7 +107,7 @@ def tiny_results(loaded_model, families, tmp_path_factory):
         pytest.skip("HumanEval not in the shared assets")
     target = loaded_model(families[0])
     drafter = loaded_model(families[1], seed=1)
-    cfg = BenchConfig(datasets=["humaneval"], limit=2, methods=["ar", "slem", "tli"],
+    cfg = BenchConfig(datasets=["humaneval"], limit=2, methods=["ar", "slem", "tli", "hf-ar"],
                       temperatures=[0.0, 1.0], lookaheads=[2], max_new_tokens=8,
                       calibration_steps=3, command="hsd-serve bench (test)")
     results = run_inprocess(cfg, target=target, drafter=drafter, progress=False)
@@ -122,7 +122,7 @@ def test_tiny_run_writes_results_json(tiny_results):
     assert data["command"] == "hsd-serve bench (test)" and data["machine"]["cores"]
     runs = data["runs"]
     assert {(r["method"], r["temperature"]) for r in runs} == {
-        (m, t) for m in ("ar", "slem", "tli") for t in (0.0, 1.0)}
+        (m, t) for m in ("ar", "slem", "tli", "hf-ar") for t in (0.0, 1.0)}
     for r in runs:
         missing = [k for k in REQUIRED if k not in r]
         assert not missing, (r["label"], missing)
@@ -133,12 +133,16 @@ def test_tiny_run_writes_results_json(tiny_results):
         if r["method"] == "ar":
             assert r["speedup_vs_ar"] == 1.0 and r["ideal_speedup"] == 1.0
             assert r["identical_to_ar"] is True
+        elif r["method"] == "hf-ar":  # transformers' plain generate(): same greedy tokens
+            assert r["ideal_speedup"] is None and r["tokens_per_round"] == pytest.approx(1.0, abs=0.2)
+            if r["temperature"] == 0:
+                assert r["identical_to_ar"] is True
         else:
             assert r["lookahead"] == 2 and 0 <= r["acceptance_rate"] <= 1
             assert 1 <= r["tokens_per_round"] <= 3
             assert 0 < r["ideal_speedup"] <= 3 and r["cost_ratio_c"] > 0
             assert r["time_ms_per_token"]["verify"] > 0
-        if r["temperature"] == 0 or r["method"] == "slem":
+        if (r["temperature"] == 0 or r["method"] == "slem") and r["method"] != "hf-ar":
             assert r["identical_to_ar"] is True, r["label"]
         if r["temperature"] > 0:
             assert r["sample_nll"] > 0

@@ -48,25 +48,12 @@ LICENSE_NOTES = {
 BYTE_EOS = "<|endoftext|>"
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 def build_byte_tokenizer():
     """A ``PreTrainedTokenizerFast`` with one token per byte (id == byte value) + eos id 256."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from hsd_serve.core.vocab import bytes_to_unicode
 
     b2u = bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}

@@ -115,11 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"output folder for the HF model folders (default: {BUNDLED_DIR})")
         p.add_argument("--bench-threads", type=int, default=1,
                        help="torch threads when measuring decode latency (default 1)")
-    pd = sub.add_parser("distill", add_help=False,
-                        help="align the drafter to the target (fine-tune on its greedy outputs)")
-    pd.add_argument("rest", nargs=argparse.REMAINDER)
-    pd.set_defaults(func=lambda a: __import__("hsd_serve.zoo.distill", fromlist=["main"]).main(
-        a.rest))
+    sub.add_parser("distill", add_help=False,
+                   help="align the drafter to the target (fine-tune on its greedy outputs); "
+                        "see `distill --help`")
     pb.set_defaults(func=cmd_build)
     pt.set_defaults(func=cmd_train)
     pf.set_defaults(func=cmd_finalize)
@@ -127,5 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["distill"]:
+        from hsd_serve.zoo.distill import main as distill_main
+
+        return distill_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)

@@ -109,9 +109,17 @@ def cmd_bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) ->
 
         results = run_endpoint(cfg, progress=not args.no_progress)
     else:
-        results = run_inprocess(cfg, progress=not args.no_progress)
+        os.makedirs(args.out, exist_ok=True)
+        partial = os.path.join(args.out, "requests.partial.jsonl")
+        if os.path.exists(partial):
+            os.remove(partial)
+        results = run_inprocess(cfg, progress=not args.no_progress, partial_path=partial)
+        if os.path.exists(partial):
+            os.remove(partial)
     paths = write_outputs(results, args.out, plots=not args.no_plots)
     _summary(results)
+    if results.get("interrupted"):
+        print("interrupted: results cover the prompts every method finished", file=sys.stderr)
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     if results["failures"]:
         print("FAILURES: outputs differ from AR where they must be identical: "

@@ -68,6 +68,9 @@ def markdown(results: dict) -> str:
              ""]
     if results.get("command"):
         lines += ["Command:", "", "```", results["command"], "```", ""]
+    if results.get("interrupted"):
+        lines += ["**Interrupted run**: the tables cover only the prompts that every configuration "
+                  "finished (see `Prompts` at the end).", ""]
     gpu = m.get("gpu")
     lines += [f"- Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch threads "
               f"{m.get('torch_threads', '?')}" + (f", GPU {gpu}" if gpu else ", no GPU")
@@ -210,8 +213,9 @@ def markdown(results: dict) -> str:
     ds = results.get("datasets") or {}
     if ds:
         lines += ["", "Prompts: " + "; ".join(
-            f"{k}: {v.get('used')} used of {v.get('loaded')} loaded, {v.get('truncated')} cut to "
-            f"fit, {v.get('dropped')} dropped" for k, v in ds.items())]
+            f"{k}: {v.get('measured', v.get('used'))} measured, {v.get('used')} prepared of "
+            f"{v.get('loaded')} loaded, {v.get('truncated')} cut to fit, {v.get('dropped')} dropped"
+            for k, v in ds.items())]
     lines.append("")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ aggregated into one ``run`` per (dataset, method, temperature, lookahead).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import platform
@@ -553,7 +554,35 @@ def prepare_prompts(cfg: BenchConfig, dataset: str, target_tok, target_ctx: int,
     return fitted, info
 
 
-def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool = True) -> dict:
+class _StopOnSignal:
+    """Turns SIGTERM/SIGINT into a flag for the duration of the measured loop (main thread)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool = True,
+                  partial_path: Optional[str] = None) -> dict:
     """Measure in this process; returns the results dict (``runs``, ``samples``, …)."""
     from hsd_serve.engine.local import Engine
     from hsd_serve.engine.types import GenerationRequest, RequestError
@@ -615,7 +644,10 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
     all_samples: list[Sample] = []
     calibrations: list[dict] = []
     dataset_info: dict = {}
+    interrupted = False
     for dataset in cfg.datasets:
+        if interrupted:
+            break
         prompts, info = prepare_prompts(cfg, dataset, target.tokenizer, target.max_context,
                                         drafter.tokenizer if drafter else None,
                                         drafter.max_context if drafter else None)
@@ -642,16 +674,31 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
                                     "reason": f"{type(exc).__name__}: {exc}"})
         calibrations.append(calibrate(target, drafter, prompts[0].text,
                                       steps=cfg.calibration_steps, verify_ks=cfg.lookaheads))
-        # ---- measured: prompt by prompt, every configuration, rotating the order
+        # ---- measured: prompt by prompt, every configuration, rotating the order; a SIGTERM
+        # or Ctrl-C stops after the current request and keeps the prompts every method finished
         samples: list[Sample] = []
         bar = _progress(len(prompts) * len(specs), progress, f"bench {dataset}")
-        for i, prompt in enumerate(prompts):
-            order = specs[i % len(specs):] + specs[:i % len(specs)]
-            for spec in order:
-                bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
-                samples.append(run_one(spec, dataset, prompt, cfg.seed + i, cfg.max_new_tokens))
-                bar.update(1)
+        with _StopOnSignal() as stop:
+            for i, prompt in enumerate(prompts):
+                order = specs[i % len(specs):] + specs[:i % len(specs)]
+                done: list[Sample] = []
+                for spec in order:
+                    if stop.requested:
+                        break
+                    bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
+                    done.append(run_one(spec, dataset, prompt, cfg.seed + i, cfg.max_new_tokens))
+                    bar.update(1)
+                if stop.requested:
+                    interrupted = True
+                    break
+                samples += done
+                if partial_path is not None:
+                    with open(partial_path, "a") as f:
+                        for smp in done:
+                            f.write(json.dumps(smp.record()) + "\n")
         bar.close()
+        if not samples:
+            break
         calibrations.append(calibrate(target, drafter, prompts[-1].text,
                                       steps=cfg.calibration_steps, verify_ks=cfg.lookaheads))
         if cfg.nll and any(s.spec.temperature > 0 for s in samples):
@@ -661,6 +708,7 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
                     ids = target.tokenizer.encode_prompt(by_id[s.prompt_id].text)
                     s.nll = target_nll(target, ids, s.token_ids, s.spec.temperature)
         all_samples += samples
+        info["measured"] = len({smp.prompt_id for smp in samples})
         results_runs += aggregate_dataset(dataset, specs, samples, merge_calibrations(calibrations[-2:]))
     calibration = merge_calibrations(calibrations)
     failures, baseline = check_identity(results_runs)
@@ -676,6 +724,7 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
                    "target_max_context": target.max_context},
         "config": _config_dict(cfg), "calibration": calibration, "datasets": dataset_info,
         "failures": failures, "baseline_mismatches": baseline, "skipped": skipped,
+        "interrupted": interrupted,
         "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
         "elapsed_s": time.time() - started,
         "samples": all_samples,

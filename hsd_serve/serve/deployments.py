@@ -75,9 +75,9 @@ class _ModelReplica:
                             rid)
         finally:
             active[rid] -= 1
-            if not active[rid]:
+            if not active[rid]:  # the request may hold a newer lease here (a re-lease)
                 del active[rid]
-            await self.servicer.run(self.worker.free, rid)
+                await self.servicer.run(self.worker.free, rid)
 
     async def _caller_died(self, caller) -> None:
         """Return once the actor ``caller`` is dead (one watcher per caller, shared by all its

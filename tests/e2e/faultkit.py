@@ -47,7 +47,7 @@ def tiny_args(service: dict, **overrides: Any) -> dict:
 
 
 def wait_for(fn: Callable[[], Any], timeout_s: float, interval_s: float = 0.25,
-             what: str = "condition") -> Any:
+             what: Any = "condition") -> Any:
     """Call ``fn`` until it returns something truthy; fail the test after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     last = None
@@ -56,6 +56,7 @@ def wait_for(fn: Callable[[], Any], timeout_s: float, interval_s: float = 0.25,
         if last:
             return last
         if time.monotonic() > deadline:
+            what = what() if callable(what) else what
             pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
         time.sleep(interval_s)
 

@@ -118,9 +118,14 @@ def test_drafter_killed_mid_stream_requests_complete_exactly(faults_app, referen
             r = stub.Generate(_greedy(PROMPTS[0], 24), metadata=(("application", APP),),
                               timeout=60)
             assert list(r.token_ids) == reference(PROMPTS[0], 24)
-            return r.stats.fallback_rounds <= inherent and r.stats.drafted > 0
+            seen.append((r.stats.rounds, r.stats.drafted, r.stats.fallback_rounds))
+            # drafts verified again, and at most a few rounds without one (SLEM's inherent
+            # fallbacks; the lookahead also adapts to the target's batch size in the service)
+            return r.stats.drafted > 0 and r.stats.fallback_rounds <= max(inherent, 2)
 
-        wait_for(speculating_again, 120, interval_s=1.0, what="drafted rounds after the kill")
+        seen: list = []
+        wait_for(speculating_again, 120, interval_s=1.0,
+                 what=lambda: f"drafted rounds after the kill (rounds, drafted, fallback): {seen}")
     print(f"\ndrafter kill: {len(in_flight)} streams in flight, fallback rounds {in_flight}; "
           f"replacement actor after {replaced_s:.1f}s, drafting again after "
           f"{time.monotonic() - killed_at:.1f}s")
@@ -201,7 +206,7 @@ def test_drafter_slower_than_deadline_falls_back_exactly(fragile_app, reference)
                               timeout=120)
             assert list(r.token_ids) == reference(prompt, 32)
             assert r.stats.fallback_rounds > 0
-            assert r.stats.fallback_rounds == r.stats.rounds  # no draft made its deadline
+            assert r.stats.drafted == 0  # no draft made its deadline: every round target-only
             chunks = list(stub.GenerateStream(_greedy(prompt, 32),
                                               metadata=(("application", "hsd-fragile"),),
                                               timeout=120))

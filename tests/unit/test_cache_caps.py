@@ -139,3 +139,12 @@ def test_caps_are_validated(pair):
         == 4096
     with pytest.raises(Exception):
         load_config({"max_cached_tokens_per_replica": 0})
+
+
+def test_queue_bound_zero_is_refused_when_read():
+    from hsd_serve.serve.config import load_config
+
+    with pytest.raises(Exception, match="max_queued_requests"):
+        load_config({"target_deployment": {"max_queued_requests": 0}})
+    assert load_config({"target_deployment": {"max_queued_requests": -1}}) \
+        .target_deployment.max_queued_requests == -1

@@ -218,6 +218,15 @@ def _is_transport_failure(exc: BaseException) -> bool:
         grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
 
+def _cancelled_by_others() -> bool:
+    """Inside ``except CancelledError``: nobody cancelled this task.  grpc.aio raises
+    CancelledError for calls in flight on a channel that another request closed (its replica
+    died), and a lease call can end cancelled when its replica dies: a transport failure, not
+    the request's own cancellation."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 def _replica_gone(exc: BaseException) -> bool:
     """The replica's address is dead (not merely slow): its pooled channel should go too.  A
     deadline is no such sign; closing the shared channel would fail other requests' calls."""
@@ -286,8 +295,20 @@ class _LeasedTarget(_LeasedPort):
                     timeout = self.dep.lease_timeout_s
                     if deadline is not None:
                         timeout = max(0.05, min(timeout, deadline - loop.time()))
-                    await self.connect(timeout)
-                out = None if call is None else await call()
+                    try:
+                        await self.connect(timeout)
+                    except asyncio.CancelledError:
+                        if not _cancelled_by_others():
+                            raise
+                        raise ConnectionError("target lease cancelled (its replica died)") \
+                            from None
+                try:
+                    out = None if call is None else await call()
+                except asyncio.CancelledError:
+                    if not _cancelled_by_others():
+                        raise
+                    raise ConnectionError("target call cancelled under us (its channel was "
+                                          "closed: the replica died)") from None
                 if deadline is not None:
                     log.warning("request %s: resumed on target %s after %.2fs", self.rid,
                                 self.addresses[-1], loop.time() - (deadline - limit))
@@ -349,8 +370,14 @@ class _LeasedDrafter(_LeasedPort):
 
     async def _call(self, name, *args, **kwargs):
         try:
-            await self._ensure_port()
-            return await getattr(self.port, name)(*args, **kwargs)
+            try:
+                await self._ensure_port()
+                return await getattr(self.port, name)(*args, **kwargs)
+            except asyncio.CancelledError:
+                if not _cancelled_by_others():
+                    raise
+                raise ConnectionError("drafter call cancelled under us (its channel was "
+                                      "closed or its lease ended: the replica died)") from None
         except BaseException as exc:  # noqa: BLE001 - re-raised; timeouts arrive as cancellation
             self._failed_once = True
             if self.port is None:  # no lease: tell the next requests not to wait for one

@@ -18,8 +18,13 @@ from hsd_serve.serve.convert import chunk_to_proto, request_from_proto, result_t
 log = logging.getLogger("hsd_serve.serve")
 
 
+MAX_DETAILS_CHARS = 512  # status details travel in HTTP/2 trailers (clients refuse > 8 KiB)
+
+
 def _fail(ctx, code: grpc.StatusCode, message: str) -> None:
     if ctx is not None:
+        if len(message) > MAX_DETAILS_CHARS:  # e.g. a message quoting a huge invalid value
+            message = message[:MAX_DETAILS_CHARS - 15] + "... [truncated]"
         ctx.set_code(code)
         ctx.set_details(message)
 

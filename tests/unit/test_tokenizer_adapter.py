@@ -6,7 +6,6 @@ A family whose asset directory is missing is skipped, never failed.
 from __future__ import annotations
 
 import os
-import time
 import unicodedata
 from pathlib import Path
 
@@ -203,18 +202,18 @@ def test_load_tokenizer_error_names_the_path(tmp_path):
         load_tokenizer(str(missing))
 
 
-def test_vocab_build_is_fast():
+def test_vocab_is_built_once_per_tokenizer():
+    """The byte table of a 150k vocabulary is built once per tokenizer object and reused (timing
+    itself belongs in benchmarks, not tests)."""
     path = FAMILIES["qwen2"][0]
     if not path.exists():
         pytest.skip("qwen2 asset missing")
     tok = load_tokenizer(str(path))
-    t = time.perf_counter()
     a = TokenizerAdapter(tok)
     assert a.vocab.size == 151646
-    assert time.perf_counter() - t < 2.0
-    t = time.perf_counter()
-    TokenizerAdapter(tok, model_vocab_size=151936)  # cached per tokenizer object
-    assert time.perf_counter() - t < 0.5
+    b = TokenizerAdapter(tok, model_vocab_size=151936)
+    assert b._base_info() is a._base_info()
+    assert b.vocab.size == 151936 and b.vocab.token_bytes[:151646] == a.vocab.token_bytes
 
 
 # ----------------------------------------------------------------------------- encoding

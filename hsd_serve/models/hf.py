@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from hsd_serve.models.kv import append_rows, batch_cache, new_cache
 from hsd_serve.models.tokenizer import TokenizerAdapter, load_tokenizer
 
 _DTYPES = {
@@ -117,10 +118,8 @@ class Session:
     """
 
     def __init__(self, owner: LoadedModel):
-        from transformers import DynamicCache
-
         self.owner = owner
-        self._cache = DynamicCache()
+        self._cache = new_cache(owner.model.config)
         self.ids: list[int] = []
         self.forwards = 0  # model calls made by this session
         self.tokens_computed = 0  # tokens pushed through the model by this session
@@ -171,23 +170,8 @@ class Session:
         return out.logits[0, -(len(extra) + 1):].float()
 
     def free(self) -> None:
-        from transformers import DynamicCache
-
-        self._cache = DynamicCache()
+        self._cache = new_cache(self.owner.model.config)
         self.ids = []
-
-    def _layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for layer in self._cache.layers:
-            if not getattr(layer, "is_initialized", False) or layer.keys is None \
-                    or layer.keys.numel() == 0:
-                return []
-            out.append((layer.keys, layer.values))
-        return out
-
-    def _append_kv(self, per_layer: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for idx, (k, v) in enumerate(per_layer):
-            self._cache.update(k, v, idx)
 
 
 @torch.inference_mode()
@@ -203,8 +187,6 @@ def forward_batch(sessions: list[Session], contexts: list[list[int]],
     its own new keys/values appended, so a session's state is as if it had run alone.  Returns,
     per session, the logits after its context and after each extra token (``[len(extra)+1, V]``).
     """
-    from transformers import DynamicCache
-
     if len(sessions) == 1:
         return [sessions[0].forward_from(contexts[0], extras[0])]
     owner = sessions[0].owner
@@ -222,29 +204,13 @@ def forward_batch(sessions: list[Session], contexts: list[list[int]],
         input_ids[i, :len(new)] = torch.tensor(new, dtype=torch.long)
         position_ids[i] = torch.arange(keep, keep + n)
         mask[i, lc - keep:] = 1
-    cache = DynamicCache()
-    if lc > 0:
-        kvs = [s._layer_kv() for s in sessions]
-        n_layers = max(len(kv) for kv in kvs)
-        for idx in range(n_layers):
-            ref_k, ref_v = next((kv[idx] for kv in kvs if kv), (None, None))
-            shape_k = (b,) + tuple(ref_k.shape[1:-2]) + (lc, ref_k.shape[-1])
-            shape_v = (b,) + tuple(ref_v.shape[1:-2]) + (lc, ref_v.shape[-1])
-            keys = torch.zeros(shape_k, dtype=ref_k.dtype, device=dev)
-            values = torch.zeros(shape_v, dtype=ref_v.dtype, device=dev)
-            for i, kv in enumerate(kvs):
-                if kv:
-                    k, v = kv[idx]
-                    keys[i, ..., lc - k.shape[-2]:, :] = k[0]
-                    values[i, ..., lc - v.shape[-2]:, :] = v[0]
-            cache.update(keys, values, idx)
+    cache = batch_cache([s._cache for s in sessions], lc, n)
     out = owner.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                       past_key_values=cache, use_cache=True)
     logits = out.logits.float()
     results = []
     for i, (s, new, extra) in enumerate(zip(sessions, news, extras)):
-        s._append_kv([(layer.keys[i:i + 1, ..., lc:lc + len(new), :],
-                       layer.values[i:i + 1, ..., lc:lc + len(new), :]) for layer in cache.layers])
+        append_rows(s._cache, cache, i, lc, len(new))
         s.ids.extend(new)
         s.forwards += 1
         s.tokens_computed += len(new)

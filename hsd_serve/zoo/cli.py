@@ -38,6 +38,11 @@ def _add_minutes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes-byte", type=float, default=None, help="default 12")
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from an exported HF folder (e.g. runs/zoo/target-stage1/hf; its "
+                        "../state.json is carried into the history); only with one --only model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (~1.5x tokens/s)")
+    p.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
 
 
 def _minutes_for(args, name: str):
@@ -53,9 +58,12 @@ def _forward_args(args) -> list[str]:
     if args.corpus_root is not None:
         out += ["--corpus-root", str(args.corpus_root)]
     for flag, v in (("--minutes-target", args.minutes_target), ("--minutes-drafter", args.minutes_drafter),
-                    ("--minutes-byte", args.minutes_byte), ("--max-steps", args.max_steps)):
+                    ("--minutes-byte", args.minutes_byte), ("--max-steps", args.max_steps),
+                    ("--lr", args.lr)):
         if v is not None:
             out += [flag, str(v)]
+    if args.compile:
+        out.append("--compile")
     return out
 
 
@@ -63,10 +71,14 @@ def cmd_train(args) -> int:
     from .specs import SPECS
     from .train import train
 
+    if args.init_from is not None and len(args.only) != 1:
+        print("--init-from needs exactly one model in --only", file=sys.stderr)
+        return 2
     for name in args.only:
         train(SPECS[name], args.workdir, minutes=_minutes_for(args, name), seed=args.seed,
               threads=args.threads, ckpt_minutes=args.ckpt_minutes, assets=args.assets,
-              corpus_root=args.corpus_root, max_steps=args.max_steps)
+              corpus_root=args.corpus_root, max_steps=args.max_steps, init_from=args.init_from,
+              compile=args.compile, lr=args.lr)
     return 0
 
 
@@ -79,6 +91,9 @@ def cmd_finalize(args) -> int:
 
 
 def cmd_build(args) -> int:
+    if args.init_from is not None:
+        print("--init-from continues one model: use `train --only NAME --init-from DIR`", file=sys.stderr)
+        return 2
     args.workdir.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "hsd_serve.zoo", "train"] + _forward_args(args)
     groups = [[n for n in ("target",) if n in args.only],

@@ -108,6 +108,14 @@ def export_hf(model, spec: ModelSpec, out_dir: Path, assets: Path | None) -> Non
     install_tokenizer(spec.name, out_dir, assets)
 
 
+def _stage_of(state: dict) -> dict:
+    """A stage record for a state written before stages were tracked."""
+    return {"init_from": None, "steps": state.get("steps"), "tokens": state.get("tokens_seen"),
+            "wall_s": state.get("train_wall_s"), "threads": state.get("threads"), "compile": False,
+            "lr": state.get("spec", {}).get("lr"),
+            "batch": f"{state.get('spec', {}).get('batch_size')}x{state.get('spec', {}).get('seq_len')}"}
+
+
 def train(
     spec: ModelSpec,
     workdir: Path,
@@ -119,7 +127,14 @@ def train(
     assets: Path | None = None,
     corpus_root: Path | None = None,
     max_steps: int | None = None,
+    init_from: Path | None = None,
+    compile: bool = False,
+    lr: float | None = None,
 ) -> dict:
+    """Train ``spec`` for a wall-clock budget. ``init_from`` continues from an exported HF folder
+    (a previous stage: its ``../state.json`` is carried into the history and totals), ``compile``
+    wraps the model in ``torch.compile`` (≈1.5× tokens/s on CPU), ``lr`` overrides the peak lr."""
+
     import torch
     from transformers import LlamaForCausalLM
 
@@ -131,7 +146,19 @@ def train(
     logf = wd / "train.log"
     corpus = Corpus.build(corpus_root, seed=seed)
     tok = load_tokenizer(spec.name, assets)
-    model = LlamaForCausalLM(spec.llama_config())
+    prior: dict = {}
+    if init_from is not None:
+        model = LlamaForCausalLM.from_pretrained(str(init_from), dtype=torch.float32)
+        prior_state = Path(init_from).parent / "state.json"
+        if prior_state.is_file():
+            prior = json.loads(prior_state.read_text())
+    else:
+        model = LlamaForCausalLM(spec.llama_config())
+    if lr is not None:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, lr=lr)
+    fwd = torch.compile(model) if compile else model
     n_params = sum(p.numel() for p in model.parameters())
     _log(logf, f"{spec.name}: {n_params/1e6:.2f}M params, budget {budget_s/60:.1f} min, "
                f"{len(corpus.train)} train / {len(corpus.val)} val files, spec={spec.to_dict()}")
@@ -142,7 +169,10 @@ def train(
         lr=spec.lr, betas=(0.9, 0.95), eps=1e-8,
     )
     vchunks = val_chunks(corpus, tok, spec)
-    history: list[dict] = []
+    history: list[dict] = list(prior.get("history", []))
+    base_steps, base_tokens = prior.get("steps", 0), prior.get("tokens_seen", 0)
+    base_wall = prior.get("train_wall_s", 0.0)
+    stages: list[dict] = list(prior.get("stages") or ([_stage_of(prior)] if prior else []))
     t0 = time.time()
     last_ckpt = t0
     tokens = 0
@@ -154,12 +184,18 @@ def train(
         nonlocal state
         vl = eval_loss(model, vchunks)
         elapsed = time.time() - t0
-        history.append({"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 1),
+        history.append({"step": base_steps + step, "tokens": base_tokens + tokens,
+                        "elapsed_s": round(base_wall + elapsed, 1),
                         "val_loss": round(vl, 4), "train_loss_ema": loss_ema and round(loss_ema, 4)})
         export_hf(model, spec, wd / "hf", assets)
-        state = {"name": spec.name, "spec": spec.to_dict(), "params": n_params, "steps": step,
-                 "tokens_seen": tokens, "train_wall_s": round(elapsed, 1), "seed": seed,
+        stage = {"init_from": str(init_from) if init_from else None, "steps": step, "tokens": tokens,
+                 "wall_s": round(elapsed, 1), "threads": threads, "compile": compile,
+                 "lr": spec.lr, "batch": f"{spec.batch_size}x{spec.seq_len}"}
+        state = {"name": spec.name, "spec": spec.to_dict(), "params": n_params,
+                 "steps": base_steps + step, "tokens_seen": base_tokens + tokens,
+                 "train_wall_s": round(base_wall + elapsed, 1), "seed": seed,
                  "threads": threads, "final": final, "history": history,
+                 "stages": stages + [stage],
                  "train_files": len(corpus.train), "val_files": len(corpus.val),
                  "torch": torch.__version__}
         (wd / "state.json").write_text(json.dumps(state, indent=1))
@@ -167,7 +203,10 @@ def train(
                    + (" (final)" if final else ""))
 
     model.train()
-    for x in batches(corpus, tok, spec):
+    stream = batches(corpus, tok, spec)
+    for _ in range(base_steps):  # a continued stage reads on from where the previous one stopped
+        next(stream)
+    for x in stream:
         elapsed = time.time() - t0
         if elapsed >= budget_s or (max_steps is not None and step >= max_steps):
             break
@@ -175,7 +214,7 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(x, labels=x).loss
+            loss = fwd(x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -29,6 +29,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                                     "(default: the bundled target)")
     g.add_argument("--drafter", help="drafter model: local directory or hub id (default: the "
                                      "bundled drafter; 'none' for AR only)")
+    g.add_argument("--drafter-head-ids", type=int, default=0, metavar="N",
+                   help="compute the drafter's output head for its first N token ids only (plus "
+                        "special tokens): a cheaper drafter step, still lossless (default 0: all)")
     g.add_argument("--method", default="auto", choices=METHODS)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -84,7 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     drafter = None
     if drafter_path is not None:
         drafter = LoadedModel(ModelSpec(drafter_path, dtype=args.dtype, device=args.device,
-                                        trust_remote_code=args.trust_remote_code))
+                                        trust_remote_code=args.trust_remote_code,
+                                        head_ids=args.drafter_head_ids))
     sink, server = _metrics_sink(args)
     try:
         engine = Engine(target, drafter, slrs_max_forwards=args.slrs_max_forwards, sink=sink)

@@ -47,6 +47,9 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--target", default=None, help="target model folder (default: bundled)")
     b.add_argument("--drafter", default=None, help="drafter model folder (default: bundled)")
+    b.add_argument("--drafter-head-ids", type=int, default=0, metavar="N",
+                   help="prune our drafter's output head to its first N ids (0: full); hf-uag "
+                        "keeps the full head")
     b.add_argument("--dtype", default="auto")
     b.add_argument("--device", default="cpu")
     b.add_argument("--seed", type=int, default=0, help="sampling seed of prompt i is seed + i")
@@ -85,7 +88,8 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
     return BenchConfig(datasets=args.dataset, data_dir=args.data_dir, limit=args.limit,
                        methods=args.methods, temperatures=args.temperature,
                        lookaheads=args.lookahead, max_new_tokens=args.max_new_tokens,
-                       target=args.target, drafter=args.drafter, dtype=args.dtype,
+                       target=args.target, drafter=args.drafter,
+                       drafter_head_ids=args.drafter_head_ids, dtype=args.dtype,
                        device=args.device, seed=args.seed, warmup=not args.no_warmup,
                        hf_default=not args.no_hf_default,
                        calibration_steps=args.calibration_steps, threads=args.threads,

@@ -81,7 +81,13 @@ class HFAssisted:
     def _assistant(self, sampling: bool) -> torch.nn.Module:
         key = "sample" if sampling else "greedy"
         if key not in self._copies:
-            m = copy.deepcopy(self.drafter.model)
+            if getattr(self.drafter, "head_ids", 0):  # ours has a pruned head: give it the original
+                from transformers import AutoModelForCausalLM
+
+                m = AutoModelForCausalLM.from_pretrained(self.drafter.spec.path,
+                                                         dtype=self.drafter.model.dtype)
+            else:
+                m = copy.deepcopy(self.drafter.model)
             m.eval()
             self._copies[key] = m
             self._original[key] = {k: getattr(m.generation_config, k, None) for k in ASSISTANT_KEYS}

@@ -139,6 +139,7 @@ class BenchConfig:
     max_new_tokens: int = 64
     target: Optional[str] = None
     drafter: Optional[str] = None
+    drafter_head_ids: int = 0  # prune our drafter's output head (hf-uag keeps the full one)
     dtype: str = "auto"
     device: str = "cpu"
     seed: int = 0
@@ -166,6 +167,8 @@ class BenchConfig:
             raise ValueError("--temperature values must be >= 0")
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be >= 1")
+        if self.drafter_head_ids < 0:
+            raise ValueError("--drafter-head-ids must be >= 0")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be >= 1")
         if any(c < 1 for c in self.concurrency):
@@ -537,7 +540,8 @@ def load_pair(cfg: BenchConfig):
     target = LoadedModel(ModelSpec(target_path, dtype=cfg.dtype, device=cfg.device))
     drafter = None
     if drafter_path and drafter_path.lower() != "none":
-        drafter = LoadedModel(ModelSpec(drafter_path, dtype=cfg.dtype, device=cfg.device))
+        drafter = LoadedModel(ModelSpec(drafter_path, dtype=cfg.dtype, device=cfg.device,
+                                        head_ids=cfg.drafter_head_ids))
     return target, drafter
 
 

@@ -52,10 +52,15 @@ class ModelSpec:
     dtype: str = "auto"  # auto (float32 on CPU, checkpoint dtype elsewhere) | float32 | bfloat16 | float16
     device: str = "cpu"
     trust_remote_code: bool = False
+    # drafters only: compute the output head for the first ``head_ids`` token ids (plus special
+    # and end-of-sequence tokens) and give every other id logit -inf; 0 = the whole vocabulary
+    head_ids: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.head_ids, int) or self.head_ids < 0:
+            raise ValueError(f"head_ids must be an integer >= 0, got {self.head_ids!r}")
 
 
 class LoadedModel:
@@ -99,6 +104,11 @@ class LoadedModel:
             eos.update(int(e) for e in gen_eos)
         self.eos_ids = frozenset(eos)
         self.name = path
+        self.head_ids = 0  # 0: the full output head
+        if spec.head_ids and spec.head_ids < self.logit_size:
+            keep = set(range(spec.head_ids)) | set(self.eos_ids) | set(self.vocab.special_ids)
+            prune_output_head(model, sorted(i for i in keep if i < self.logit_size))
+            self.head_ids = spec.head_ids
 
     @property
     def vocab(self):
@@ -106,6 +116,42 @@ class LoadedModel:
 
     def new_session(self) -> "Session":
         return Session(self)
+
+
+class PrunedHead(torch.nn.Module):
+    """An output head computed for ``keep`` ids only; every other logit is -inf.
+
+    For drafters (the FR-Spec observation: a drafter's head over a large vocabulary dominates its
+    step, and the rarest ids are seldom its best guess).  Still lossless: the drafter's
+    distribution simply has zeros there, and every method verifies against the distribution the
+    drafter actually proposed from (TLI/SD proposal rows, SLRS ψ) or only against the target
+    (SLEM).  Never used for a target.
+    """
+
+    def __init__(self, head: torch.nn.Module, keep: list[int]):
+        super().__init__()
+        idx = torch.tensor(keep, dtype=torch.long, device=head.weight.device)
+        self.register_buffer("keep", idx, persistent=False)
+        self.weight = torch.nn.Parameter(head.weight.detach().index_select(0, idx).clone(),
+                                         requires_grad=False)
+        bias = getattr(head, "bias", None)
+        self.bias = (torch.nn.Parameter(bias.detach().index_select(0, idx).clone(), requires_grad=False)
+                     if bias is not None else None)
+        self.full_size = int(head.weight.shape[0])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        part = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        out = part.new_full(part.shape[:-1] + (self.full_size,), float("-inf"))
+        out.index_copy_(out.dim() - 1, self.keep, part)
+        return out
+
+
+def prune_output_head(model, keep: list[int]) -> None:
+    """Replace ``model``'s output head by a :class:`PrunedHead` over ``keep``."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ModelLoadError("this model has no output head that can be pruned (head_ids)")
+    model.set_output_embeddings(PrunedHead(head, keep))
 
 
 class Session:

@@ -26,6 +26,8 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "cpu"
     trust_remote_code: bool = False
+    # drafters only: output head over the first N token ids (+ specials); 0 = full vocabulary
+    head_ids: int = Field(0, ge=0)
 
     def resolved_path(self) -> str:
         """The path on this node (bundled models live inside the installed package)."""
@@ -39,7 +41,7 @@ class ModelConfig(_Strict):
         from hsd_serve.models.hf import ModelSpec
 
         return ModelSpec(self.resolved_path(), dtype=self.dtype, device=self.device,
-                         trust_remote_code=self.trust_remote_code)
+                         trust_remote_code=self.trust_remote_code, head_ids=self.head_ids)
 
 
 class AutoscalingConfig(_Strict):
@@ -114,6 +116,14 @@ class AppConfig(_Strict):
     coordinator_deployment: DeploymentOptions = DeploymentOptions(num_cpus=0.25,
                                                                   max_ongoing_requests=64,
                                                                   max_queued_requests=128)
+
+    @field_validator("target")
+    @classmethod
+    def _target_head(cls, v: ModelConfig) -> ModelConfig:
+        if v.head_ids:
+            raise ValueError("head_ids prunes a drafter's output head; the target's distribution "
+                             "must stay whole (lossless), so target.head_ids must be 0")
+        return v
 
     @field_validator("default_method")
     @classmethod

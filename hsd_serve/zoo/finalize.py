@@ -136,6 +136,24 @@ def _dir_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(path).glob(pattern) if p.is_file())
 
 
+def _stages_text(st: dict) -> str:
+    """One line per training stage (a continued run starts from the previous stage's weights and
+    reads on in the corpus where it stopped)."""
+    stages = st.get("stages") or [{"init_from": None, "steps": st["steps"], "tokens": st["tokens_seen"],
+                                   "wall_s": st["train_wall_s"], "threads": st.get("threads"),
+                                   "compile": False, "lr": st["spec"]["lr"],
+                                   "batch": f"{st['spec']['batch_size']}x{st['spec']['seq_len']}"}]
+    lines = ["Stages:"]
+    for i, sg in enumerate(stages, 1):
+        start = "from scratch" if not sg.get("init_from") else "continued from stage " + str(i - 1)
+        lines.append(f"{i}. {start}: {sg['steps']:,} steps, {sg['tokens']:,} tokens, "
+                     f"{sg['wall_s'] / 60:.1f} min, peak lr {sg['lr']}, batch {sg['batch']}, "
+                     f"{sg['threads']} torch thread(s){', torch.compile' if sg.get('compile') else ''}")
+    if len(stages) == 1 and stages[0].get("threads") == 1:
+        lines.append("(another training process ran beside it on the 2-core shared machine)")
+    return "\n".join(lines)
+
+
 def _card(name: str, spec, info: dict) -> str:
     st = info["state"]
     hist = "\n".join(
@@ -181,9 +199,9 @@ chosen by a hash of the relative path; `site-packages` excluded; files that are 
 No HumanEval/MBPP text is in it. Training order: seeded hash shuffle of the file list (seed {st['seed']}).
 
 ## Training
-AdamW (β=0.9/0.95, weight decay {spec.weight_decay}, grad clip 1.0), peak lr {spec.lr}, {spec.warmup_steps} warmup
-steps then cosine to {spec.min_lr_ratio}× over a wall-clock budget, batch {spec.batch_size}×{spec.seq_len} tokens,
-bf16 autocast, 1 torch thread (another training process ran beside it on a 2-core shared machine).
+AdamW (β=0.9/0.95, weight decay {spec.weight_decay}, grad clip 1.0), {spec.warmup_steps} warmup
+steps then cosine to {spec.min_lr_ratio}× the peak lr over each stage's wall-clock budget, bf16 autocast.
+{_stages_text(st)}
 
 - steps: **{st['steps']:,}**, tokens seen: **{st['tokens_seen']:,}**
 - training wall time: **{st['train_wall_s']/60:.1f} min**

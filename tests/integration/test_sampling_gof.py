@@ -61,10 +61,17 @@ def target_joint(stories_model):
 
 
 @pytest.mark.parametrize("method,drafter", [("sd", "same-vocab"), ("tli", "gpt2"),
-                                            ("slem", "self"), ("slrs", "bytes")])
+                                            ("slem", "self"), ("slrs", "bytes"),
+                                            ("sd", "same-vocab-pruned"), ("tli", "gpt2-pruned")])
 def test_first_two_tokens_follow_the_target(method, drafter, stories_model, loaded_model,
-                                            byte_drafter_model, target_joint):
-    if drafter == "same-vocab":
+                                            byte_drafter_model, target_joint, tiny_model_dir):
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+
+    if drafter.endswith("-pruned"):  # drafter head over its first ids only: zeros elsewhere in q
+        family, n = ("stories260K", 320) if drafter.startswith("same") else ("gpt2", 3000)
+        d = LoadedModel(ModelSpec(str(tiny_model_dir(family, 1)), head_ids=n))
+        assert d.head_ids == n
+    elif drafter == "same-vocab":
         d = loaded_model("stories260K", seed=1)
     elif drafter == "self":  # SLEM with the target as its own drafter: many acceptances
         d = stories_model

@@ -179,3 +179,35 @@ def test_bundled_cards_record_target_costlier_than_drafters():
     for n in ("drafter", "byte_drafter"):
         rec = json.loads((zoo.bundled_model_dir(n) / "zoo_card.json").read_text())
         assert rec["step_ratio_target_over_this"] > 1.0
+
+
+def test_training_continues_from_a_previous_stage(tmp_path):
+    """``train --init-from``: starts from the exported weights, reads on in the corpus, and the
+    state carries both stages (steps, tokens and wall time add up; the history continues)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hsd_serve.zoo.specs import SPECS
+    from hsd_serve.zoo.train import train
+
+    corpus = tmp_path / "corpus"
+    for i in range(300):
+        _touch(corpus, f"m{i:03d}.py", f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 40)
+    spec = SPECS["byte_drafter"]
+    first = train(spec, tmp_path / "a", corpus_root=corpus, max_steps=2, minutes=5)
+    assert first["steps"] == 2 and len(first["stages"]) == 1
+    init = tmp_path / "a" / "byte_drafter" / "hf"
+    second = train(spec, tmp_path / "b", corpus_root=corpus, max_steps=3, minutes=5, init_from=init,
+                   lr=1e-4)
+    assert second["steps"] == 5
+    assert second["tokens_seen"] == first["tokens_seen"] + 3 * spec.batch_size * spec.seq_len
+    assert [s["steps"] for s in second["stages"]] == [2, 3]
+    assert second["stages"][1]["init_from"] == str(init) and second["stages"][1]["lr"] == 1e-4
+    assert [h["step"] for h in second["history"]] == [2, 5]
+    assert second["train_wall_s"] >= first["train_wall_s"]
+    a = AutoModelForCausalLM.from_pretrained(str(init))
+    b = AutoModelForCausalLM.from_pretrained(str(tmp_path / "b" / "byte_drafter" / "hf"))
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    moved = [n for n in pa if not torch.equal(pa[n], pb[n])]
+    assert moved, "the continued stage did not train"
+    assert max(float((pa[n] - pb[n]).detach().abs().max()) for n in pa) < 0.05  # small steps

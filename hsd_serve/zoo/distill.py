@@ -108,7 +108,8 @@ def finetune(drafter_dir: Path, pairs: list[tuple[str, str]], out_dir: Path, min
             examples.append((p_ids[-192:], c_ids[:64]))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
-    t_end = time.time() + minutes * 60
+    t_start = time.time()
+    t_end = t_start + minutes * 60
     steps, losses = 0, []
     while time.time() < t_end:
         rng.shuffle(examples)
@@ -123,6 +124,9 @@ def finetune(drafter_dir: Path, pairs: list[tuple[str, str]], out_dir: Path, min
                 ids[r, :len(seq)] = torch.tensor(seq)
                 labels[r, len(p):len(seq)] = torch.tensor(c)
                 mask[r, :len(seq)] = 1
+            frac = min(1.0, (time.time() - t_start) / max(t_end - t_start, 1e-9))
+            for g in opt.param_groups:  # linear decay to 0.1x over the time budget
+                g["lr"] = lr * (1.0 - 0.9 * frac)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad()
             loss.backward()

@@ -172,7 +172,12 @@ def main(argv=None) -> int:
     t_gen = time.time() - t0
     info = finetune(drafter, list(zip(prompts, conts)), out, args.minutes, lr=args.lr, seed=args.seed)
     info.update(prompts=len(prompts), generate_s=round(t_gen, 1),
-                total_s=round(time.time() - t0, 1))
+                total_s=round(time.time() - t0, 1), target=str(target), drafter=str(drafter),
+                max_new_tokens=args.max_new_tokens, minutes=args.minutes, lr=args.lr,
+                threads=args.threads, gen_batch=args.gen_batch, seed=args.seed)
+    import json
+
+    (out / "distill.json").write_text(json.dumps(info, indent=1))
     print(info)
     return 0
 

@@ -138,7 +138,8 @@ def finetune(drafter_dir: Path, pairs: list[tuple[str, str]], out_dir: Path, min
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
+    if Path(out_dir).resolve() != Path(drafter_dir).resolve():  # same folder: keep its files as they are
+        tok.save_pretrained(str(out_dir))
     return {"steps": steps, "examples": len(examples), "first_loss": losses[0] if losses else None,
             "last_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
 

@@ -126,8 +126,8 @@ def batch_cache(caches: list, lc: int, n: int):
     for idx in range(n_layers):
         ref_k, ref_v = next(kv[idx] for kv in kvs if kv)
         layer = SlabLayer()
-        layer.reserve(ref_k.new_empty((b,) + tuple(ref_k.shape[1:])),
-                      ref_v.new_empty((b,) + tuple(ref_v.shape[1:])), lc + n)
+        layer.reserve(ref_k.expand((b,) + tuple(ref_k.shape[1:])),  # shape only: no copy
+                      ref_v.expand((b,) + tuple(ref_v.shape[1:])), lc + n)
         for i, kv in enumerate(kvs):
             have = kv[idx][0].shape[-2] if kv else 0
             if have < lc:

@@ -227,6 +227,19 @@ def _cancelled_by_others() -> bool:
     return task is not None and task.cancelling() == 0
 
 
+@contextlib.contextmanager
+def _cancel_means_replica_died(what: str):
+    """Re-raise a ``CancelledError`` that nobody asked for (see ``_cancelled_by_others``) as a
+    ``ConnectionError``, so the caller fails over instead of ending the request."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not _cancelled_by_others():
+            raise
+        raise ConnectionError(f"{what} cancelled under us (its channel was closed or its lease "
+                              "ended: the replica died)") from None
+
+
 def _replica_gone(exc: BaseException) -> bool:
     """The replica's address is dead (not merely slow): its pooled channel should go too.  A
     deadline is no such sign; closing the shared channel would fail other requests' calls."""
@@ -295,20 +308,10 @@ class _LeasedTarget(_LeasedPort):
                     timeout = self.dep.lease_timeout_s
                     if deadline is not None:
                         timeout = max(0.05, min(timeout, deadline - loop.time()))
-                    try:
+                    with _cancel_means_replica_died("target lease"):
                         await self.connect(timeout)
-                    except asyncio.CancelledError:
-                        if not _cancelled_by_others():
-                            raise
-                        raise ConnectionError("target lease cancelled (its replica died)") \
-                            from None
-                try:
+                with _cancel_means_replica_died("target call"):
                     out = None if call is None else await call()
-                except asyncio.CancelledError:
-                    if not _cancelled_by_others():
-                        raise
-                    raise ConnectionError("target call cancelled under us (its channel was "
-                                          "closed: the replica died)") from None
                 if deadline is not None:
                     log.warning("request %s: resumed on target %s after %.2fs", self.rid,
                                 self.addresses[-1], loop.time() - (deadline - limit))
@@ -370,14 +373,9 @@ class _LeasedDrafter(_LeasedPort):
 
     async def _call(self, name, *args, **kwargs):
         try:
-            try:
+            with _cancel_means_replica_died("drafter call"):
                 await self._ensure_port()
                 return await getattr(self.port, name)(*args, **kwargs)
-            except asyncio.CancelledError:
-                if not _cancelled_by_others():
-                    raise
-                raise ConnectionError("drafter call cancelled under us (its channel was "
-                                      "closed or its lease ended: the replica died)") from None
         except BaseException as exc:  # noqa: BLE001 - re-raised; timeouts arrive as cancellation
             self._failed_once = True
             if self.port is None:  # no lease: tell the next requests not to wait for one

@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .corpus import Corpus  # noqa: E402
 from .specs import SIZING_NOTES, SPECS, ModelSpec  # noqa: E402
+from .train import stage_of  # noqa: E402
 from .toks import doc_ids  # noqa: E402
 
 SAMPLE_PROMPTS = [
@@ -139,10 +140,7 @@ def _dir_bytes(path: Path, pattern: str = "*") -> int:
 def _stages_text(st: dict) -> str:
     """One line per training stage (a continued run starts from the previous stage's weights and
     reads on in the corpus where it stopped)."""
-    stages = st.get("stages") or [{"init_from": None, "steps": st["steps"], "tokens": st["tokens_seen"],
-                                   "wall_s": st["train_wall_s"], "threads": st.get("threads"),
-                                   "compile": False, "lr": st["spec"]["lr"],
-                                   "batch": f"{st['spec']['batch_size']}x{st['spec']['seq_len']}"}]
+    stages = st.get("stages") or [stage_of(st)]
     lines = ["Stages:"]
     for i, sg in enumerate(stages, 1):
         start = "from scratch" if not sg.get("init_from") else "continued from stage " + str(i - 1)

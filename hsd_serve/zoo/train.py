@@ -108,7 +108,7 @@ def export_hf(model, spec: ModelSpec, out_dir: Path, assets: Path | None) -> Non
     install_tokenizer(spec.name, out_dir, assets)
 
 
-def _stage_of(state: dict) -> dict:
+def stage_of(state: dict) -> dict:
     """A stage record for a state written before stages were tracked."""
     return {"init_from": None, "steps": state.get("steps"), "tokens": state.get("tokens_seen"),
             "wall_s": state.get("train_wall_s"), "threads": state.get("threads"), "compile": False,
@@ -172,7 +172,7 @@ def train(
     history: list[dict] = list(prior.get("history", []))
     base_steps, base_tokens = prior.get("steps", 0), prior.get("tokens_seen", 0)
     base_wall = prior.get("train_wall_s", 0.0)
-    stages: list[dict] = list(prior.get("stages") or ([_stage_of(prior)] if prior else []))
+    stages: list[dict] = list(prior.get("stages") or ([stage_of(prior)] if prior else []))
     t0 = time.time()
     last_ckpt = t0
     tokens = 0

@@ -38,9 +38,6 @@ def _add_minutes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes-byte", type=float, default=None, help="default 12")
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
-    p.add_argument("--init-from", type=Path, default=None,
-                   help="continue from an exported HF folder (e.g. runs/zoo/target-stage1/hf; its "
-                        "../state.json is carried into the history); only with one --only model")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (~1.5x tokens/s)")
     p.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
 
@@ -91,9 +88,6 @@ def cmd_finalize(args) -> int:
 
 
 def cmd_build(args) -> int:
-    if args.init_from is not None:
-        print("--init-from continues one model: use `train --only NAME --init-from DIR`", file=sys.stderr)
-        return 2
     args.workdir.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "hsd_serve.zoo", "train"] + _forward_args(args)
     groups = [[n for n in ("target",) if n in args.only],
@@ -125,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--only", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     for p in (pb, pt):
         _add_minutes(p)
+    pt.add_argument("--init-from", type=Path, default=None,
+                    help="continue from an exported HF folder (e.g. runs/zoo/target-stage1/hf; its "
+                         "../state.json is carried into the history); only with one --only model")
     for p in (pb, pf):
         p.add_argument("--out", type=Path, default=BUNDLED_DIR,
                        help=f"output folder for the HF model folders (default: {BUNDLED_DIR})")

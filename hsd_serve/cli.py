@@ -198,7 +198,8 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=None,
+                   help="default: a fresh random seed when sampling (echoed in the stats)")
     c.add_argument("--lookahead", type=int, default=0, help="0: server default")
     c.add_argument("--stop", action="append", default=[])
     c.add_argument("--no-stream", action="store_true", help="unary Generate instead of streaming")

@@ -3,15 +3,56 @@
 Losslessness is defined against the *processed* distribution ``p``: the target's logits after
 temperature, top-k and top-p.  Temperature 0 means greedy: ``p`` is one-hot on the first argmax.
 
-Seeding (DESIGN.md §3).  Every random draw is keyed by ``(seed, absolute output position, stream)``
-and nothing else, using a counter-based construction (a fresh ``torch.Generator`` seeded with a
-splitmix64 hash of the key).  The target's own sample at position ``n`` is a Gumbel-max draw from the
-``TARGET`` stream at ``n``; AR and SLEM therefore emit identical tokens for the same seed, and neither
-batching, retries nor the number of rounds can change an output.  Different decisions at the same
-position use different streams, so they are independent.  A draw at position ``n`` is only ever used
-by decisions about position ``n``; drafts at ``n`` discarded by an earlier rejection never influenced
-an emitted token, so re-drawing them from the same key later is still fresh randomness with respect
-to everything already emitted.
+Seeding (DESIGN.md §3).  Every random draw is keyed by ``(seed, absolute output position, stream,
+salt)`` and nothing else, using a counter-based construction (a fresh ``torch.Generator`` seeded
+with a splitmix64 hash of the key).  Different decisions use different streams (or salts), so they
+are independent.
+
+* ``TARGET`` — the target's own sample at position ``n``: a Gumbel-max draw keyed by
+  ``(seed, n)`` only.  AR, SLEM and every bonus or target-only token use it, so AR and SLEM emit
+  the same tokens for the same seed whatever the drafter, the lookahead or the number of rounds.
+* ``DRAFT`` — a drafter's sample (SD, TLI) at position ``n`` is keyed by ``(seed, n, attempt)``,
+  ``attempt`` being the coordinator's count of draft calls in this request (unique per call, sent
+  over the wire).  SLRS keys its path draws by ``(seed, n, DRAFT, salt=j)`` (see ``core.slrs``).
+* ``ACCEPT`` / ``RESIDUAL`` — the accept test and the residual draw at position ``n``.
+
+Independence: why this is exact over many rounds.  Speculative sampling at a position is exact
+when, given everything that decided the proposal row ``q`` (and whether the position is drafted
+at all), the draft is distributed as ``q`` and the accept and residual uniforms are fresh.  So a
+uniform may be used for a decision only if nothing that was already decided depended on it:
+
+* ``DRAFT``: a rejection at position ``j`` discards the drafts after ``j``, and position ``j+1`` is
+  drafted again next round.  A discarded draft can shape what the drafter holds next
+  (``DrafterText`` keeps drafted tokens whose bytes prefix the committed text: draft ``" the"``,
+  target emits ``" there"``), how many tokens it drafts (TLI stops where ``q(I) = 0``; adaptive
+  lookahead) or a replica's cache (a timed-out call).  If the redraw reused the key of the
+  discarded draft, the new row would depend on the very uniforms that pick the new draft, and the
+  draft would no longer be distributed as its row (measured: P(b | "ab") 0.26 against 0.30 on the
+  toy pair of ``tests/integration/test_multiround_gof.py``).  Keying by attempt makes every draft
+  draw fresh: nothing before the call has seen it, so given the row it is an exact sample of it.
+  Audit of the other methods: SD's row depends on the committed ids only (its redraws were
+  already fresh; it is keyed by attempt all the same).  SLRS runs one step per position, only for
+  the next uncommitted position, and that position is committed after it whatever happens (a
+  lost reply gives a target-only token from ``TARGET``, independent of the step's draws), so its
+  ``(n, DRAFT, salt=j)`` keys are never reused.  SLEM's drafts are greedy and only the target's
+  ``TARGET`` draws decide its output.
+* ``ACCEPT`` / ``RESIDUAL`` at ``n`` decide position ``n`` once: a round reaches position ``n``
+  only when every earlier draft was accepted, and then ``n`` is committed whatever the outcome.
+  Uniforms at positions a round did not reach were never used.  A verify whose reply was lost
+  (replica gone) decided nothing the coordinator saw, so redoing it with the same keys is fresh.
+* ``TARGET`` at ``n`` is used only for the token committed at ``n`` (AR, bonus, fallback, SLEM:
+  where SLEM's discarded choices at later positions are recomputed, they are the same function
+  of the same committed prefix and key, hence the same token — the output equals AR's).
+
+What is exact and what is exact up to floating point.  Given the processed rows, every rule is
+exact: greedy output is the argmax path, and sampled output has exactly the law of ``p``.  The
+rows themselves are float computations: a batched or k-token forward differs from a one-token
+forward by ~1e-6 in float32 (~1e-2 in bfloat16), which can flip an argmax or a Gumbel-max between
+two tokens whose scores are that close.  So "AR and SLEM emit the same tokens", "the service and
+the in-process engine agree" and "batching, retries or the number of rounds cannot change an
+output" hold exactly for the keyed randomness and up to such floating-point near-ties for the
+model's numbers; the distribution of sampled output is exact for whatever rows the target
+computed.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ class DraftCall:
     position: int
     committed: Optional[Sequence[int]] = None
     generated: Optional[bytes] = None
+    attempt: int = 0  # the coordinator's draft-call counter: salts the draft randomness
 
 
 @dataclass
@@ -157,10 +158,11 @@ class DrafterWorker:
         st.last_drafted = []
 
     def draft(self, rid: str, k: int, position: int, *, committed: Optional[Sequence[int]] = None,
-              generated: Optional[bytes] = None) -> Draft:
+              generated: Optional[bytes] = None, attempt: int = 0) -> Draft:
         """Propose up to ``k`` tokens after the committed text (SD: ``committed`` ids; others:
-        the ``generated`` bytes after the prompt)."""
-        out = self.draft_batch([DraftCall(rid, k, position, committed, generated)])[0]
+        the ``generated`` bytes after the prompt).  ``attempt`` must differ between calls of one
+        request: sampled drafts are keyed by ``(seed, position, attempt)`` (``core.sampling``)."""
+        out = self.draft_batch([DraftCall(rid, k, position, committed, generated, attempt)])[0]
         if isinstance(out, Exception):
             raise out
         return out
@@ -197,7 +199,7 @@ class DrafterWorker:
                 if st.text is not None and st.text.pending(c.generated):  # mid-character
                     results[i] = Draft()
                     continue
-                gen = DRAFT_FUNCTIONS[st.method](self, st, c.k, c.position)
+                gen = DRAFT_FUNCTIONS[st.method](self, st, c.k, c.position, c.attempt)
                 active[i] = [gen, st, next(gen), f0, t0]
             except StopIteration as stop:
                 finish(i, st, stop.value, f0, t0)

@@ -37,7 +37,7 @@ class DrafterPort(Protocol):
                    prompt_ids: list[int]) -> None: ...
 
     async def draft(self, rid: str, k: int, position: int, *, committed=None,
-                    generated=None) -> Draft: ...
+                    generated=None, attempt: int = 0) -> Draft: ...
 
     async def slrs_step(self, rid: str, generated: bytes, row, position: int): ...
 
@@ -240,6 +240,7 @@ class Coordinator:
         finish: Optional[str] = None
         drafter_open = False
         drafter_ok = method != "ar"
+        attempts = itertools.count()  # draft calls of this request: salts the draft randomness
         ids_mode = method == "sd" or (method == "slem" and self.same_vocab)
 
         async def open_drafter() -> None:
@@ -254,10 +255,12 @@ class Coordinator:
                 await open_drafter()
             kwargs = {"committed": committed} if ids_mode else {"generated": bytes(generated_bytes)}
             try:
-                d = await self._call_drafter(drafter.draft(rid, k, position, **kwargs))
+                d = await self._call_drafter(drafter.draft(rid, k, position, attempt=next(attempts),
+                                                           **kwargs))
             except SessionMissing:
                 await open_drafter()
-                d = await self._call_drafter(drafter.draft(rid, k, position, **kwargs))
+                d = await self._call_drafter(drafter.draft(rid, k, position, attempt=next(attempts),
+                                                           **kwargs))
             stats.draft_s += d.draft_s
             stats.drafter_forwards += d.forwards
             if method == "slem" and not d.target_ids:
@@ -337,6 +340,10 @@ class Coordinator:
                         tokens = []
                 if draft is not None and draft[1]:  # candidates to verify
                     rule, cands, proposals = draft
+                    # never more than the room left: the target must fit committed + candidates
+                    # in its context, and room - 1 candidates + 1 bonus already fill max_tokens
+                    cands = cands[:room - 1]
+                    proposals = proposals[:len(cands)] if proposals is not None else None
                     v = await verify(position, cands, rule, proposals)
                     tokens, drafted, accepted = v.tokens, len(cands), v.accepted
                     fallback = False

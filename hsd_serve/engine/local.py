@@ -33,8 +33,9 @@ class LocalDrafter:
     async def open(self, rid, method, prompt, params, prompt_ids):
         self.worker.open(rid, method, prompt, params, prompt_ids)
 
-    async def draft(self, rid, k, position, *, committed=None, generated=None):
-        return self.worker.draft(rid, k, position, committed=committed, generated=generated)
+    async def draft(self, rid, k, position, *, committed=None, generated=None, attempt=0):
+        return self.worker.draft(rid, k, position, committed=committed, generated=generated,
+                                 attempt=attempt)
 
     async def slrs_step(self, rid, generated, row, position):
         return self.worker.slrs_step(rid, generated, row, position)

@@ -229,9 +229,13 @@ def forward_batch(sessions: list[Session], contexts: list[list[int]],
     padding]``: cached keys are left-padded to the longest cache and masked out; new tokens are
     right-padded, and the padding tokens are real (unmasked) inputs that come *after* every valid
     token, so causal attention never lets a valid token see them and no query row is fully masked.
-    Each new token gets its own absolute position.  Afterwards each session's cache gets exactly
-    its own new keys/values appended, so a session's state is as if it had run alone.  Returns,
-    per session, the logits after its context and after each extra token (``[len(extra)+1, V]``).
+    Each new token gets its own absolute position; padding slots repeat the position of the row's
+    last new token, so no position id exceeds what the row itself uses (a row near the context
+    limit next to a row with more new tokens must not index learned position embeddings, GPT-2's
+    ``wpe``, past ``max_position_embeddings``; what pads compute is discarded).  Afterwards each
+    session's cache gets exactly its own new keys/values appended, so a session's state is as if
+    it had run alone.  Returns, per session, the logits after its context and after each extra
+    token (``[len(extra)+1, V]``).
     """
     if len(sessions) == 1:
         return [sessions[0].forward_from(contexts[0], extras[0])]
@@ -248,7 +252,8 @@ def forward_batch(sessions: list[Session], contexts: list[list[int]],
     mask = torch.zeros((b, lc + n), dtype=torch.long, device=dev)
     for i, (new, keep) in enumerate(zip(news, keeps)):
         input_ids[i, :len(new)] = torch.tensor(new, dtype=torch.long)
-        position_ids[i] = torch.arange(keep, keep + n)
+        position_ids[i, :len(new)] = torch.arange(keep, keep + len(new))
+        position_ids[i, len(new):] = keep + len(new) - 1  # pads: never past the row's own end
         mask[i, lc - keep:] = 1
     cache = batch_cache([s._cache for s in sessions], lc, n)
     out = owner.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,

@@ -11,17 +11,23 @@ from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
 
 
 def build_request(args, prompt: str) -> hsd_pb2.GenerateRequest:
+    """``args.seed`` None (or absent): no seed is sent, so a sampled request gets a fresh random
+    one from the server (printed in the stats line)."""
+    sampling = hsd_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k,
+                                      top_p=args.top_p)
+    seed = getattr(args, "seed", None)
+    if seed is not None:
+        sampling.seed = seed
     return hsd_pb2.GenerateRequest(
         prompt=prompt, max_tokens=args.max_tokens, method=args.method,
-        lookahead=args.lookahead, stop=list(args.stop),
-        sampling=hsd_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k,
-                                        top_p=args.top_p, seed=args.seed))
+        lookahead=args.lookahead, stop=list(args.stop), sampling=sampling)
 
 
 def stats_line(stats) -> str:
     return (f"[{stats.method}] {stats.completion_tokens} tokens in {stats.wall_s:.2f}s "
             f"({stats.tokens_per_s:.1f} tok/s), acceptance {stats.acceptance_rate:.2f}, "
-            f"{stats.tokens_per_round:.2f} tokens/round, ttft {stats.ttft_s * 1000:.0f} ms")
+            f"{stats.tokens_per_round:.2f} tokens/round, ttft {stats.ttft_s * 1000:.0f} ms, "
+            f"seed {stats.seed}")
 
 
 def run_client(args, prompt: str) -> int:

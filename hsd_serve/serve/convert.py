@@ -9,7 +9,13 @@ on the other side.
 
 The client-facing ``request_from_proto`` validates a ``GenerateRequest`` completely and raises
 ``RequestError(field, message)`` naming the proto field (``sampling.temperature``, ``max_tokens``,
-...), which the service maps to ``INVALID_ARGUMENT``.
+...), which the service maps to ``INVALID_ARGUMENT``.  A sampled request without
+``sampling.seed`` gets a fresh random seed (as over HTTP); the response echoes the seed used in
+``Stats.seed`` (``result_to_proto`` / ``chunk_to_proto`` take it), so resending it reproduces the
+output.
+
+Every field of every message crosses: ``tests/unit/test_convert.py`` fills each field of each
+message type with a non-default value and round-trips it through these converters.
 
 Protobuf types stay inside ``hsd_serve.serve``.
 """
@@ -17,6 +23,7 @@ Protobuf types stay inside ``hsd_serve.serve``.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -165,22 +172,28 @@ def open_request(rid: str, method: str, prompt: str, params: SamplingParams,
                           sampling=params_to_proto(params), prompt_ids=list(prompt_ids))
 
 
+def open_request_args(msg: pb.OpenRequest) -> dict:
+    """Keyword arguments of ``DrafterWorker.open`` (the inverse of ``open_request``)."""
+    return {"rid": msg.request_id, "method": msg.method, "prompt": msg.prompt,
+            "params": params_from_proto(msg.sampling), "prompt_ids": list(msg.prompt_ids)}
+
+
 def draft_request(rid: str, k: int, position: int, committed: Optional[Sequence[int]],
-                  generated: Optional[bytes]) -> pb.DraftRequest:
+                  generated: Optional[bytes], attempt: int = 0) -> pb.DraftRequest:
     """Exactly one of ``committed`` (target ids) / ``generated`` (bytes) is set; ``use_ids``
     says which (an empty ``generated`` is still ``b""``, not ``None``)."""
     if committed is not None:
         return pb.DraftRequest(request_id=rid, k=k, position=position, committed=list(committed),
-                               use_ids=True)
+                               use_ids=True, attempt=attempt)
     return pb.DraftRequest(request_id=rid, k=k, position=position,
-                           generated=bytes(generated or b""), use_ids=False)
+                           generated=bytes(generated or b""), use_ids=False, attempt=attempt)
 
 
 def draft_request_args(msg: pb.DraftRequest) -> dict:
     """Keyword arguments of ``DrafterWorker.draft`` after ``rid, k, position``."""
     if msg.use_ids:
-        return {"committed": list(msg.committed), "generated": None}
-    return {"committed": None, "generated": bytes(msg.generated)}
+        return {"committed": list(msg.committed), "generated": None, "attempt": msg.attempt}
+    return {"committed": None, "generated": bytes(msg.generated), "attempt": msg.attempt}
 
 
 def draft_to_proto(d: Draft) -> pb.DraftReply:
@@ -199,6 +212,13 @@ def draft_from_proto(msg: pb.DraftReply, width: int) -> Draft:
 def slrs_request(rid: str, generated: bytes, row: torch.Tensor, position: int) -> pb.SLRSRequest:
     return pb.SLRSRequest(request_id=rid, generated=bytes(generated), row=row_to_bytes(row),
                           position=position)
+
+
+def slrs_request_args(msg: pb.SLRSRequest) -> dict:
+    """Keyword arguments of ``DrafterWorker.slrs_step`` (the inverse of ``slrs_request``;
+    ``row`` is ``None`` when none was sent)."""
+    return {"rid": msg.request_id, "generated": bytes(msg.generated),
+            "row": row_from_bytes(msg.row), "position": msg.position}
 
 
 def slrs_to_proto(o: SLRSOutcome) -> pb.SLRSReply:
@@ -223,14 +243,25 @@ def verify_request(rid: str, committed: Sequence[int], candidates: Sequence[int]
                             proposals=rows_to_proto(proposals))
 
 
+def verify_request_args(msg: pb.VerifyRequest, width: int) -> dict:
+    """Keyword arguments of ``VerifyCall`` (the inverse of ``verify_request``); ``width``: the
+    target vocabulary size the proposal rows span.  Raises ValueError on malformed rows."""
+    return {"rid": msg.request_id, "committed": list(msg.committed),
+            "candidates": list(msg.candidates), "rule": msg.rule,
+            "params": params_from_proto(msg.sampling), "position": msg.position,
+            "proposals": rows_from_proto(msg.proposals, width)}
+
+
 def verdict_to_proto(v: Verdict) -> pb.VerifyReply:
     return pb.VerifyReply(accepted=int(v.accepted), tokens=list(v.tokens),
-                          row=row_to_bytes(v.row), verify_s=float(v.verify_s))
+                          row=row_to_bytes(v.row), verify_s=float(v.verify_s),
+                          batch_size=int(v.batch_size))
 
 
 def verdict_from_proto(msg: pb.VerifyReply) -> Verdict:
+    # batch_size 0: a replica that predates the field; it verified this request at least
     return Verdict(accepted=msg.accepted, tokens=list(msg.tokens), row=row_from_bytes(msg.row),
-                   verify_s=msg.verify_s)
+                   verify_s=msg.verify_s, batch_size=max(1, msg.batch_size))
 
 
 # ------------------------------------------------------------------------------ client-facing
@@ -268,10 +299,15 @@ def _client_params(msg: pb.GenerateRequest) -> SamplingParams:
         raise RequestError("sampling.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
     if not math.isfinite(s.top_p) or not 0.0 <= s.top_p <= 1.0:
         raise RequestError("sampling.top_p", f"must be in (0, 1] (0 or 1 = off), got {s.top_p!r}")
-    if s.seed >= 2**63:
+    if not s.HasField("seed"):  # as over HTTP: a sampled request draws a fresh seed
+        seed = secrets.randbits(63) if s.temperature > 0 else 0
+    elif s.seed >= 2**63:
         raise RequestError("sampling.seed", f"must be < 2**63, got {s.seed}")
+    else:
+        seed = s.seed
     try:
-        return params_from_proto(s)
+        return SamplingParams(temperature=s.temperature, top_k=s.top_k,
+                              top_p=1.0 if s.top_p == 0.0 else s.top_p, seed=seed)
     except ValueError as exc:  # defensive: SamplingParams' own checks
         raise RequestError("sampling", str(exc)) from exc
 
@@ -279,6 +315,9 @@ def _client_params(msg: pb.GenerateRequest) -> SamplingParams:
 def request_from_proto(msg: pb.GenerateRequest,
                        defaults: RequestDefaults = RequestDefaults()) -> GenerationRequest:
     """Validate a client ``GenerateRequest`` and build the engine's request.
+
+    A sampled request without ``sampling.seed`` gets a fresh random seed (``req.params.seed``;
+    echo it with ``result_to_proto`` / ``chunk_to_proto``); a greedy one gets 0.
 
     Raises ``RequestError(field, message)`` with ``field`` the proto field path.  Token-level
     checks (prompt encodes to nothing / exceeds the context, method needs a drafter) happen later
@@ -321,7 +360,18 @@ def request_from_proto(msg: pb.GenerateRequest,
     return req
 
 
-def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None) -> pb.Stats:
+def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
+    """The client side of ``request_from_proto``: the seed is always set (explicitly)."""
+    return pb.GenerateRequest(prompt=req.prompt, max_tokens=int(req.max_new_tokens),
+                              sampling=params_to_proto(req.params), method=req.method,
+                              lookahead=int(req.lookahead),
+                              adaptive_lookahead=bool(req.adaptive_lookahead),
+                              stop=list(req.stop))
+
+
+def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None, *,
+                   seed: int) -> pb.Stats:
+    """``seed``: the seed the request ran with (``GenerationRequest.params.seed``)."""
     if transport_s is None:
         transport_s = float(getattr(stats, "transport_s", 0.0))
     return pb.Stats(method=stats.method, rounds=stats.rounds, drafted=stats.drafted,
@@ -332,20 +382,27 @@ def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None) -> 
                     accepted_per_position=list(stats.accepted_per_position),
                     draft_s=stats.draft_s, verify_s=stats.verify_s, bridge_s=stats.bridge_s,
                     prompt_tokens=stats.prompt_tokens, completion_tokens=stats.emitted,
-                    transport_s=transport_s)
+                    transport_s=transport_s, seed=int(seed),
+                    drafted_per_position=list(stats.drafted_per_position),
+                    target_forwards=stats.target_forwards,
+                    drafter_forwards=stats.drafter_forwards,
+                    lookahead_final=stats.lookahead_final)
 
 
-def result_to_proto(result: GenerationResult,
-                    transport_s: Optional[float] = None) -> pb.GenerateResponse:
+def result_to_proto(result: GenerationResult, transport_s: Optional[float] = None, *,
+                    seed: int) -> pb.GenerateResponse:
+    """``seed``: the seed the request ran with, echoed in ``stats.seed``."""
     return pb.GenerateResponse(text=result.text, token_ids=list(result.token_ids),
                                finish_reason=result.finish_reason,
-                               stats=stats_to_proto(result.stats, transport_s))
+                               stats=stats_to_proto(result.stats, transport_s, seed=seed))
 
 
-def chunk_to_proto(chunk: Chunk, transport_s: Optional[float] = None) -> pb.GenerateChunk:
-    """A streamed piece; the last one (``chunk.result`` set) carries finish_reason and stats."""
+def chunk_to_proto(chunk: Chunk, transport_s: Optional[float] = None, *,
+                   seed: int) -> pb.GenerateChunk:
+    """A streamed piece; the last one (``chunk.result`` set) carries finish_reason and stats
+    (with ``seed``, the seed the request ran with)."""
     msg = pb.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
     if chunk.result is not None:
         msg.finish_reason = chunk.result.finish_reason
-        msg.stats.CopyFrom(stats_to_proto(chunk.result.stats, transport_s))
+        msg.stats.CopyFrom(stats_to_proto(chunk.result.stats, transport_s, seed=seed))
     return msg

@@ -150,9 +150,7 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
 
     async def Open(self, request: pb.OpenRequest, context) -> pb.OpenReply:
         def work():
-            self.worker.open(request.request_id, request.method, request.prompt,
-                             convert.params_from_proto(request.sampling),
-                             list(request.prompt_ids))
+            self.worker.open(**convert.open_request_args(request))
             return pb.OpenReply()
 
         return await self._serve(context, work)
@@ -173,12 +171,11 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
 
     async def SLRSStep(self, request: pb.SLRSRequest, context) -> pb.SLRSReply:
         def work():
-            row = convert.row_from_bytes(request.row)
-            if row is None:
+            args = convert.slrs_request_args(request)
+            if args["row"] is None:
                 raise ValueError("SLRSStep needs the target's row")
             try:
-                out = self.worker.slrs_step(request.request_id, bytes(request.generated), row,
-                                            request.position)
+                out = self.worker.slrs_step(**args)
             except SessionMissing:
                 return pb.SLRSReply(token=-1, session_missing=True)
             return convert.slrs_to_proto(out)
@@ -206,12 +203,11 @@ class TargetServicer(_WorkerServicer, pb_grpc.TargetServicer):
         from hsd_serve.engine.target import VerifyCall
 
         try:
-            call = VerifyCall(request.request_id, list(request.committed),
-                              list(request.candidates), request.rule,
-                              convert.params_from_proto(request.sampling), request.position,
-                              convert.rows_from_proto(request.proposals, self.width))
+            call = VerifyCall(**convert.verify_request_args(request, self.width))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # the verdict's batch_size (requests in its forward pass) travels back: the
+        # coordinator's load-aware lookahead reads it
         return convert.verdict_to_proto(await self._batched(context, call))
 
     async def Free(self, request: pb.FreeRequest, context) -> pb.FreeReply:
@@ -353,9 +349,10 @@ class GrpcDrafter(_GrpcPort):
                                                               prompt_ids))
 
     async def draft(self, rid: str, k: int, position: int, *, committed=None,
-                    generated=None) -> Draft:
+                    generated=None, attempt: int = 0) -> Draft:
         reply = await self._call(self.stub.Draft,
-                                 convert.draft_request(rid, k, position, committed, generated),
+                                 convert.draft_request(rid, k, position, committed, generated,
+                                                       attempt),
                                  lambda r: r.draft_s)
         if reply.session_missing:
             raise SessionMissing(rid)

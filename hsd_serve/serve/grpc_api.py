@@ -47,7 +47,7 @@ async def generate_unary(dep, request, ctx) -> hsd_pb2.GenerateResponse:
         async with contextlib.aclosing(dep.stream(req)) as chunks:
             async for chunk in chunks:
                 result = chunk.result
-        return result_to_proto(result)
+        return result_to_proto(result, seed=req.params.seed)  # echo the seed used
     except Exception as exc:  # noqa: BLE001 - mapped to a status
         code = _status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
@@ -63,7 +63,7 @@ async def generate_stream(dep, request, ctx):
         # caches and leases are freed at once
         async with contextlib.aclosing(dep.stream(req)) as chunks:
             async for chunk in chunks:
-                yield chunk_to_proto(chunk)
+                yield chunk_to_proto(chunk, seed=req.params.seed)
     except Exception as exc:  # noqa: BLE001 - mapped to a status
         code = _status_for(exc)
         if code == grpc.StatusCode.INTERNAL:

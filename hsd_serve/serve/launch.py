@@ -58,6 +58,7 @@ def deploy(cfg: dict[str, Any], *, http_port: Optional[int] = None,
         serve.run(builder(app.get("args") or {}), name=app["name"],
                   route_prefix=app.get("route_prefix", "/"), blocking=False)
     return {"http_port": http["port"], "grpc_port": grpc_opts.get("port"),
+            "grpc_reflection": bool(grpc_opts.get("enable_reflection", True)),  # Serve's default
             "apps": [a["name"] for a in cfg.get("applications", [])]}
 
 
@@ -76,7 +77,6 @@ def serve_from_config(config: str, *, address: Optional[str] = None,
     """``metrics_export_port``: the local Ray node's Prometheus export port (8080 as on KubeRay;
     0/None: Ray picks one).  The coordinator's ``/metrics`` passes it through either way."""
     import ray
-    from ray import serve
 
     cfg = read_config(config)
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
@@ -99,7 +99,8 @@ def serve_from_config(config: str, *, address: Optional[str] = None,
         print(f"  HTTP (OpenAI):  http://127.0.0.1:{hp}/v1/completions  "
               f"(/v1/chat/completions, /v1/models, /health, /metrics)", flush=True)
         if gp:
-            print(f"  gRPC:           127.0.0.1:{gp}  (hsd.v1.Generation, grpc.health.v1)  "
+            refl = ", reflection" if info["grpc_reflection"] else ""
+            print(f"  gRPC:           127.0.0.1:{gp}  (hsd.v1.Generation, grpc.health.v1{refl})  "
                   f"e.g. hsd-serve client --address 127.0.0.1:{gp} 'def fib(n):'", flush=True)
         print(f"  Metrics:        http://127.0.0.1:{hp}/metrics  (Prometheus text: ray_hsd_*, "
               f"ray_serve_*; Ray export port {_export_port(ray)})", flush=True)
@@ -116,9 +117,48 @@ def serve_from_config(config: str, *, address: Optional[str] = None,
         return 0
     finally:
         try:
-            serve.shutdown()
+            shutdown_serve()
         finally:
             ray.shutdown()
+
+
+def shutdown_serve(timeout_s: float = 60.0) -> None:
+    """``serve.shutdown()`` without its alarming last line; returns once the controller exited.
+
+    ``serve.shutdown()`` asks the controller with ``graceful_shutdown``, an actor task that never
+    returns: the controller deletes the apps and proxies, then ends itself with ``ray.kill``. Serve
+    submits that task with infinite retries, so its caller's Ray prints ``(raylet) Task
+    ServeController.graceful_shutdown failed. There are infinite retries remaining ... killed by
+    ray.kill`` on every clean shutdown. The same request without retries ends with the
+    ``RayActorError`` Serve itself waits for, and nothing is printed. Any surprise in Serve's
+    (private) client falls back to ``serve.shutdown()``.
+    """
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        from ray.serve import context as serve_context
+
+        client = serve_context._get_global_client(raise_if_no_controller_running=False)
+        if client is None or client._shutdown:
+            serve_context._disconnect()
+            return
+        client.shutdown_cached_handles()
+        ref = client._controller.graceful_shutdown.options(max_task_retries=0).remote()
+    except Exception:  # noqa: BLE001 - Serve's internals moved: its own shutdown
+        serve.shutdown()
+        return
+    try:
+        ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        pass  # the controller has released everything and exited: done
+    except ray.exceptions.GetTimeoutError:
+        print(f"hsd-serve: Serve's controller did not exit within {timeout_s:g}s",
+              file=sys.stderr, flush=True)
+    client._shutdown = True
+    serve_context._disconnect()
 
 
 def _run_once(prompt: str, http_port: int, grpc_port: Optional[int], max_tokens: int) -> int:

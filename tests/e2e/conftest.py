@@ -24,11 +24,14 @@ def ray_serve():
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "hsd_serve.pb.hsd_pb2_grpc.add_GenerationServicer_to_server",
-                    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]})
+                    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"],
+                    "enable_reflection": True})
     try:
         yield {"http": http_port, "grpc": grpc_port}
     finally:
-        serve.shutdown()
+        from hsd_serve.serve.launch import shutdown_serve
+
+        shutdown_serve()  # serve.shutdown() without its "graceful_shutdown failed" line
         ray.shutdown()
 
 

@@ -121,3 +121,29 @@ def test_leases_free_replica_sessions(service, stub):
                 break
             time.sleep(0.5)
         assert stats["sessions"] == 0, (name, stats)
+
+
+def test_grpc_unseeded_sampling_draws_a_seed_and_echoes_it(stub):
+    """A sampled gRPC request without a seed gets a fresh random one (as over HTTP), reported in
+    ``stats.seed``; resending that seed reproduces the output exactly."""
+    def request(**seed):
+        return hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=12, method="tli",
+                                       sampling=hsd_pb2.SamplingParams(temperature=1.0, **seed))
+
+    a = stub.Generate(request(), metadata=META, timeout=120)
+    b = stub.Generate(request(), metadata=META, timeout=120)
+    assert a.stats.seed != b.stats.seed
+    chunks = list(stub.GenerateStream(request(), metadata=META, timeout=120))
+    assert not any(c.HasField("stats") for c in chunks[:-1])
+    streamed_seed = chunks[-1].stats.seed
+    assert streamed_seed not in (a.stats.seed, b.stats.seed)
+    streamed = [t for c in chunks for t in c.token_ids]
+    assert len({tuple(a.token_ids), tuple(b.token_ids), tuple(streamed)}) > 1  # not one text
+    for seed, ids, text in ((a.stats.seed, list(a.token_ids), a.text),
+                            (streamed_seed, streamed, "".join(c.text for c in chunks))):
+        again = stub.Generate(request(seed=seed), metadata=META, timeout=120)
+        assert again.stats.seed == seed
+        assert (list(again.token_ids), again.text) == (ids, text)
+    greedy = stub.Generate(hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=4, method="slem"),
+                           metadata=META, timeout=120)
+    assert greedy.stats.seed == 0

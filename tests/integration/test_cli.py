@@ -78,3 +78,50 @@ def test_slrs_over_budget_is_refused(capsys, pair):
     rc, _, err = run(capsys, "generate", "--target", target, "--drafter", drafter,
                      "--method", "slrs", "--slrs-max-forwards", "4", "x")
     assert rc == 2 and ("budget" in err.lower() or "forwards" in err), err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_once_answers_and_shuts_down_without_alarm(pair, tmp_path):
+    """`hsd-serve serve CONFIG --once PROMPT` (what `make demo` runs) on the tiny pair: both
+    requests answered, exit 0, and Serve's shutdown leaves no `(raylet) Task
+    ServeController.graceful_shutdown failed ... killed by ray.kill` line behind."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    pytest.importorskip("ray")
+    root = Path(__file__).resolve().parents[2]
+    cfg = yaml.safe_load((root / "serve_config.yaml").read_text())
+    args = cfg["applications"][0]["args"]
+    target, drafter = pair
+    args["target"] = {"path": target}
+    args["drafter"] = {"path": drafter}
+    for dep in ("drafter_deployment", "target_deployment", "coordinator_deployment"):
+        args[dep]["num_cpus"] = 0.1
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hsd_serve.cli", "serve", str(config), "--num-cpus", "2",
+         "--http-port", str(_free_port()), "--grpc-port", str(_free_port()),
+         "--metrics-export-port", "0", "--max-tokens", "4", "--once", "def fib(n):"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "--- gRPC GenerateStream" in out and "--- HTTP /v1/completions" in out, out
+    assert '"completion_tokens": 4' in out, out
+    assert "(hsd.v1.Generation, grpc.health.v1, reflection)" in out, out
+    assert "graceful_shutdown" not in out and "killed by" not in out, out

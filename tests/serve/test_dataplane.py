@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -306,3 +307,56 @@ def test_status_mapping_health_and_reflection(hetero):
                 assert name in names and "grpc.health.v1.Health" in names
 
     asyncio.run(main())
+
+
+def test_verdicts_report_their_batch_over_grpc(hetero):
+    """Each verdict carries the number of requests verified in its forward pass across the wire
+    (the coordinator's load-aware lookahead reads it): calls queued behind a busy worker thread
+    are batched, and every verdict's batch_size is the size of the batch it was in."""
+    target, drafter = hetero
+
+    async def main():
+        async with served(target, drafter) as srv:
+            t_port, _ = srv.ports()
+            servicer = srv.target_server.hsd_servicer
+            batches = {}
+            verify_batch = servicer.worker.verify_batch
+
+            def spy(calls):
+                batches.update((c.rid, len(calls)) for c in calls)
+                return verify_batch(calls)
+
+            servicer.worker.verify_batch = spy
+            arrived = []
+            batched = servicer._batched
+
+            async def count(context, call):
+                arrived.append(call.rid)
+                return await batched(context, call)
+
+            servicer._batched = count
+            gate = threading.Event()
+            busy = asyncio.ensure_future(servicer.run(gate.wait, 30))
+            rids = [f"b{i}" for i in range(4)]
+            tasks = [asyncio.ensure_future(t_port.verify(rid, [1, 2, 3 + i], [], EXACT,
+                                                         SamplingParams(), 0))
+                     for i, rid in enumerate(rids)]
+            try:
+                for _ in range(1000):  # until every call waits on the replica behind the gate
+                    if len(arrived) == len(rids):
+                        break
+                    await asyncio.sleep(0.01)
+                assert len(arrived) == len(rids)
+            finally:
+                gate.set()
+            await busy
+            verdicts = await asyncio.gather(*tasks)
+            alone = await t_port.verify("b9", [1, 2], [], EXACT, SamplingParams(), 0)
+            for rid in (*rids, "b9"):
+                await t_port.free(rid)
+            return verdicts, alone, batches, rids
+
+    verdicts, alone, batches, rids = asyncio.run(main())
+    assert [v.batch_size for v in verdicts] == [batches[r] for r in rids]
+    assert max(v.batch_size for v in verdicts) >= 2
+    assert alone.batch_size == 1

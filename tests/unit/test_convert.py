@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import inspect
 import math
+import re
 import struct
+import typing
+from pathlib import Path
 
 import pytest
 import torch
+from google.protobuf import message_factory
+from google.protobuf.descriptor import FieldDescriptor as FD
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.core.speculative import truncate_proposal
 from hsd_serve.engine.protocol import Draft, SLRSOutcome, Verdict
-from hsd_serve.engine.types import Chunk, GenerationResult, RequestError, RequestStats
+from hsd_serve.engine.types import (Chunk, GenerationRequest, GenerationResult, RequestError,
+                                    RequestStats)
 from hsd_serve.pb import hsd_pb2 as pb
 from hsd_serve.serve import convert
 from hsd_serve.serve.convert import RequestDefaults, request_from_proto
@@ -121,17 +130,20 @@ def test_engine_messages_round_trip():
     back.proposals = d.proposals
     assert back == d
     assert convert.draft_from_proto(convert.draft_to_proto(Draft()), 100) == Draft()
-    v = Verdict(accepted=2, tokens=[1, 2, 3], verify_s=0.5)
+    v = Verdict(accepted=2, tokens=[1, 2, 3], verify_s=0.5, batch_size=7)
     assert convert.verdict_from_proto(convert.verdict_to_proto(v)) == v
+    assert convert.verdict_from_proto(pb.VerifyReply()).batch_size == 1  # a replica without it
     vr = convert.verdict_from_proto(convert.verdict_to_proto(Verdict(row=rows[0])))
     assert_bit_identical(vr.row, rows[0])
     o = SLRSOutcome(token=7, accepted=True, proposed=True, drafter_ids=[1, 2], forwards=3,
                     draft_s=0.125)
     assert convert.slrs_from_proto(convert.slrs_to_proto(o)) == o
-    ids_req = convert.draft_request("r", 3, 4, [1, 2], None)
-    assert convert.draft_request_args(ids_req) == {"committed": [1, 2], "generated": None}
+    ids_req = convert.draft_request("r", 3, 4, [1, 2], None, attempt=5)
+    assert convert.draft_request_args(ids_req) == {"committed": [1, 2], "generated": None,
+                                                   "attempt": 5}
     txt_req = convert.draft_request("r", 3, 4, None, b"")
-    assert convert.draft_request_args(txt_req) == {"committed": None, "generated": b""}
+    assert convert.draft_request_args(txt_req) == {"committed": None, "generated": b"",
+                                                   "attempt": 0}
 
 
 def test_result_and_chunks_to_proto():
@@ -139,16 +151,17 @@ def test_result_and_chunks_to_proto():
     stats.record_round(3, 2, emitted=3)
     stats.wall_s = 0.5
     res = GenerationResult("abc", [1, 2, 3], "length", stats)
-    msg = convert.result_to_proto(res, transport_s=0.01)
+    msg = convert.result_to_proto(res, transport_s=0.01, seed=11)
     assert (msg.text, list(msg.token_ids), msg.finish_reason) == ("abc", [1, 2, 3], "length")
+    assert msg.stats.seed == 11 and list(msg.stats.drafted_per_position) == [1, 1, 1]
     assert (msg.stats.rounds, msg.stats.drafted, msg.stats.accepted) == (1, 3, 2)
     assert msg.stats.completion_tokens == 3 and msg.stats.tokens_per_s == 6.0
     assert math.isclose(msg.stats.acceptance_rate, 2 / 3) and msg.stats.transport_s == 0.01
     assert list(msg.stats.accepted_per_position) == [1, 1, 0]
-    mid = convert.chunk_to_proto(Chunk([1], "a"))
+    mid = convert.chunk_to_proto(Chunk([1], "a"), seed=11)
     assert not mid.HasField("stats") and mid.finish_reason == ""
-    last = convert.chunk_to_proto(Chunk([2, 3], "bc", result=res))
-    assert last.finish_reason == "length" and last.stats.rounds == 1
+    last = convert.chunk_to_proto(Chunk([2, 3], "bc", result=res), seed=11)
+    assert last.finish_reason == "length" and last.stats.rounds == 1 and last.stats.seed == 11
 
 
 # ------------------------------------------------------------------------------ client requests
@@ -168,6 +181,50 @@ def test_request_defaults_and_values():
         (256, "tli", 64, True)
     assert req.params == SamplingParams(temperature=0.8, top_k=5, top_p=1.0, seed=9)
     assert req.stop == ("\n\n", "x" * 1024)
+
+
+def test_unseeded_sampled_requests_draw_fresh_seeds():
+    sampled = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=1.0))
+    assert not sampled.sampling.HasField("seed")
+    seeds = {request_from_proto(sampled, DEFAULTS).params.seed for _ in range(4)}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+    # a seed that is set is kept, 0 included (presence, not value, says "set")
+    for seed in (0, 1, 2**63 - 1):
+        msg = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=1.0,
+                                                                         seed=seed))
+        wire = pb.GenerateRequest.FromString(msg.SerializeToString())
+        assert wire.sampling.HasField("seed")
+        assert request_from_proto(wire, DEFAULTS).params.seed == seed
+    # greedy: the seed changes nothing; unset means 0
+    greedy = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_k=3))
+    assert request_from_proto(greedy, DEFAULTS).params.seed == 0
+    assert request_from_proto(pb.GenerateRequest(prompt="hi"), DEFAULTS).params.seed == 0
+    # the client side always states the seed, so a converted request is reproduced exactly
+    req = request_from_proto(sampled, DEFAULTS)
+    again = request_from_proto(convert.request_to_proto(req), DEFAULTS)
+    assert again == req
+
+
+def test_seed_field_is_wire_compatible_with_plain_uint64():
+    """``optional uint64 seed`` encodes a set seed exactly as the old ``uint64 seed`` did; an
+    old client's explicit seed 0 is not on the wire, so it reads as unset (a fresh seed)."""
+    assert pb.SamplingParams(seed=7).SerializeToString() == b"\x20\x07"
+    assert pb.SamplingParams(seed=0).SerializeToString() == b"\x20\x00"
+    assert not pb.SamplingParams.FromString(b"").HasField("seed")
+
+
+def test_client_sends_a_seed_only_when_given_and_prints_the_seed_used():
+    from types import SimpleNamespace
+
+    from hsd_serve.serve.client import build_request, stats_line
+
+    args = SimpleNamespace(max_tokens=8, method="tli", lookahead=2, stop=[], temperature=1.0,
+                           top_k=0, top_p=1.0, seed=None)
+    assert not build_request(args, "hi").sampling.HasField("seed")
+    args.seed = 0
+    msg = pb.GenerateRequest.FromString(build_request(args, "hi").SerializeToString())
+    assert msg.sampling.HasField("seed") and request_from_proto(msg).params.seed == 0
+    assert stats_line(pb.Stats(method="tli", seed=2**62)).endswith(f"seed {2**62}")
 
 
 BAD = [
@@ -239,3 +296,297 @@ def test_request_defaults_validate_themselves():
         RequestDefaults(max_tokens=10, max_max_tokens=5)
     with pytest.raises(ValueError):
         RequestDefaults(method="beam")
+
+
+# ------------------------------------------------------------------------------ every field crosses
+# Every message type of hsd.proto, every field set to a non-default value: whatever has a converter
+# pair must come back equal (proto → engine → proto and engine → proto → engine); whatever the
+# server only sends (Stats, GenerateResponse, GenerateChunk) must have every proto field filled and
+# every engine field accounted for.  New messages and fields are covered without editing this test
+# (and fail it until their converters carry them).
+WIDTH = 64  # target vocabulary width of the proposal rows in these round trips
+SEED = 2**62 + 12345  # the seed the service echoes in Stats
+STRINGS = {"method": "tli"}  # the one string field a converter validates
+_INTS = (FD.TYPE_INT32, FD.TYPE_INT64, FD.TYPE_UINT32, FD.TYPE_UINT64, FD.TYPE_SINT32,
+         FD.TYPE_SINT64, FD.TYPE_FIXED32, FD.TYPE_FIXED64, FD.TYPE_SFIXED32, FD.TYPE_SFIXED64)
+
+
+def _msg_class(desc):
+    return message_factory.GetMessageClass(desc)
+
+
+def _proto_scalar(f, i: int):
+    """A non-default value for scalar field ``f`` (``i``: element index in a repeated field);
+    values differ between fields so that swapped fields are caught too."""
+    if f.type in _INTS:
+        return f.number + 2 + i  # ascending in a repeated field (SparseRow ids), < WIDTH
+    if f.type in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
+        return 0.125 * (f.number + 1 + i)  # exact in float32
+    if f.type == FD.TYPE_BOOL:
+        return True
+    if f.type == FD.TYPE_STRING:
+        return STRINGS.get(f.name, f"{f.name}-{f.number}") + (f"-{i}" if i else "")
+    if f.type == FD.TYPE_BYTES:
+        return struct.pack("<2f", 0.5, f.number + i + 0.25)  # also a valid float32 row
+    if f.type == FD.TYPE_ENUM:
+        return f.enum_type.values[-1].number
+    raise AssertionError(f"no filler for {f.full_name} (type {f.type})")
+
+
+def fill_proto(desc):
+    """An instance of message type ``desc`` with every field set to a non-default value."""
+    msg = _msg_class(desc)()
+    for f in desc.fields:
+        if f.message_type is not None:
+            assert not f.message_type.GetOptions().map_entry, f"teach fill_proto maps: {f.name}"
+            if f.is_repeated:
+                for _ in range(2):
+                    getattr(msg, f.name).add().CopyFrom(fill_proto(f.message_type))
+            else:
+                getattr(msg, f.name).CopyFrom(fill_proto(f.message_type))
+        elif f.is_repeated:
+            getattr(msg, f.name).extend(_proto_scalar(f, i) for i in range(2))
+        else:
+            setattr(msg, f.name, _proto_scalar(f, 0))
+    return msg
+
+
+def _set_fields(msg) -> set:
+    return {f.name for f, _ in msg.ListFields()}
+
+
+def _all_fields(desc) -> set:
+    return {f.name for f in desc.fields}
+
+
+def _proto_diff(want, got) -> list:
+    return sorted(f.name for f in want.DESCRIPTOR.fields
+                  if getattr(want, f.name) != getattr(got, f.name)
+                  or (f.has_presence and want.HasField(f.name) != got.HasField(f.name)))
+
+
+# ---- engine side
+def _tensor(name: str) -> torch.Tensor:
+    if name == "proposals":  # [n, V] proposal rows
+        rows = torch.zeros(2, WIDTH)
+        rows[0, 3], rows[0, 7], rows[1, 5], rows[1, WIDTH - 1] = 0.25, 0.75, 0.5, 0.5
+        return rows
+    if name == "row":  # one processed target row [V]
+        return torch.arange(1, WIDTH + 1, dtype=torch.float32) / WIDTH
+    raise AssertionError(f"no tensor filler for {name!r}: add one")
+
+
+def fill_value(tp, name: str, i: int):
+    """A non-default value of type ``tp`` for engine field/argument ``name`` (index ``i``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return fill_value(next(a for a in args if a is not type(None)), name, i)
+    if tp is bool:
+        return True
+    if tp is int:
+        return i + 2
+    if tp is float:
+        return 0.125 * (i + 1)
+    if tp is str:
+        return STRINGS.get(name, f"{name}-{i}")
+    if tp is bytes:
+        return bytes([0xE6, 0x9D, i])
+    if tp is torch.Tensor:
+        return _tensor(name)
+    if dataclasses.is_dataclass(tp):
+        return fill_engine(tp)
+    if origin in (list, collections.abc.Sequence, collections.abc.Iterable):
+        return [fill_value(args[0], name, i + j) for j in range(2)]
+    if origin is tuple:
+        return tuple(fill_value(args[0], name, i + j) for j in range(2))
+    if tp is dict or origin is dict:
+        return {name: f"{name}-{i}"}
+    raise AssertionError(f"no filler for {name}: {tp!r}")
+
+
+def fill_engine(kind, **overrides):
+    """A dataclass instance, or (``kind`` a function) its keyword arguments, with every field /
+    argument set to a non-default value."""
+    hints = typing.get_type_hints(kind)
+    if dataclasses.is_dataclass(kind):
+        names = [f.name for f in dataclasses.fields(kind)]
+    else:
+        names = list(inspect.signature(kind).parameters)
+    values = {n: fill_value(hints[n], n, i) for i, n in enumerate(names)}
+    values.update(overrides)
+    return kind(**values) if dataclasses.is_dataclass(kind) else values
+
+
+def _engine_fields(obj) -> dict:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return dict(obj)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+                and torch.equal(_bits(a), _bits(b)))
+    if dataclasses.is_dataclass(a) or isinstance(a, dict):
+        return type(a) is type(b) and not _engine_diff(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and \
+            all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _engine_diff(want, got) -> list:
+    w, g = _engine_fields(want), _engine_fields(got)
+    return sorted(k for k in set(w) | set(g) if k not in w or k not in g or not _same(w[k], g[k]))
+
+
+# ---- which converters apply
+@dataclasses.dataclass
+class Pair:
+    """A converter pair: ``to_proto(engine) -> message`` and ``from_proto(message) -> engine``;
+    ``engine``: the engine dataclass, or the builder whose keyword arguments are the engine side."""
+
+    to_proto: typing.Callable
+    from_proto: typing.Callable
+    engine: typing.Any
+    make_engine: typing.Optional[typing.Callable] = None  # instead of fill_engine(engine)
+    # alternatives that cannot be set together: proto fields to clear / engine values per variant
+    proto_variants: tuple = ((),)
+    engine_variants: tuple = ({},)
+    # fields the converters leave to the port (transport signals, not data)
+    control: tuple = ()
+
+
+def _draft_call(m):  # what DrafterServicer.Draft passes to DraftCall
+    return dict(rid=m.request_id, k=m.k, position=m.position, **convert.draft_request_args(m))
+
+
+PAIRS = {
+    "SamplingParams": Pair(convert.params_to_proto, convert.params_from_proto, SamplingParams),
+    "SparseRow": Pair(lambda rows: convert.rows_to_proto(rows)[0],
+                      lambda m: convert.rows_from_proto([m], WIDTH), torch.Tensor,
+                      make_engine=lambda: _tensor("proposals")[:1]),
+    "GenerateRequest": Pair(lambda r: convert.request_to_proto(r),
+                            lambda m: convert.request_from_proto(m, RequestDefaults()),
+                            GenerationRequest),
+    "OpenRequest": Pair(lambda a: convert.open_request(**a),
+                        lambda m: convert.open_request_args(m), convert.open_request),
+    "DraftRequest": Pair(lambda a: convert.draft_request(**a), _draft_call, convert.draft_request,
+                         # use_ids says which of committed (ids) / generated (bytes) is meant
+                         proto_variants=(("generated",), ("committed", "use_ids")),
+                         engine_variants=({"generated": None}, {"committed": None})),
+    "DraftReply": Pair(convert.draft_to_proto, lambda m: convert.draft_from_proto(m, WIDTH),
+                       Draft, control=("session_missing",)),  # GrpcDrafter: SessionMissing
+    "SLRSRequest": Pair(lambda a: convert.slrs_request(**a),
+                        lambda m: convert.slrs_request_args(m), convert.slrs_request),
+    "SLRSReply": Pair(convert.slrs_to_proto, convert.slrs_from_proto, SLRSOutcome,
+                      control=("session_missing",)),  # GrpcDrafter: SessionMissing
+    "VerifyRequest": Pair(lambda a: convert.verify_request(**a),
+                          lambda m: convert.verify_request_args(m, WIDTH),
+                          convert.verify_request),
+    "VerifyReply": Pair(convert.verdict_to_proto, convert.verdict_from_proto, Verdict),
+}
+
+
+@dataclasses.dataclass
+class ToProto:
+    """A server → client message built from an engine object (no engine-side decoder)."""
+
+    engine: type
+    to_proto: typing.Callable
+    expect: dict = dataclasses.field(default_factory=dict)  # proto field -> f(engine object)
+    consumed: frozenset = frozenset()  # engine fields sent under another name
+    not_sent: dict = dataclasses.field(default_factory=dict)  # engine field -> why it stays
+
+
+def _stats_of(s):
+    return convert.stats_to_proto(s, seed=SEED)
+
+
+TO_ONLY = {
+    "Stats": ToProto(RequestStats, _stats_of,
+                     expect={"completion_tokens": lambda s: s.emitted, "seed": lambda s: SEED},
+                     consumed=frozenset({"emitted"}),
+                     not_sent={"replicas": "replica addresses stay inside the service",
+                               "round_draft_s": "per-round series for the latency histograms",
+                               "round_verify_s": "per-round series for the latency histograms",
+                               "round_transport_s": "per-round series for the latency histograms"}),
+    "GenerateResponse": ToProto(GenerationResult, lambda r: convert.result_to_proto(r, seed=SEED),
+                                expect={"stats": lambda r: _stats_of(r.stats)}),
+    "GenerateChunk": ToProto(Chunk, lambda c: convert.chunk_to_proto(c, seed=SEED),
+                             expect={"finish_reason": lambda c: c.result.finish_reason,
+                                     "stats": lambda c: _stats_of(c.result.stats)},
+                             consumed=frozenset({"result"})),
+}
+
+# no engine-side type: built and read field by field where they are used (dataplane.py)
+PASS_THROUGH = {"OpenReply", "FreeRequest", "FreeReply"}
+
+MESSAGES = sorted(pb.DESCRIPTOR.message_types_by_name)
+
+
+def test_every_message_type_is_mapped_once():
+    mapped = [*PAIRS, *TO_ONLY, *PASS_THROUGH]
+    assert len(mapped) == len(set(mapped)), "a message is mapped twice"
+    assert set(MESSAGES) == set(mapped), (
+        f"unmapped: {sorted(set(MESSAGES) - set(mapped))}; "
+        f"stale: {sorted(set(mapped) - set(MESSAGES))}")
+    # a message that convert.py builds or reads must have its converters exercised here
+    source = Path(convert.__file__).read_text()
+    converted = set(re.findall(r"\bpb\.([A-Z]\w*)", source)) & set(MESSAGES)
+    assert not converted & PASS_THROUGH, sorted(converted & PASS_THROUGH)
+    assert converted <= set(PAIRS) | set(TO_ONLY), sorted(converted - set(PAIRS) - set(TO_ONLY))
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+def test_every_field_of_every_message_crosses(name):
+    desc = pb.DESCRIPTOR.message_types_by_name[name]
+    full = fill_proto(desc)
+    assert _set_fields(full) == _all_fields(desc), "the filler missed a field"
+    assert type(full).FromString(full.SerializeToString()) == full
+    if name in PASS_THROUGH:
+        return
+    if name in TO_ONLY:
+        spec = TO_ONLY[name]
+        obj = fill_engine(spec.engine)
+        msg = spec.to_proto(obj)
+        assert isinstance(msg, _msg_class(desc))
+        missing = _all_fields(desc) - _set_fields(msg)
+        assert not missing, f"{name}: the converter leaves {sorted(missing)} unset"
+        for f in desc.fields:
+            want = spec.expect.get(f.name, lambda o, n=f.name: getattr(o, n))(obj)
+            got = getattr(msg, f.name)
+            if f.is_repeated:
+                want, got = list(want), list(got)
+            assert got == want, f"{name}.{f.name}: {got!r} != {want!r}"
+        accounted = _all_fields(desc) | spec.consumed | set(spec.not_sent)
+        dropped = {f.name for f in dataclasses.fields(spec.engine)} - accounted
+        assert not dropped, f"{spec.engine.__name__} fields that never reach {name}: " \
+                            f"{sorted(dropped)}"
+        return
+    assert name in PAIRS, f"{name} is not mapped"
+    pair = PAIRS[name]
+    assert set(pair.control) <= _all_fields(desc)
+    # proto -> engine -> proto
+    covered = set()
+    for clear in pair.proto_variants:
+        msg = type(full)()
+        msg.CopyFrom(full)
+        for f in (*clear, *pair.control):
+            msg.ClearField(f)
+        covered |= _set_fields(msg)
+        wire = type(msg).FromString(msg.SerializeToString())
+        back = pair.to_proto(pair.from_proto(wire))
+        assert back == msg, f"{name}: proto → engine → proto changed {_proto_diff(msg, back)}"
+    assert covered == _all_fields(desc) - set(pair.control)
+    # engine -> proto -> engine
+    for overrides in pair.engine_variants:
+        obj = pair.make_engine() if pair.make_engine else fill_engine(pair.engine, **overrides)
+        msg = pair.to_proto(obj)
+        back = pair.from_proto(type(msg).FromString(msg.SerializeToString()))
+        if isinstance(obj, torch.Tensor):
+            assert _same(obj, back), f"{name}: the tensor changed"
+        else:
+            assert not _engine_diff(obj, back), \
+                f"{name}: engine → proto → engine lost {_engine_diff(obj, back)}"

@@ -10,6 +10,7 @@ import torch
 from hsd_serve.engine.local import Engine
 from hsd_serve.engine.types import GenerationRequest
 from hsd_serve.models.hf import LoadedModel, ModelSpec
+from tests.support.numerics import assert_logits_close
 
 
 def test_kept_logits_equal_the_full_head_and_the_rest_are_minus_inf(tiny_model_dir, families):
@@ -25,7 +26,8 @@ def test_kept_logits_equal_the_full_head_and_the_rest_are_minus_inf(tiny_model_d
     assert set(range(300)) <= kept_ids
     assert set(pruned.eos_ids) <= kept_ids and set(pruned.vocab.special_ids) <= kept_ids
     assert len(kept_ids) < full.logit_size
-    torch.testing.assert_close(b[:, keep], a[:, keep], atol=1e-5, rtol=1e-5)
+    # the two heads are GEMMs of different shapes (kernel-dependent rounding): scaled to max|logits|
+    assert_logits_close(b[:, keep], a[:, keep])
     assert torch.isneginf(b[:, ~keep]).all()
     big = LoadedModel(ModelSpec(path, head_ids=10**9))  # more than the vocabulary: nothing pruned
     assert big.head_ids == 0

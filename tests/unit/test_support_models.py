@@ -30,6 +30,7 @@ from tests.support.models import (  # noqa: E402
     tiny_model_cache,
     tokenizer_dir,
 )
+from tests.support.numerics import assert_logits_close  # noqa: E402
 
 needs_assets = pytest.mark.skipif(find_assets() is None, reason="shared assets not available")
 
@@ -265,7 +266,8 @@ def test_stories260k_matches_llama2c_forward(stories_dir):
     ref = _llama2c_reference_logits(tokenizer_dir("stories260K") / "stories260K.bin", ids)
     with torch.no_grad():
         got = model(torch.tensor([ids])).logits[0].double()
-    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-4), (got - ref).abs().max()
+    # float32 against a float64 reference: float32 rounding is ~1e-6 x max|logits| here, any CPU
+    assert_logits_close(got, ref)
 
 
 @needs_assets

@@ -3,7 +3,9 @@
 The drafter runs on the committed target ids directly.  Each draft token is sampled from the
 drafter's processed distribution cut to the target's logit size and to its top-m entries and
 renormalised (argmax when greedy); that exact row is sent as the proposal, so the target's
-speculative rule (``core.speculative``) is lossless.
+speculative rule (``core.speculative``) is lossless.  "One vocabulary" is decided on the token
+strings, not on the heads: a drafter whose head has fewer padding rows than the target's
+(Qwen2.5-0.5B: 151,936 rows; Qwen2.5-7B: 152,064) gives the missing ids probability 0.
 """
 
 import torch
@@ -13,20 +15,23 @@ from hsd_serve.core.speculative import truncate_proposal
 from hsd_serve.engine.protocol import Draft
 
 
-def draft_sd(worker, st, k: int, position: int):
+def draft_sd(worker, st, k: int, position: int, attempt: int = 0):
     """Generator: yields each context it needs the drafter's logits after; returns the Draft."""
     v_target = worker.target_vocab.size
     drafts: list[int] = []
     rows = []
     for i in range(k):
         logits = (yield st.committed + drafts)[:v_target]
+        if logits.shape[-1] < v_target:  # a narrower (less padded) head: those ids get q = 0
+            logits = torch.nn.functional.pad(logits, (0, v_target - logits.shape[-1]),
+                                             value=float("-inf"))
         if st.params.greedy:
             t = int(torch.argmax(logits))
             q = torch.zeros(v_target)
             q[t] = 1.0
         else:
             q = truncate_proposal(process_logits(logits, st.params), worker.proposal_top_m)
-            t = gumbel_sample(q, st.params.seed, position + i, DRAFT)
+            t = gumbel_sample(q, st.params.seed, position + i, DRAFT, salt=attempt)
         drafts.append(t)
         rows.append(q)
     return Draft(drafter_ids=drafts, target_ids=list(drafts),

@@ -17,7 +17,7 @@ CANDIDATES_PER_DRAFT = 3  # cap on target candidates per unit of k (long drafter
 MAX_DRAFT_PER_K = 4  # cap on drafter tokens per unit of k (whitespace runs)
 
 
-def draft_slem(worker, st, k: int, position: int):
+def draft_slem(worker, st, k: int, position: int, attempt: int = 0):
     """Generator: yields each context it needs the drafter's logits after; returns the Draft.
 
     ``k`` counts drafted tokens the way most target tokenizers would: a run of whitespace-only

@@ -30,7 +30,7 @@ def _tables(worker):
     return worker._tli_tables
 
 
-def draft_tli(worker, st, k: int, position: int):
+def draft_tli(worker, st, k: int, position: int, attempt: int = 0):
     """Generator: yields each context it needs the drafter's logits after; returns the Draft."""
     in_i, back = _tables(worker)
     id_map, v_target = worker.id_map, worker.target_vocab.size
@@ -50,7 +50,7 @@ def draft_tli(worker, st, k: int, position: int):
             if float(mass) <= 0.0:
                 break
             q = truncate_proposal(q, worker.proposal_top_m)
-            t = gumbel_sample(q, st.params.seed, position + i, DRAFT)
+            t = gumbel_sample(q, st.params.seed, position + i, DRAFT, salt=attempt)
             d = int(back[t])
         drafter_ids.append(d)
         targets.append(t)

@@ -56,6 +56,7 @@ class GrpcClient:
     def generate(self, dataset: str, prompt: Prompt, spec: RunSpec, max_new: int, seed: int,
                  concurrency: int = 1) -> Sample:
         from hsd_serve.pb import hsd_pb2
+        from hsd_serve.serve.convert import finish_reason_from_proto
 
         req = hsd_pb2.GenerateRequest(
             prompt=prompt.text, max_tokens=max_new, method=spec.method,
@@ -71,9 +72,10 @@ class GrpcClient:
             last = chunk
         wall = time.perf_counter() - t0
         st = last.stats if last is not None else None
+        finish = finish_reason_from_proto(last.finish_reason) if last is not None else ""
         return Sample(dataset=dataset, prompt_id=prompt.id, spec=spec,
                       prompt_tokens=int(st.prompt_tokens) if st else 0, token_ids=ids,
-                      text="".join(text), finish_reason=last.finish_reason if last else "",
+                      text="".join(text), finish_reason=finish,
                       wall_s=wall, ttft_s=(first or time.perf_counter()) - t0,
                       rounds=int(st.rounds), drafted=int(st.drafted), accepted=int(st.accepted),
                       accepted_per_position=list(st.accepted_per_position),

@@ -27,6 +27,7 @@ from hsd_serve.bench.datasets import (LONG_CONTEXT, Prompt, context_fitter, fit_
                                       load_prompts)
 from hsd_serve.bench.metrics import (alpha_from_tokens_per_round, conditional_alpha, geomean,
                                      ideal_speedup, mean, percentile, ratio, rnd)
+from hsd_serve.engine.types import MAX_LOOKAHEAD
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,8 @@ class BenchConfig:
         if bad:
             raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from "
                              f"{', '.join(BENCH_METHODS)}")
-        if not self.lookaheads or any(k < 1 or k > 64 for k in self.lookaheads):
-            raise ValueError("--lookahead values must be in [1, 64]")
+        if not self.lookaheads or any(k < 1 or k > MAX_LOOKAHEAD for k in self.lookaheads):
+            raise ValueError(f"--lookahead values must be in [1, {MAX_LOOKAHEAD}]")
         if any(t < 0 for t in self.temperatures):
             raise ValueError("--temperature values must be >= 0")
         if self.max_new_tokens < 1:

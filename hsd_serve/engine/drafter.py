@@ -5,16 +5,17 @@ target ids themselves for SD (shared vocabulary), or a ``DrafterText`` (its own 
 the committed bytes) for SLEM/TLI/SLRS.  Each ``draft`` call first re-synchronises with what the
 coordinator says is committed, keeping the previous round's drafted tokens that agree with it.
 
-Bounds: at most ``max_sessions`` sessions and (when set) ``max_cached_tokens`` tokens in all the
-sessions' KV caches together.  Over either bound the least recently used *other* sessions are
-evicted; their next ``draft`` answers ``SessionMissing`` and the coordinator opens them again
+What a method drafts is its proposer's business (``engine.methods``: one module per method, the
+draft protocol in ``methods.base``); this worker keeps sessions, syncs them and runs the forwards.
+
+Bounds: ``max_sessions`` sessions and ``max_cached_tokens`` cached tokens (``engine.sessions``);
+an evicted request's next ``draft`` answers ``SessionMissing`` and the coordinator opens it again
 (a prefill; drafts only ever change speed, never the output).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -22,11 +23,11 @@ import torch
 
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.core.vocab import Vocab, build_id_map, same_vocabulary
+from hsd_serve.engine.methods import METHODS, Method
 from hsd_serve.engine.protocol import Draft, SessionMissing, SLRSOutcome
+from hsd_serve.engine.sessions import SessionBounds, SessionTable
 from hsd_serve.engine.sync import DrafterText
 from hsd_serve.models.hf import LoadedModel, Session, forward_batch
-
-DRAFTING_METHODS = ("sd", "slem", "tli", "slrs")
 
 
 @dataclass
@@ -56,27 +57,24 @@ class DrafterState:
         return self.committed if self.text is None else self.text.ids
 
 
-class DrafterWorker:
+class DrafterWorker(SessionBounds):
     def __init__(self, model: LoadedModel, target_vocab: Vocab, *, proposal_top_m: int = 64,
                  slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
                  slrs_drafter_top_k: Optional[int] = None, max_sessions: int = 256,
                  max_cached_tokens: Optional[int] = None):
-        if max_cached_tokens is not None and max_cached_tokens < 1:
-            raise ValueError("max_cached_tokens must be >= 1 (or None for no cap)")
         self.model = model
         self.target_vocab = target_vocab
         self.proposal_top_m = proposal_top_m
         self.slrs_max_forwards = slrs_max_forwards
         self.slrs_max_target_bytes = slrs_max_target_bytes
         self.slrs_drafter_top_k = slrs_drafter_top_k
-        self.max_sessions = max_sessions
-        self.max_cached_tokens = max_cached_tokens
         self.same_vocab = same_vocabulary(model.vocab, target_vocab)
-        self.sessions: "OrderedDict[str, DrafterState]" = OrderedDict()
-        self.evictions = 0  # sessions evicted (session cap or token cap)
+        self.sessions: SessionTable[DrafterState] = SessionTable(
+            lambda st: len(st.session), lambda st: st.session.free(),
+            max_sessions=max_sessions, max_cached_tokens=max_cached_tokens)
         self.drafts = 0  # draft / SLRS calls served
         self._id_map: Optional[torch.Tensor] = None
-        self._slrs = None
+        self._proposers: dict[str, object] = {}
 
     # ---- pair-level tables, built on first use ------------------------------------------------
     @property
@@ -85,68 +83,42 @@ class DrafterWorker:
             self._id_map = build_id_map(self.model.vocab, self.target_vocab)
         return self._id_map
 
+    def proposer(self, method: Method):
+        """``method``'s drafter side for this pair, built once (it owns the pair's tables)."""
+        p = self._proposers.get(method.name)
+        if p is None:
+            p = self._proposers[method.name] = method.proposer(self)
+        return p
+
     def slrs(self):
         """The SLRS proposal builder for this pair (raises SLRSBudgetError when too costly)."""
-        if self._slrs is None:
-            from hsd_serve.core.slrs import SLRS
-
-            self._slrs = SLRS(self.model.vocab, self.target_vocab,
-                              drafter_eos_ids=self.model.eos_ids,
-                              max_forwards=self.slrs_max_forwards,
-                              max_target_bytes=self.slrs_max_target_bytes,
-                              drafter_top_k=self.slrs_drafter_top_k)
-        return self._slrs
-
-    def uses_ids(self, method: str) -> bool:
-        """SD, and SLEM on a shared vocabulary, run on the committed target ids themselves."""
-        return method == "sd" or (method == "slem" and self.same_vocab)
+        return self.proposer(METHODS["slrs"]).slrs
 
     # ---- sessions ------------------------------------------------------------------------------
     def open(self, rid: str, method: str, prompt: str, params: SamplingParams,
              prompt_ids: Sequence[int] = ()) -> None:
-        if method not in DRAFTING_METHODS:
+        m = METHODS.get(method)
+        if m is None or not m.needs_drafter:
             raise ValueError(f"method {method!r} does not use a drafter")
-        if method == "sd" and not self.same_vocab:
-            raise ValueError("sd needs drafter and target to share one vocabulary")
-        if method == "slrs":
-            self.slrs()  # refuse early when over budget
-        self.free(rid)
-        while len(self.sessions) >= self.max_sessions:
-            _, old = self.sessions.popitem(last=False)
-            old.session.free()
-            self.evictions += 1
+        m.check_pair(self.same_vocab)
+        self.proposer(m)  # refuse early when the pair cannot run it (e.g. over SLRS's budget)
+        self.sessions.pop(rid)
         st = DrafterState(method=method, params=params, session=self.model.new_session())
-        if self.uses_ids(method):
+        if m.uses_ids(self.same_vocab):
             st.committed = list(prompt_ids)
         else:
             st.text = DrafterText(self.model.tokenizer, prompt)
-        self.sessions[rid] = st
-
-    def cached_tokens(self) -> int:
-        """Tokens held in all sessions' KV caches."""
-        return sum(len(st.session) for st in self.sessions.values())
+        self.sessions.add(rid, st)
 
     def _make_room(self, keep: set[str]) -> None:
-        """Evict least recently used sessions not in ``keep`` (the ones just served) until the
-        caches fit ``max_cached_tokens``; the kept caches stay whatever their size."""
-        if self.max_cached_tokens is None:
-            return
-        total = self.cached_tokens()
-        for old_rid in list(self.sessions):
-            if total <= self.max_cached_tokens:
-                break
-            if old_rid in keep:
-                continue
-            old = self.sessions.pop(old_rid)
-            total -= len(old.session)
-            old.session.free()
-            self.evictions += 1
+        """Fit ``max_cached_tokens``, keeping the sessions ``keep`` (just served) as they are."""
+        self.sessions.make_room({rid: len(self.sessions[rid].session) for rid in keep
+                                 if rid in self.sessions})
 
     def _state(self, rid: str) -> DrafterState:
-        st = self.sessions.get(rid)
+        st = self.sessions.touch(rid)
         if st is None:
             raise SessionMissing(rid)
-        self.sessions.move_to_end(rid)
         return st
 
     def _sync(self, st: DrafterState, committed: Optional[Sequence[int]],
@@ -174,8 +146,6 @@ class DrafterWorker:
         if it ran alone; randomness is keyed by the request's seed and positions).  A call that
         fails gets its exception back; a request id appearing twice drafts its later call alone.
         """
-        from hsd_serve.engine.methods import DRAFT_FUNCTIONS
-
         results: list = [None] * len(calls)
         active: dict[int, list] = {}  # index -> [generator, state, context, forwards0, time0]
         seen: set[str] = set()
@@ -199,7 +169,7 @@ class DrafterWorker:
                 if st.text is not None and st.text.pending(c.generated):  # mid-character
                     results[i] = Draft()
                     continue
-                gen = DRAFT_FUNCTIONS[st.method](self, st, c.k, c.position, c.attempt)
+                gen = self.proposer(METHODS[st.method]).draft(st, c.k, c.position, c.attempt)
                 active[i] = [gen, st, next(gen), f0, t0]
             except StopIteration as stop:
                 finish(i, st, stop.value, f0, t0)
@@ -230,22 +200,17 @@ class DrafterWorker:
 
     def slrs_step(self, rid: str, generated: bytes, row: torch.Tensor,
                   position: int) -> SLRSOutcome:
-        from hsd_serve.engine.methods.slrs import slrs_step
-
         st = self._state(rid)
         self.drafts += 1
         self._sync(st, None, generated)
         f0, t0 = st.forwards, st.draft_s
         if st.text.pending(generated):
             return SLRSOutcome(token=-1, accepted=False, proposed=False)
-        out = slrs_step(self, st, row, position)
+        out = self.proposer(METHODS["slrs"]).step(st, row, position)
         st.last_drafted = list(out.drafter_ids)
         out.forwards, out.draft_s = st.forwards - f0, st.draft_s - t0
         self._make_room({rid})
         return out
 
     def free(self, rid: str) -> bool:
-        st = self.sessions.pop(rid, None)
-        if st is not None:
-            st.session.free()
-        return st is not None
+        return self.sessions.pop(rid)

@@ -5,17 +5,13 @@ computed), turns the logits into the processed distribution ``p`` and applies th
 ``verify_batch`` does the same for the pending rounds of many requests in one forward pass.  The full
 ``committed`` list is sent every round, so a missing or stale cache is rebuilt, never trusted.
 
-Bounds: at most ``max_sessions`` sessions and (when set) ``max_cached_tokens`` tokens in all the
-sessions' KV caches together.  Over either bound the least recently used *other* sessions are
-evicted; their requests rebuild their cache on their next call (a prefill, same tokens).  The
-session being served is never evicted during its own call, so one request longer than the token
-cap still runs (the cap then holds that one cache only).
+Bounds: ``max_sessions`` sessions and ``max_cached_tokens`` cached tokens (``engine.sessions``);
+an evicted request rebuilds its cache on its next call (a prefill, same tokens).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -25,6 +21,7 @@ from hsd_serve.core.exact_match import verify_exact_match
 from hsd_serve.core.sampling import SamplingParams, process_logits
 from hsd_serve.core.speculative import verify_speculative
 from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Verdict
+from hsd_serve.engine.sessions import SessionBounds, SessionTable
 from hsd_serve.models.hf import LoadedModel, Session, forward_batch
 
 
@@ -41,50 +38,17 @@ class VerifyCall:
     proposals: Optional[torch.Tensor] = None
 
 
-class TargetWorker:
+class TargetWorker(SessionBounds):
     def __init__(self, model: LoadedModel, *, max_sessions: int = 256,
                  max_cached_tokens: Optional[int] = None):
-        if max_cached_tokens is not None and max_cached_tokens < 1:
-            raise ValueError("max_cached_tokens must be >= 1 (or None for no cap)")
         self.model = model
-        self.max_sessions = max_sessions
-        self.max_cached_tokens = max_cached_tokens
-        self.sessions: "OrderedDict[str, Session]" = OrderedDict()
-        self.evictions = 0  # sessions evicted (session cap or token cap)
+        self.sessions: SessionTable[Session] = SessionTable(
+            len, Session.free, max_sessions=max_sessions, max_cached_tokens=max_cached_tokens)
         self.verifies = 0  # verify calls served
 
-    def cached_tokens(self) -> int:
-        """Tokens held in all sessions' KV caches."""
-        return sum(len(s) for s in self.sessions.values())
-
-    def _make_room(self, need: dict[str, int]) -> None:
-        """Evict least recently used sessions not in ``need`` until the caches, with each session
-        of ``need`` grown to its token count, fit ``max_cached_tokens``."""
-        if self.max_cached_tokens is None:
-            return
-        others = sum(len(s) for r, s in self.sessions.items() if r not in need)
-        total_need = sum(need.values())
-        for old_rid in list(self.sessions):
-            if others + total_need <= self.max_cached_tokens:
-                break
-            if old_rid in need:
-                continue
-            old = self.sessions.pop(old_rid)
-            others -= len(old)
-            old.free()
-            self.evictions += 1
-
     def _session(self, rid: str) -> Session:
-        s = self.sessions.get(rid)
-        if s is None:
-            while len(self.sessions) >= self.max_sessions:  # least recently used goes first
-                _, old = self.sessions.popitem(last=False)
-                old.free()
-                self.evictions += 1
-            s = self.sessions[rid] = self.model.new_session()
-        else:
-            self.sessions.move_to_end(rid)
-        return s
+        s = self.sessions.touch(rid)
+        return s if s is not None else self.sessions.add(rid, self.model.new_session())
 
     def verify(self, rid: str, committed: Sequence[int], candidates: Sequence[int], rule: str,
                params: SamplingParams, position: int,
@@ -117,8 +81,8 @@ class TargetWorker:
         self.verifies += len(batch)
         if batch:
             sessions = [self._session(calls[i].rid) for i in batch]
-            self._make_room({calls[i].rid: len(calls[i].committed) + len(calls[i].candidates)
-                             for i in batch})
+            self.sessions.make_room({calls[i].rid: len(calls[i].committed)
+                                     + len(calls[i].candidates) for i in batch})
             try:
                 logits = forward_batch(sessions, [calls[i].committed for i in batch],
                                        [calls[i].candidates for i in batch])
@@ -161,7 +125,4 @@ class TargetWorker:
         return Verdict(row=p[0])
 
     def free(self, rid: str) -> bool:
-        s = self.sessions.pop(rid, None)
-        if s is not None:
-            s.free()
-        return s is not None
+        return self.sessions.pop(rid)

@@ -22,36 +22,116 @@ class RequestError(ValueError):
         return (type(self), (self.field, self.message))
 
 
+# The engine's own caps: the in-process limits, and the ceiling of any other limits (the engine
+# checks every request against the in-process limits, whichever front door it came through).
+MAX_NEW_TOKENS = 1_000_000
+MAX_LOOKAHEAD = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask for, and the defaults for what it leaves out: the one place these
+    are kept.  ``GenerationRequest.validate(limits)`` is the one check; the front doors (gRPC
+    ``convert.request_from_proto``, the OpenAI request builders) fill defaults from here, call it
+    and rename its fields.
+
+    The class defaults are the in-process limits (``hsd-serve generate``, ``Engine``); the engine
+    checks every request against them (``Coordinator.prepare``), so no limits go past the
+    ``MAX_*`` caps.  The service's limits come from its config: ``AppConfig.request_limits()``.
+    """
+
+    max_prompt_chars: Optional[int] = None  # None: no limit (the target's context still applies)
+    max_tokens_limit: int = MAX_NEW_TOKENS  # largest max_new_tokens
+    default_max_tokens: int = 128
+    max_lookahead: int = MAX_LOOKAHEAD
+    default_lookahead: int = 4
+    default_method: str = "auto"
+    max_stop_strings: int = MAX_STOP_STRINGS
+    max_stop_chars: int = MAX_STOP_CHARS  # characters in one stop string
+    allow_empty_prompt: bool = True  # the service refuses "" (in-process it may encode to BOS)
+
+    def __post_init__(self) -> None:
+        _check_limit("max_tokens_limit", self.max_tokens_limit, 1, MAX_NEW_TOKENS)
+        _check_limit("max_lookahead", self.max_lookahead, 1, MAX_LOOKAHEAD)
+        _check_limit("max_stop_strings", self.max_stop_strings, 0, MAX_STOP_STRINGS)
+        _check_limit("max_stop_chars", self.max_stop_chars, 1, MAX_STOP_CHARS)
+        if self.max_prompt_chars is not None:
+            _check_limit("max_prompt_chars", self.max_prompt_chars, 1, None)
+        _check_limit("default_max_tokens", self.default_max_tokens, 1, self.max_tokens_limit)
+        _check_limit("default_lookahead", self.default_lookahead, 1, self.max_lookahead)
+        if self.default_method not in METHODS:
+            raise ValueError(f"RequestLimits: default_method must be one of {', '.join(METHODS)}, "
+                             f"got {self.default_method!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_limit(name: str, value: object, low: int, top: Optional[int]) -> None:
+    if not _is_int(value) or value < low or (top is not None and value > top):
+        bound = f"in [{low}, {top}]" if top is not None else f">= {low}"
+        raise ValueError(f"RequestLimits: {name} must be an integer {bound}, got {value!r}")
+
+
+IN_PROCESS_LIMITS = RequestLimits()
+
+
 @dataclass
 class GenerationRequest:
     prompt: str
-    max_new_tokens: int = 128
+    max_new_tokens: int = IN_PROCESS_LIMITS.default_max_tokens
     params: SamplingParams = field(default_factory=SamplingParams)
-    method: str = "auto"
-    lookahead: int = 4
+    method: str = IN_PROCESS_LIMITS.default_method
+    lookahead: int = IN_PROCESS_LIMITS.default_lookahead
     adaptive_lookahead: bool = False
     stop: tuple[str, ...] = ()
 
-    def validate(self) -> None:
+    def validate(self, limits: Optional[RequestLimits] = None) -> None:
+        """Raise ``RequestError`` naming the first field outside ``limits`` (default: the
+        in-process limits).  Field names are the engine's (``max_new_tokens``); front doors
+        rename them."""
+        limits = IN_PROCESS_LIMITS if limits is None else limits
+        self._check_prompt(limits)
+        if self.method not in METHODS:
+            raise RequestError("method", f"unknown method {_quote(self.method)}; choose one of "
+                                         f"{', '.join(METHODS)}")
+        _check_field("max_new_tokens", self.max_new_tokens, limits.max_tokens_limit)
+        _check_field("lookahead", self.lookahead, limits.max_lookahead)
+        self._check_stop(limits)
+
+    def _check_prompt(self, limits: RequestLimits) -> None:
         if not isinstance(self.prompt, str):
             raise RequestError("prompt", "must be a string")
-        if self.method not in METHODS:
-            raise RequestError("method", f"unknown method {self.method!r}; choose one of "
-                                         f"{', '.join(METHODS)}")
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
-                or not 1 <= self.max_new_tokens <= 1_000_000:
-            raise RequestError("max_new_tokens", f"must be an integer in [1, 1000000], got "
-                                                 f"{self.max_new_tokens!r}")
-        if not isinstance(self.lookahead, int) or isinstance(self.lookahead, bool) \
-                or not 1 <= self.lookahead <= 64:
-            raise RequestError("lookahead", f"must be an integer in [1, 64], got {self.lookahead!r}")
-        if len(self.stop) > 16:
-            raise RequestError("stop", "at most 16 stop strings")
+        if not self.prompt and not limits.allow_empty_prompt:
+            raise RequestError("prompt", "must not be empty")
+        if limits.max_prompt_chars is not None and len(self.prompt) > limits.max_prompt_chars:
+            raise RequestError("prompt", f"is {len(self.prompt)} characters; the limit is "
+                                         f"{limits.max_prompt_chars}")
+
+    def _check_stop(self, limits: RequestLimits) -> None:
+        if len(self.stop) > limits.max_stop_strings:
+            raise RequestError("stop", f"at most {limits.max_stop_strings} stop strings, got "
+                                       f"{len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise RequestError("stop", "stop strings must be non-empty strings")
-            if len(s) > 1024:
-                raise RequestError("stop", "a stop string is longer than 1024 characters")
+            if len(s) > limits.max_stop_chars:
+                raise RequestError("stop", f"a stop string is {len(s)} characters; the limit is "
+                                           f"{limits.max_stop_chars}")
+
+
+def _check_field(name: str, value: object, top: int) -> None:
+    if not _is_int(value) or not 1 <= value <= top:
+        raise RequestError(name, f"must be an integer in [1, {top}], got {_quote(value)}")
+
+
+def _quote(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut short: a refusal must not echo a client's megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass

@@ -30,8 +30,21 @@ def stats_line(stats) -> str:
             f"seed {stats.seed}")
 
 
-def run_client(args, prompt: str) -> int:
+def _as_dict(msg) -> dict:
+    """``msg`` as JSON-ready data (proto field names), ``finish_reason`` as "stop" / "length"
+    (the wire's enum, converted back; absent while unspecified, as MessageToDict leaves it)."""
     from google.protobuf.json_format import MessageToDict
+
+    from hsd_serve.serve.convert import finish_reason_from_proto
+
+    out = MessageToDict(msg, preserving_proto_field_name=True)
+    if "finish_reason" in out:  # in place: the keys keep their order
+        out["finish_reason"] = finish_reason_from_proto(msg.finish_reason)
+    return out
+
+
+def run_client(args, prompt: str) -> int:
+    from hsd_serve.serve.convert import finish_reason_from_proto
 
     metadata = (("application", args.application),)
     with grpc.insecure_channel(args.address) as channel:
@@ -41,7 +54,7 @@ def run_client(args, prompt: str) -> int:
             if args.no_stream:
                 resp = stub.Generate(req, metadata=metadata, timeout=args.timeout)
                 if args.json:
-                    print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True)))
+                    print(json.dumps(_as_dict(resp)))
                 else:
                     print(resp.text)
                     print(stats_line(resp.stats), file=sys.stderr)
@@ -55,13 +68,14 @@ def run_client(args, prompt: str) -> int:
                     sys.stdout.flush()
                 last = chunk
             if args.json:
-                out = MessageToDict(last, preserving_proto_field_name=True) if last else {}
+                out = _as_dict(last) if last else {}
                 out["text"] = "".join(text)
                 print(json.dumps(out))
             else:
                 print()
                 if last is not None:
-                    print(stats_line(last.stats) + f", finish={last.finish_reason}",
+                    print(stats_line(last.stats) +
+                          f", finish={finish_reason_from_proto(last.finish_reason)}",
                           file=sys.stderr)
             return 0
         except grpc.RpcError as exc:

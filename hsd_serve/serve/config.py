@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hsd_serve.engine.types import METHODS
+from hsd_serve.engine.types import RequestLimits
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -92,11 +92,12 @@ class AppConfig(_Strict):
     target: ModelConfig = ModelConfig(path=BUNDLED_PREFIX + "target")
     drafter: Optional[ModelConfig] = ModelConfig(path=BUNDLED_PREFIX + "drafter")
     model_name: str = "hsd-bundled"
+    # request limits and defaults, checked as one RequestLimits (request_limits())
     default_method: str = "auto"
-    default_lookahead: int = Field(4, ge=1, le=64)
-    default_max_tokens: int = Field(128, ge=1)
-    max_tokens_limit: int = Field(4096, ge=1)
-    max_prompt_chars: int = Field(1_000_000, ge=1)
+    default_lookahead: int = 4
+    default_max_tokens: int = 128  # over max_tokens_limit: max_tokens_limit
+    max_tokens_limit: int = 4096
+    max_prompt_chars: int = 1_000_000
     proposal_top_m: int = Field(64, ge=0)
     draft_timeout_s: Optional[float] = Field(5.0, gt=0)  # per drafter call; then target-only
     verify_timeout_s: Optional[float] = Field(120.0, gt=0)  # per target call, then fail over
@@ -125,12 +126,23 @@ class AppConfig(_Strict):
                              "must stay whole (lossless), so target.head_ids must be 0")
         return v
 
-    @field_validator("default_method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(METHODS)}")
-        return v
+    @model_validator(mode="after")
+    def _limits(self) -> "AppConfig":
+        self.request_limits()  # raises ValueError for limits that do not hold together
+        return self
+
+    def request_limits(self) -> RequestLimits:
+        """The limits and defaults the service applies to every request, at both front doors."""
+        return RequestLimits(max_prompt_chars=self.max_prompt_chars,
+                             max_tokens_limit=self.max_tokens_limit,
+                             default_max_tokens=min(self.default_max_tokens, self.max_tokens_limit),
+                             default_lookahead=self.default_lookahead,
+                             default_method=self.default_method, allow_empty_prompt=False)
+
+
+def service_limits(**fields: Any) -> RequestLimits:
+    """The service's request limits: ``AppConfig``'s limit fields, its defaults unless given."""
+    return AppConfig(**fields).request_limits()
 
 
 def load_config(args: Union[dict, AppConfig, None]) -> AppConfig:

@@ -14,6 +14,12 @@ The client-facing ``request_from_proto`` validates a ``GenerateRequest`` complet
 ``Stats.seed`` (``result_to_proto`` / ``chunk_to_proto`` take it), so resending it reproduces the
 output.
 
+The engine keeps its strings (method names, verification rules, finish reasons); the wire has
+enums.  Each is converted here through one ``EnumTable`` that refuses, with ``ValueError``, an
+engine string it has no wire value for and a wire value it has no string for (``*_UNSPECIFIED``
+or one this release does not know), so a data-plane servicer answers ``INVALID_ARGUMENT``.  Client
+code reads a response's ``finish_reason`` with ``finish_reason_from_proto`` ("stop" / "length").
+
 Every field of every message crosses: ``tests/unit/test_convert.py`` fills each field of each
 message type with a non-default value and round-trips it through these converters.
 
@@ -24,22 +30,70 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from hsd_serve.core.sampling import SamplingParams
-from hsd_serve.engine.protocol import Draft, SLRSOutcome, Verdict
-from hsd_serve.engine.types import (METHODS, Chunk, GenerationRequest, GenerationResult,
-                                    RequestError, RequestStats)
+from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, SLRSOutcome, Verdict
+from hsd_serve.engine.types import (Chunk, GenerationRequest, GenerationResult, RequestError,
+                                    RequestLimits, RequestStats)
 from hsd_serve.pb import hsd_pb2 as pb
+from hsd_serve.serve.config import service_limits
 
-MAX_LOOKAHEAD = 64
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 1024
 _F32_LE = np.dtype("<f4")
+NO_TOKEN = -1  # SLRSOutcome.token when no proposal was possible (SLRSReply.token unset)
+
+
+# ------------------------------------------------------------------------------ enums
+class EnumTable:
+    """An engine string ↔ a proto enum value, one to one, covering every value of the enum but
+    its ``*_UNSPECIFIED`` zero; anything else raises ``ValueError`` (both directions)."""
+
+    def __init__(self, what: str, enum, pairs: dict[str, int]):
+        self.what, self.enum = what, enum
+        self._to = dict(pairs)
+        self._from = {v: k for k, v in pairs.items()}
+        named = {v.number for v in enum.DESCRIPTOR.values if v.number != 0}
+        if len(self._from) != len(self._to) or set(self._from) != named:
+            raise RuntimeError(f"{what}: the table does not map every value of "
+                               f"{enum.DESCRIPTOR.full_name} exactly once")
+
+    def to_proto(self, value: str) -> int:
+        try:
+            return self._to[value]
+        except (KeyError, TypeError):
+            raise ValueError(f"{self.what}: unknown value {value!r}; expected one of "
+                             f"{', '.join(self._to)}") from None
+
+    def from_proto(self, number: int) -> str:
+        try:
+            return self._from[number]
+        except (KeyError, TypeError):
+            try:
+                name = self.enum.Name(number)
+            except (ValueError, TypeError):
+                name = repr(number)
+            raise ValueError(f"{self.what}: {name} is not one of "
+                             f"{', '.join(self.enum.Name(n) for n in self._from)}") from None
+
+
+METHOD = EnumTable("method", pb.Method, {"ar": pb.METHOD_AR, "sd": pb.METHOD_SD,
+                                         "slem": pb.METHOD_SLEM, "tli": pb.METHOD_TLI,
+                                         "slrs": pb.METHOD_SLRS})
+RULE = EnumTable("rule", pb.Rule, {EXACT: pb.RULE_EXACT, SPECULATIVE: pb.RULE_SPECULATIVE,
+                                   ROW: pb.RULE_ROW})
+FINISH_REASON = EnumTable("finish_reason", pb.FinishReason,
+                          {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH})
+
+
+def finish_reason_from_proto(value: int) -> str:
+    """A response's / chunk's ``finish_reason`` → "stop" | "length" ("" for UNSPECIFIED: a
+    chunk before the last).  Raises ValueError on a value this release does not know."""
+    if value == pb.FINISH_REASON_UNSPECIFIED:
+        return ""
+    return FINISH_REASON.from_proto(value)
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -168,32 +222,39 @@ def row_from_bytes(data: bytes) -> Optional[torch.Tensor]:
 # ------------------------------------------------------------------------------ drafter messages
 def open_request(rid: str, method: str, prompt: str, params: SamplingParams,
                  prompt_ids: Iterable[int]) -> pb.OpenRequest:
-    return pb.OpenRequest(request_id=rid, method=method, prompt=prompt,
+    """Raises ValueError for a method with no wire value (``auto``)."""
+    return pb.OpenRequest(request_id=rid, method=METHOD.to_proto(method), prompt=prompt,
                           sampling=params_to_proto(params), prompt_ids=list(prompt_ids))
 
 
 def open_request_args(msg: pb.OpenRequest) -> dict:
-    """Keyword arguments of ``DrafterWorker.open`` (the inverse of ``open_request``)."""
-    return {"rid": msg.request_id, "method": msg.method, "prompt": msg.prompt,
+    """Keyword arguments of ``DrafterWorker.open`` (the inverse of ``open_request``).  Raises
+    ValueError on an UNSPECIFIED or unknown method."""
+    return {"rid": msg.request_id, "method": METHOD.from_proto(msg.method), "prompt": msg.prompt,
             "params": params_from_proto(msg.sampling), "prompt_ids": list(msg.prompt_ids)}
 
 
 def draft_request(rid: str, k: int, position: int, committed: Optional[Sequence[int]],
                   generated: Optional[bytes], attempt: int = 0) -> pb.DraftRequest:
-    """Exactly one of ``committed`` (target ids) / ``generated`` (bytes) is set; ``use_ids``
-    says which (an empty ``generated`` is still ``b""``, not ``None``)."""
+    """The ``context`` oneof holds ``committed`` (target ids) when it is not ``None``, else
+    ``generated`` (bytes; ``None`` sends ``b""``, which is still set)."""
     if committed is not None:
-        return pb.DraftRequest(request_id=rid, k=k, position=position, committed=list(committed),
-                               use_ids=True, attempt=attempt)
+        return pb.DraftRequest(request_id=rid, k=k, position=position,
+                               committed=pb.TokenIds(ids=list(committed)), attempt=attempt)
     return pb.DraftRequest(request_id=rid, k=k, position=position,
-                           generated=bytes(generated or b""), use_ids=False, attempt=attempt)
+                           generated=bytes(generated or b""), attempt=attempt)
 
 
 def draft_request_args(msg: pb.DraftRequest) -> dict:
-    """Keyword arguments of ``DrafterWorker.draft`` after ``rid, k, position``."""
-    if msg.use_ids:
-        return {"committed": list(msg.committed), "generated": None, "attempt": msg.attempt}
-    return {"committed": None, "generated": bytes(msg.generated), "attempt": msg.attempt}
+    """Keyword arguments of ``DrafterWorker.draft`` after ``rid, k, position`` (the one of
+    ``committed`` / ``generated`` not on the wire is ``None``).  Raises ValueError when the
+    ``context`` oneof is unset."""
+    context = msg.WhichOneof("context")
+    if context == "committed":
+        return {"committed": list(msg.committed.ids), "generated": None, "attempt": msg.attempt}
+    if context == "generated":
+        return {"committed": None, "generated": bytes(msg.generated), "attempt": msg.attempt}
+    raise ValueError("DraftRequest: set one of committed / generated")
 
 
 def draft_to_proto(d: Draft) -> pb.DraftReply:
@@ -222,13 +283,21 @@ def slrs_request_args(msg: pb.SLRSRequest) -> dict:
 
 
 def slrs_to_proto(o: SLRSOutcome) -> pb.SLRSReply:
-    return pb.SLRSReply(token=int(o.token), accepted=bool(o.accepted), proposed=bool(o.proposed),
-                        drafter_ids=list(o.drafter_ids), forwards=int(o.forwards),
-                        draft_s=float(o.draft_s))
+    """``o.token`` ``NO_TOKEN`` (no proposal possible this round) leaves ``token`` unset; another
+    negative token raises ValueError."""
+    msg = pb.SLRSReply(accepted=bool(o.accepted), proposed=bool(o.proposed),
+                       drafter_ids=list(o.drafter_ids), forwards=int(o.forwards),
+                       draft_s=float(o.draft_s))
+    if o.token != NO_TOKEN:
+        if o.token < 0:
+            raise ValueError(f"SLRS token must be a target id >= 0 or NO_TOKEN, got {o.token}")
+        msg.token = int(o.token)
+    return msg
 
 
 def slrs_from_proto(msg: pb.SLRSReply) -> SLRSOutcome:
-    return SLRSOutcome(token=msg.token, accepted=msg.accepted, proposed=msg.proposed,
+    token = msg.token if msg.HasField("token") else NO_TOKEN
+    return SLRSOutcome(token=token, accepted=msg.accepted, proposed=msg.proposed,
                        drafter_ids=list(msg.drafter_ids), forwards=msg.forwards,
                        draft_s=msg.draft_s)
 
@@ -237,17 +306,19 @@ def slrs_from_proto(msg: pb.SLRSReply) -> SLRSOutcome:
 def verify_request(rid: str, committed: Sequence[int], candidates: Sequence[int], rule: str,
                    params: SamplingParams, position: int,
                    proposals: Optional[torch.Tensor] = None) -> pb.VerifyRequest:
+    """Raises ValueError for a rule with no wire value."""
     return pb.VerifyRequest(request_id=rid, committed=list(committed),
-                            candidates=list(candidates), rule=rule,
+                            candidates=list(candidates), rule=RULE.to_proto(rule),
                             sampling=params_to_proto(params), position=position,
                             proposals=rows_to_proto(proposals))
 
 
 def verify_request_args(msg: pb.VerifyRequest, width: int) -> dict:
     """Keyword arguments of ``VerifyCall`` (the inverse of ``verify_request``); ``width``: the
-    target vocabulary size the proposal rows span.  Raises ValueError on malformed rows."""
+    target vocabulary size the proposal rows span.  Raises ValueError on malformed rows and on
+    an UNSPECIFIED or unknown rule."""
     return {"rid": msg.request_id, "committed": list(msg.committed),
-            "candidates": list(msg.candidates), "rule": msg.rule,
+            "candidates": list(msg.candidates), "rule": RULE.from_proto(msg.rule),
             "params": params_from_proto(msg.sampling), "position": msg.position,
             "proposals": rows_from_proto(msg.proposals, width)}
 
@@ -265,29 +336,6 @@ def verdict_from_proto(msg: pb.VerifyReply) -> Verdict:
 
 
 # ------------------------------------------------------------------------------ client-facing
-@dataclass(frozen=True)
-class RequestDefaults:
-    """Server-side defaults and limits applied to client requests."""
-
-    max_tokens: int = 128  # used when the request says 0
-    lookahead: int = 4  # used when the request says 0
-    max_prompt_chars: int = 1_000_000
-    max_max_tokens: int = 4096
-    method: str = "auto"  # used when the request says ""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_max_tokens <= 1_000_000:
-            raise ValueError("max_max_tokens must be in [1, 1000000]")
-        if not 1 <= self.max_tokens <= self.max_max_tokens:
-            raise ValueError("default max_tokens must be in [1, max_max_tokens]")
-        if not 1 <= self.lookahead <= MAX_LOOKAHEAD:
-            raise ValueError(f"default lookahead must be in [1, {MAX_LOOKAHEAD}]")
-        if self.max_prompt_chars < 1:
-            raise ValueError("max_prompt_chars must be >= 1")
-        if self.method not in METHODS:
-            raise ValueError(f"default method must be one of {', '.join(METHODS)}")
-
-
 def _client_params(msg: pb.GenerateRequest) -> SamplingParams:
     if not msg.HasField("sampling"):
         return SamplingParams()
@@ -312,51 +360,34 @@ def _client_params(msg: pb.GenerateRequest) -> SamplingParams:
         raise RequestError("sampling", str(exc)) from exc
 
 
+_PROTO_FIELDS = {"max_new_tokens": "max_tokens"}  # engine field -> GenerateRequest field
+
+
 def request_from_proto(msg: pb.GenerateRequest,
-                       defaults: RequestDefaults = RequestDefaults()) -> GenerationRequest:
+                       limits: Optional[RequestLimits] = None) -> GenerationRequest:
     """Validate a client ``GenerateRequest`` and build the engine's request.
 
-    A sampled request without ``sampling.seed`` gets a fresh random seed (``req.params.seed``;
-    echo it with ``result_to_proto`` / ``chunk_to_proto``); a greedy one gets 0.
+    Unset (0 / empty) ``max_tokens``, ``lookahead`` and ``method`` take the defaults of
+    ``limits`` (default: the service's, ``service_limits()``), which the request is then checked
+    against.  A sampled request without ``sampling.seed`` gets a fresh random seed
+    (``req.params.seed``; echo it with ``result_to_proto`` / ``chunk_to_proto``); a greedy one
+    gets 0.
 
     Raises ``RequestError(field, message)`` with ``field`` the proto field path.  Token-level
     checks (prompt encodes to nothing / exceeds the context, method needs a drafter) happen later
     in ``Coordinator.prepare`` and also raise ``RequestError``.
     """
-    prompt = msg.prompt
-    if not prompt:
-        raise RequestError("prompt", "must not be empty")
-    if len(prompt) > defaults.max_prompt_chars:
-        raise RequestError("prompt", f"is {len(prompt)} characters; the limit is "
-                                     f"{defaults.max_prompt_chars}")
-    method = msg.method.strip().lower() or defaults.method
-    if method not in METHODS:
-        raise RequestError("method", f"unknown method {msg.method!r}; choose one of "
-                                     f"{', '.join(METHODS)}")
-    max_tokens = msg.max_tokens or defaults.max_tokens
-    if max_tokens > defaults.max_max_tokens:
-        raise RequestError("max_tokens", f"must be at most {defaults.max_max_tokens}, got "
-                                         f"{max_tokens}")
-    lookahead = msg.lookahead or defaults.lookahead
-    if lookahead > MAX_LOOKAHEAD:
-        raise RequestError("lookahead", f"must be at most {MAX_LOOKAHEAD}, got {lookahead}")
-    stop = tuple(msg.stop)
-    if len(stop) > MAX_STOP_STRINGS:
-        raise RequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
-    for s in stop:
-        if not s:
-            raise RequestError("stop", "stop strings must not be empty")
-        if len(s) > MAX_STOP_CHARS:
-            raise RequestError("stop", f"a stop string is {len(s)} characters; the limit is "
-                                       f"{MAX_STOP_CHARS}")
-    req = GenerationRequest(prompt=prompt, max_new_tokens=int(max_tokens),
-                            params=_client_params(msg), method=method, lookahead=int(lookahead),
-                            adaptive_lookahead=bool(msg.adaptive_lookahead), stop=stop)
+    limits = service_limits() if limits is None else limits
+    req = GenerationRequest(prompt=msg.prompt,
+                            max_new_tokens=int(msg.max_tokens or limits.default_max_tokens),
+                            method=msg.method.strip().lower() or limits.default_method,
+                            lookahead=int(msg.lookahead or limits.default_lookahead),
+                            adaptive_lookahead=bool(msg.adaptive_lookahead), stop=tuple(msg.stop))
     try:
-        req.validate()
-    except RequestError as exc:  # same checks, engine-side names → proto names
-        field = {"max_new_tokens": "max_tokens"}.get(exc.field, exc.field)
-        raise RequestError(field, exc.message) from exc
+        req.validate(limits)
+    except RequestError as exc:  # engine-side names → proto names
+        raise RequestError(_PROTO_FIELDS.get(exc.field, exc.field), exc.message) from exc
+    req.params = _client_params(msg)  # checked after the limits, as the fields are ordered
     return req
 
 
@@ -393,7 +424,7 @@ def result_to_proto(result: GenerationResult, transport_s: Optional[float] = Non
                     seed: int) -> pb.GenerateResponse:
     """``seed``: the seed the request ran with, echoed in ``stats.seed``."""
     return pb.GenerateResponse(text=result.text, token_ids=list(result.token_ids),
-                               finish_reason=result.finish_reason,
+                               finish_reason=FINISH_REASON.to_proto(result.finish_reason),
                                stats=stats_to_proto(result.stats, transport_s, seed=seed))
 
 
@@ -403,6 +434,6 @@ def chunk_to_proto(chunk: Chunk, transport_s: Optional[float] = None, *,
     (with ``seed``, the seed the request ran with)."""
     msg = pb.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
     if chunk.result is not None:
-        msg.finish_reason = chunk.result.finish_reason
+        msg.finish_reason = FINISH_REASON.to_proto(chunk.result.finish_reason)
         msg.stats.CopyFrom(stats_to_proto(chunk.result.stats, transport_s, seed=seed))
     return msg

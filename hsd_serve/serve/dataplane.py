@@ -5,7 +5,8 @@ for a ``DrafterWorker`` / ``TargetWorker``.  Model work is synchronous torch cod
 call (decode, work, encode) runs on one thread owned by the servicer: calls to one replica are
 serialised (one model, one thread) and the event loop stays free for other RPCs, health checks
 and the replica's own handle calls.  A missing session is a normal reply (``session_missing``);
-``ValueError`` becomes ``INVALID_ARGUMENT`` with its message; anything else ``INTERNAL``.
+``ValueError`` becomes ``INVALID_ARGUMENT`` with its message (a request ``convert`` refuses too:
+an ``*_UNSPECIFIED`` or unknown enum value, no draft context); anything else ``INTERNAL``.
 
 ``start_dataplane_server`` starts a server with one of the two services plus the standard health
 service (SERVING for ``""`` and the service name) and reflection, and returns ``(server, port)``.
@@ -161,8 +162,11 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
     async def Draft(self, request: pb.DraftRequest, context) -> pb.DraftReply:
         from hsd_serve.engine.drafter import DraftCall
 
-        call = DraftCall(request.request_id, request.k, request.position,
-                         **convert.draft_request_args(request))
+        try:
+            call = DraftCall(request.request_id, request.k, request.position,
+                             **convert.draft_request_args(request))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             d = await self._batched(context, call)
         except SessionMissing:
@@ -177,7 +181,7 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
             try:
                 out = self.worker.slrs_step(**args)
             except SessionMissing:
-                return pb.SLRSReply(token=-1, session_missing=True)
+                return pb.SLRSReply(session_missing=True)
             return convert.slrs_to_proto(out)
 
         return await self._serve(context, work)

@@ -42,7 +42,7 @@ def _status_for(exc: BaseException) -> grpc.StatusCode:
 
 async def generate_unary(dep, request, ctx) -> hsd_pb2.GenerateResponse:
     try:
-        req = request_from_proto(request, dep.defaults)
+        req = request_from_proto(request, dep.limits)
         result = None
         async with contextlib.aclosing(dep.stream(req)) as chunks:
             async for chunk in chunks:
@@ -58,7 +58,7 @@ async def generate_unary(dep, request, ctx) -> hsd_pb2.GenerateResponse:
 
 async def generate_stream(dep, request, ctx):
     try:
-        req = request_from_proto(request, dep.defaults)
+        req = request_from_proto(request, dep.limits)
         # closed here, not by the garbage collector, when the client cancels: the request's
         # caches and leases are freed at once
         async with contextlib.aclosing(dep.stream(req)) as chunks:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from hsd_serve.serve.openai_api import ApiLimits, CoordinatorBackend, build_openai_app
+from hsd_serve.serve.openai_api import CoordinatorBackend, build_openai_app
 
 
 def build_http_app(dep):
     """``dep`` is a CoordinatorDeployment: ``dep.stream(req)`` runs one request on the cluster."""
     cfg = dep.config
-    limits = ApiLimits(max_prompt_chars=cfg.max_prompt_chars, max_tokens_limit=cfg.max_tokens_limit,
-                       default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens_limit),
-                       default_method=cfg.default_method, default_lookahead=cfg.default_lookahead)
     # ConnectionError: no target replica took a request over within target_failover_s → 503
-    app = build_openai_app(CoordinatorBackend(dep, dep.tokenizer, cfg.model_name), limits=limits,
-                           unavailable_exceptions=(ConnectionError,))
+    app = build_openai_app(CoordinatorBackend(dep, dep.tokenizer, cfg.model_name),
+                           limits=cfg.request_limits(), unavailable_exceptions=(ConnectionError,))
     from hsd_serve.metrics import mount_metrics_route
 
     mount_metrics_route(app)  # GET /metrics: this node's Ray metrics export (ray_hsd_*, ray_serve_*)

@@ -98,7 +98,7 @@ def test_drafter_killed_mid_stream_requests_complete_exactly(faults_app, referen
         on_first_chunks=lambda: kill_replica(victim)))
 
     for prompt, (ids, last, done_at) in zip(PROMPTS, out):
-        assert last.finish_reason in ("stop", "length")
+        assert last.finish_reason in (hsd_pb2.FINISH_REASON_STOP, hsd_pb2.FINISH_REASON_LENGTH)
         assert ids == reference(prompt, LONG), prompt  # token-identical to AR
         if done_at > killed_at:  # in flight when the drafter died: it fell back, then went on
             assert last.stats.fallback_rounds > 0, (prompt, last.stats)

@@ -11,13 +11,16 @@ from hypothesis import HealthCheck, event, given, settings
 
 from hsd_serve.engine.types import RequestError
 from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
-from hsd_serve.serve.convert import RequestDefaults, request_from_proto
+from hsd_serve.serve.config import service_limits
+from hsd_serve.serve.convert import request_from_proto
 from tests.e2e.faultkit import watchdog  # noqa: F401
 from tests.unit.test_fuzz_inputs import requests
 
+FINISHED = (hsd_pb2.FINISH_REASON_STOP, hsd_pb2.FINISH_REASON_LENGTH)
+
 META = (("application", "hsd"),)
 # the session service's limits (tests/e2e/conftest.py: default 16 tokens, at most 64)
-SERVICE = RequestDefaults(max_tokens=16, max_max_tokens=64)
+SERVICE = service_limits(default_max_tokens=16, max_tokens_limit=64)
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +34,12 @@ def _call(stub, msg, streaming: bool):
     try:
         if streaming:
             chunks = list(stub.GenerateStream(msg, metadata=META, timeout=60))
-            assert chunks and chunks[-1].finish_reason in ("stop", "length")
+            assert chunks and chunks[-1].finish_reason in FINISHED
             ids = [t for c in chunks for t in c.token_ids]
             assert chunks[-1].stats.completion_tokens == len(ids)
         else:
             r = stub.Generate(msg, metadata=META, timeout=60)
-            assert r.finish_reason in ("stop", "length")
+            assert r.finish_reason in FINISHED
             assert r.stats.completion_tokens == len(r.token_ids)
         return grpc.StatusCode.OK, ""
     except grpc.RpcError as exc:

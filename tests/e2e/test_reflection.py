@@ -50,7 +50,7 @@ def test_reflected_descriptors_describe_and_call_generation(service):
                               request_serializer=request_cls.SerializeToString,
                               response_deserializer=response_cls.FromString)
         reply = call(request_cls(prompt="def fib(n):", max_tokens=3), metadata=META, timeout=120)
-    assert reply.finish_reason in ("stop", "length")
+    assert reply.finish_reason in (hsd_pb2.FINISH_REASON_STOP, hsd_pb2.FINISH_REASON_LENGTH)
     assert 0 < len(reply.token_ids) <= 3
 
 

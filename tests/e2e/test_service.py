@@ -14,6 +14,7 @@ from hsd_serve.engine.local import Engine
 from hsd_serve.engine.types import GenerationRequest
 from hsd_serve.models.hf import LoadedModel, ModelSpec
 from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
+from hsd_serve.serve.convert import finish_reason_from_proto
 
 PROMPT = "def fib(n):\n    "
 META = (("application", "hsd"),)
@@ -49,7 +50,7 @@ def test_grpc_matches_in_process(stub, local_engine, method, temperature, seed):
     chunks = list(stub.GenerateStream(req, metadata=META, timeout=120))
     assert [t for c in chunks for t in c.token_ids] == want.token_ids
     assert "".join(c.text for c in chunks) == want.text
-    assert chunks[-1].finish_reason == want.finish_reason
+    assert finish_reason_from_proto(chunks[-1].finish_reason) == want.finish_reason
     assert chunks[-1].stats.completion_tokens == len(want.token_ids)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -18,9 +19,11 @@ from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.engine.drafter import DrafterWorker
 from hsd_serve.engine.engine import Coordinator, TargetInfo
 from hsd_serve.engine.local import Engine
-from hsd_serve.engine.protocol import EXACT, SessionMissing
+from hsd_serve.engine.protocol import EXACT, Draft, SessionMissing, Verdict
 from hsd_serve.engine.target import TargetWorker
 from hsd_serve.engine.types import GenerationRequest, RequestError
+from hsd_serve.pb import hsd_pb2 as pb
+from hsd_serve.pb import hsd_pb2_grpc as pb_grpc
 from hsd_serve.serve.dataplane import (DRAFTER_SERVICE, TARGET_SERVICE, ChannelPool, GrpcDrafter,
                                        GrpcTarget, start_dataplane_server, stop_dataplane_server)
 
@@ -280,7 +283,7 @@ def test_status_mapping_health_and_reflection(hetero):
                 await d_port.slrs_step("nobody", b"", torch.zeros(4), 0)
             with pytest.raises(ValueError):  # INVALID_ARGUMENT: AR needs no drafter
                 await d_port.open("r1", "ar", "hi", SamplingParams(), [1])
-            with pytest.raises(ValueError):  # INVALID_ARGUMENT: unknown rule
+            with pytest.raises(ValueError):  # a rule with no wire value: refused before sending
                 await t_port.verify("r1", [1, 2], [], "nope", SamplingParams(), 0)
             with pytest.raises(grpc.aio.AioRpcError) as info:  # INTERNAL: id out of range
                 await t_port.verify("r2", [10**9], [], EXACT, SamplingParams(), 0)
@@ -360,3 +363,71 @@ def test_verdicts_report_their_batch_over_grpc(hetero):
     assert [v.batch_size for v in verdicts] == [batches[r] for r in rids]
     assert max(v.batch_size for v in verdicts) >= 2
     assert alone.batch_size == 1
+
+
+class RecordingWorker:
+    """A drafter and target worker that records what reaches it (no model)."""
+
+    model = SimpleNamespace(vocab=SimpleNamespace(size=8))
+
+    def __init__(self):
+        self.calls = []
+
+    def open(self, **kwargs):
+        self.calls.append(("open", kwargs))
+
+    def draft_batch(self, calls):
+        self.calls.extend(("draft", c) for c in calls)
+        return [Draft() for _ in calls]
+
+    def verify_batch(self, calls):
+        self.calls.extend(("verify", c) for c in calls)
+        return [Verdict() for _ in calls]
+
+    def free(self, rid):
+        return False
+
+
+def test_unspecified_or_unknown_enums_are_invalid_argument():
+    """A data-plane request whose enum is UNSPECIFIED or unknown to this release (or a draft
+    without its context) is refused with INVALID_ARGUMENT before it reaches the worker; valid
+    values reach it as the engine's strings."""
+
+    async def main():
+        worker = RecordingWorker()
+        tserver, tport = await start_dataplane_server("target", worker, host="127.0.0.1")
+        dserver, dport = await start_dataplane_server("drafter", worker, host="127.0.0.1")
+        sampling = pb.SamplingParams(seed=0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{tport}") as tch, \
+                    grpc.aio.insecure_channel(f"127.0.0.1:{dport}") as dch:
+                target, drafter = pb_grpc.TargetStub(tch), pb_grpc.DrafterStub(dch)
+                bad = [(target.Verify, pb.VerifyRequest(request_id="r", committed=[1], rule=r,
+                                                        sampling=sampling), "rule")
+                       for r in (pb.RULE_UNSPECIFIED, 99)]
+                bad += [(drafter.Open, pb.OpenRequest(request_id="r", method=m, prompt="hi",
+                                                      sampling=sampling, prompt_ids=[1]),
+                         "method") for m in (pb.METHOD_UNSPECIFIED, 99)]
+                bad.append((drafter.Draft, pb.DraftRequest(request_id="r", k=2), "generated"))
+                for call, request, what in bad:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call(request, timeout=30)
+                    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+                    assert what in info.value.details()
+                assert worker.calls == []
+                await target.Verify(pb.VerifyRequest(request_id="r", committed=[1],
+                                                     rule=pb.RULE_ROW, sampling=sampling))
+                await drafter.Open(pb.OpenRequest(request_id="r", method=pb.METHOD_TLI,
+                                                  prompt="hi", sampling=sampling,
+                                                  prompt_ids=[1]))
+                await drafter.Draft(pb.DraftRequest(request_id="r", k=2,
+                                                    committed=pb.TokenIds(ids=[1, 2])))
+        finally:
+            await stop_dataplane_server(dserver, grace=None)
+            await stop_dataplane_server(tserver, grace=None)
+        return worker.calls
+
+    calls = asyncio.run(main())
+    assert [kind for kind, _ in calls] == ["verify", "open", "draft"]
+    assert calls[0][1].rule == "row" and calls[1][1]["method"] == "tli"
+    assert (calls[2][1].committed, calls[2][1].generated) == ([1, 2], None)

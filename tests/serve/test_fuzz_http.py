@@ -23,7 +23,8 @@ from hsd_serve.engine.engine import Coordinator, TargetInfo
 from hsd_serve.engine.local import Engine
 from hsd_serve.engine.types import (METHODS, Chunk, GenerationRequest, GenerationResult,
                                     RequestStats)
-from hsd_serve.serve.openai_api import ApiLimits, CoordinatorBackend, build_openai_app, render_chat
+from hsd_serve.serve.config import service_limits
+from hsd_serve.serve.openai_api import CoordinatorBackend, build_openai_app, render_chat
 
 C, CH = "/v1/completions", "/v1/chat/completions"
 FAST = dict(deadline=None, database=None,
@@ -89,8 +90,8 @@ def preparing(target):
     backend = PreparingBackend(Coordinator(
         target=None, drafter=object(),
         info=TargetInfo(target.tokenizer, target.eos_ids, target.max_context)))
-    client = Client(build_openai_app(backend, limits=ApiLimits(max_tokens_limit=64,
-                                                                     default_max_tokens=4)))
+    client = Client(build_openai_app(backend, limits=service_limits(max_tokens_limit=64,
+                                                                    default_max_tokens=4)))
     yield backend, client
     client.close()
 
@@ -234,8 +235,8 @@ def engine(loaded_model, target):
 
 def test_real_engine_fuzz_then_normal_request(engine):
     backend = CoordinatorBackend(engine.coordinator, engine.target.tokenizer, "tiny")
-    client = Client(build_openai_app(backend, limits=ApiLimits(max_tokens_limit=6,
-                                                               default_max_tokens=3)))
+    client = Client(build_openai_app(backend, limits=service_limits(max_tokens_limit=6,
+                                                                    default_max_tokens=3)))
 
     @settings(max_examples=150, **FAST)
     @given(chat=st.booleans(), data=st.data())

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.engine.local import Engine
 from hsd_serve.engine.types import METHODS, GenerationRequest
-from hsd_serve.serve.openai_api import (ApiLimits, CoordinatorBackend, build_openai_app,
-                                        fallback_chat_prompt, render_chat)
+from hsd_serve.serve.config import service_limits
+from hsd_serve.serve.openai_api import (CoordinatorBackend, build_openai_app, fallback_chat_prompt,
+                                        render_chat)
 
 PROMPT = "def fib(n):\n    if n < 2:\n"
 MESSAGES = [{"role": "system", "content": "You write code."},
@@ -41,8 +42,9 @@ def app(backend):
 @pytest.fixture(scope="module")
 def small_app(backend):
     """Tight limits: the bad-input table and the fuzzer cannot start long generations."""
-    return build_openai_app(backend, limits=ApiLimits(max_prompt_chars=4000, max_tokens_limit=8,
-                                                      default_max_tokens=2))
+    return build_openai_app(backend, limits=service_limits(max_prompt_chars=4000,
+                                                           max_tokens_limit=8,
+                                                           default_max_tokens=2))
 
 
 async def _request(app, method: str, path: str, **kw) -> httpx.Response:
@@ -288,14 +290,15 @@ def test_models_and_health(app):
 
 
 def test_server_defaults(backend, engine):
-    app = build_openai_app(backend, limits=ApiLimits(default_max_tokens=3, default_method="ar",
-                                                     default_lookahead=2))
+    app = build_openai_app(backend, limits=service_limits(default_max_tokens=3,
+                                                          default_method="ar",
+                                                          default_lookahead=2))
     d = call(app, "POST", "/v1/completions", json={"prompt": PROMPT, "temperature": 0}).json()
     want = engine.generate(GenerationRequest(PROMPT, max_new_tokens=3, method="ar"))
     assert d["hsd"]["method"] == "ar" and d["choices"][0]["text"] == want.text
     assert d["usage"]["completion_tokens"] == len(want.token_ids) <= 3
     with pytest.raises(ValueError):
-        ApiLimits(default_method="fast")
+        service_limits(default_method="fast")
 
 
 def test_fastapi_validation_errors_are_400(backend):

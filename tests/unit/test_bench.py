@@ -221,14 +221,14 @@ def live_endpoints(loaded_model, families):
 
     from hsd_serve.engine.local import Engine
     from hsd_serve.pb import hsd_pb2_grpc
-    from hsd_serve.serve.convert import RequestDefaults
+    from hsd_serve.serve.config import service_limits
     from hsd_serve.serve.grpc_api import generate_stream, generate_unary
     from hsd_serve.serve.openai_api import CoordinatorBackend, build_openai_app
 
     engine = Engine(loaded_model(families[0]), loaded_model(families[1], seed=1))
 
     class Dep:
-        defaults = RequestDefaults()
+        limits = service_limits()
 
         def stream(self, req):
             return engine.coordinator.stream(req)

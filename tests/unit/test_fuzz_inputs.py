@@ -14,13 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hsd_serve.engine.engine import Coordinator, TargetInfo
-from hsd_serve.engine.types import METHODS, GenerationRequest, RequestError
+from hsd_serve.engine.types import (MAX_LOOKAHEAD, MAX_STOP_CHARS, MAX_STOP_STRINGS, METHODS,
+                                    GenerationRequest, RequestError)
 from hsd_serve.pb import hsd_pb2 as pb
-from hsd_serve.serve.convert import (MAX_LOOKAHEAD, MAX_STOP_CHARS, MAX_STOP_STRINGS,
-                                     RequestDefaults, request_from_proto)
+from hsd_serve.serve.config import service_limits
+from hsd_serve.serve.convert import request_from_proto
 
-DEFAULTS = RequestDefaults(max_tokens=16, max_max_tokens=64, lookahead=4,
-                           max_prompt_chars=200_000)
+DEFAULTS = service_limits(default_max_tokens=16, max_tokens_limit=64, default_lookahead=4,
+                          max_prompt_chars=200_000)
 FIELDS = {"prompt", "method", "max_tokens", "lookahead", "stop", "sampling",
           "sampling.temperature", "sampling.top_k", "sampling.top_p", "sampling.seed"}
 FAST = dict(deadline=None, database=None,
@@ -77,7 +78,7 @@ def check_valid(req: GenerationRequest) -> None:
     assert isinstance(req.prompt, str) and 0 < len(req.prompt) <= DEFAULTS.max_prompt_chars
     req.prompt.encode("utf-8")  # valid Unicode (no lone surrogates)
     assert req.method in METHODS
-    assert 1 <= req.max_new_tokens <= DEFAULTS.max_max_tokens
+    assert 1 <= req.max_new_tokens <= DEFAULTS.max_tokens_limit
     assert 1 <= req.lookahead <= MAX_LOOKAHEAD
     assert len(req.stop) <= MAX_STOP_STRINGS
     assert all(0 < len(s) <= MAX_STOP_CHARS for s in req.stop)
@@ -154,7 +155,7 @@ def test_megabyte_prompts_are_refused_cleanly(coordinator, prompt):
     with pytest.raises(RequestError) as info:  # over the 200k-character limit of DEFAULTS
         request_from_proto(msg, DEFAULTS)
     assert info.value.field == "prompt"
-    req = request_from_proto(msg, RequestDefaults())  # the 1M-character default admits it...
+    req = request_from_proto(msg, service_limits())  # the 1M-character default admits it...
     with pytest.raises(RequestError) as info:  # ...and the target's context refuses it
         coordinator.prepare(req)
     assert info.value.field == "prompt"

@@ -1,18 +1,15 @@
-"""One short module per drafting method: how the drafter proposes, given its synced state.
+"""The methods, one module each; ``METHODS`` is the registry (see ``base`` for the protocol).
 
-Each ``draft_*`` is a generator: it yields the drafter context it needs the next logits for and
-receives them, and returns the ``Draft``.  The worker drives one request alone or many requests in
-lockstep, one batched forward per step (``DrafterWorker.draft_batch``).
-
-AR needs no drafter (the coordinator asks the target for its own choice).  SLEM also has a
-coordinator-side bridge (``slem.candidates``) and SLRS finishes on the drafter after the target
-sent its row (``slrs.slrs_step``).
+A new method is one module here (a ``Method`` subclass and its proposer) plus one line below.
 """
 
-from hsd_serve.engine.methods.sd import draft_sd
-from hsd_serve.engine.methods.slem import draft_slem
-from hsd_serve.engine.methods.tli import draft_tli
+from hsd_serve.engine.methods.ar import AR
+from hsd_serve.engine.methods.base import Method, Round
+from hsd_serve.engine.methods.sd import SD
+from hsd_serve.engine.methods.slem import SLEM
+from hsd_serve.engine.methods.slrs import SLRS
+from hsd_serve.engine.methods.tli import TLI
 
-DRAFT_FUNCTIONS = {"sd": draft_sd, "slem": draft_slem, "tli": draft_tli}
+METHODS: dict[str, Method] = {m.name: m for m in (AR(), SD(), SLEM(), TLI(), SLRS())}
 
-__all__ = ["DRAFT_FUNCTIONS", "draft_sd", "draft_slem", "draft_tli"]
+__all__ = ["METHODS", "Method", "Round"]

@@ -1,9 +1,11 @@
 """SLRS: string-level rejection sampling, one target token per round (``core.slrs``).
 
-The target sends its processed row ``p`` (``ROW`` rule); the drafter's byte stream proposes one
-target token (the longest target string it starts with) with its exact proposal probability,
+The target sends its processed row ``p`` first (``ROW`` rule); the drafter's byte stream proposes
+one target token (the longest target string it starts with) with its exact proposal probability,
 computed from drafter forwards over tokenization paths, and rejection sampling against ``p``
-decides.  This module supplies those forwards (``path_dists``) from the request's drafter cache.
+decides, on the drafter.  ``SLRSProposer`` supplies those forwards (``path_dists``) from the
+request's drafter cache; it owns the pair's ``core.slrs.SLRS`` (building it refuses a pair over
+the cost budget).
 """
 
 import time
@@ -11,7 +13,42 @@ import time
 import torch
 
 from hsd_serve.core.sampling import process_logits
-from hsd_serve.engine.protocol import SLRSOutcome
+from hsd_serve.engine.methods.base import Method, Round
+from hsd_serve.engine.protocol import ROW, SLRSOutcome
+
+
+class SLRS(Method):
+    name = "slrs"
+    rule = ROW
+
+    def proposer(self, worker) -> "SLRSProposer":
+        from hsd_serve.core.slrs import SLRS as Builder
+
+        return SLRSProposer(Builder(worker.model.vocab, worker.target_vocab,
+                                    drafter_eos_ids=worker.model.eos_ids,
+                                    max_forwards=worker.slrs_max_forwards,
+                                    max_target_bytes=worker.slrs_max_target_bytes,
+                                    drafter_top_k=worker.slrs_drafter_top_k),
+                            worker.slrs_drafter_top_k)
+
+    async def speculate(self, run, k, position):
+        v = await run.verify(position, [], ROW)
+        out = await run.slrs_step(position, v.row)
+        if out.token < 0:  # drafter mid-character: a plain target step instead
+            return None
+        return Round([out.token], int(out.proposed), int(out.accepted), fallback=not out.proposed)
+
+
+class SLRSProposer:
+    def __init__(self, slrs, drafter_top_k=None):
+        self.slrs = slrs
+        self.drafter_top_k = drafter_top_k
+
+    def step(self, st, row: torch.Tensor, position: int) -> SLRSOutcome:
+        res = self.slrs.step(_DrafterPaths(st, self.drafter_top_k), row.double(),
+                             seed=st.params.seed, position=position)
+        return SLRSOutcome(token=int(res.token), accepted=bool(res.accepted),
+                           proposed=res.proposed is not None, drafter_ids=list(res.drafted_path))
 
 
 class _DrafterPaths:
@@ -37,10 +74,3 @@ class _DrafterPaths:
             q = q * keep
             q = q / q.sum(dim=-1, keepdim=True)
         return q
-
-
-def slrs_step(worker, st, row: torch.Tensor, position: int) -> SLRSOutcome:
-    res = worker.slrs().step(_DrafterPaths(st, worker.slrs_drafter_top_k), row.double(), seed=st.params.seed,
-                             position=position)
-    return SLRSOutcome(token=int(res.token), accepted=bool(res.accepted),
-                       proposed=res.proposed is not None, drafter_ids=list(res.drafted_path))

@@ -14,46 +14,51 @@ import torch
 from hsd_serve.core.sampling import DRAFT, gumbel_sample, process_logits
 from hsd_serve.core.speculative import truncate_proposal
 from hsd_serve.core.vocab import project_to_target
+from hsd_serve.engine.methods.base import Method
 from hsd_serve.engine.protocol import Draft
 
 
-def _tables(worker):
-    """(mask of drafter ids in I, one drafter id per target id) for this pair, cached."""
-    if getattr(worker, "_tli_tables", None) is None:
-        id_map = worker.id_map
-        in_i = torch.zeros(worker.model.logit_size, dtype=torch.bool)
-        in_i[:id_map.numel()] = id_map >= 0
-        back = torch.full((worker.target_vocab.size,), -1, dtype=torch.long)
+class TLI(Method):
+    name = "tli"
+
+    def proposer(self, worker) -> "TLIProposer":
+        return TLIProposer(worker.id_map, worker.model.logit_size, worker.target_vocab.size,
+                           worker.proposal_top_m)
+
+
+class TLIProposer:
+    def __init__(self, id_map: torch.Tensor, v_draft: int, v_target: int, top_m: int):
+        self.id_map = id_map  # [V_draft'] drafter id -> target id with the same bytes, or -1
+        self.v_target = v_target
+        self.top_m = top_m
+        self.in_i = torch.zeros(v_draft, dtype=torch.bool)  # [V_draft] drafter ids in I
+        self.in_i[:id_map.numel()] = id_map >= 0
+        self.back = torch.full((v_target,), -1, dtype=torch.long)  # [V_target] -> drafter id
         mapped = torch.nonzero(id_map >= 0).flatten()
-        back[id_map[mapped].flip(0)] = mapped.flip(0)  # lowest drafter id wins
-        worker._tli_tables = (in_i, back)
-    return worker._tli_tables
+        self.back[id_map[mapped].flip(0)] = mapped.flip(0)  # lowest drafter id wins
 
-
-def draft_tli(worker, st, k: int, position: int, attempt: int = 0):
-    """Generator: yields each context it needs the drafter's logits after; returns the Draft."""
-    in_i, back = _tables(worker)
-    id_map, v_target = worker.id_map, worker.target_vocab.size
-    drafter_ids: list[int] = []
-    targets: list[int] = []
-    rows = []
-    for i in range(k):
-        logits = yield st.text.ids + drafter_ids
-        if st.params.greedy:
-            d = int(torch.argmax(logits.masked_fill(~in_i, float("-inf"))))
-            t = int(id_map[d])
-            q = torch.zeros(v_target)
-            q[t] = 1.0
-        else:
-            q, mass = project_to_target(process_logits(logits, st.params)[:id_map.numel()],
-                                        id_map, v_target)
-            if float(mass) <= 0.0:
-                break
-            q = truncate_proposal(q, worker.proposal_top_m)
-            t = gumbel_sample(q, st.params.seed, position + i, DRAFT, salt=attempt)
-            d = int(back[t])
-        drafter_ids.append(d)
-        targets.append(t)
-        rows.append(q)
-    return Draft(drafter_ids=drafter_ids, target_ids=targets,
-                 proposals=torch.stack(rows) if rows else None)
+    def draft(self, st, k: int, position: int, attempt: int = 0):
+        id_map, v_target = self.id_map, self.v_target
+        drafter_ids: list[int] = []
+        targets: list[int] = []
+        rows = []
+        for i in range(k):
+            logits = yield st.text.ids + drafter_ids
+            if st.params.greedy:
+                d = int(torch.argmax(logits.masked_fill(~self.in_i, float("-inf"))))
+                t = int(id_map[d])
+                q = torch.zeros(v_target)
+                q[t] = 1.0
+            else:
+                q, mass = project_to_target(process_logits(logits, st.params)[:id_map.numel()],
+                                            id_map, v_target)
+                if float(mass) <= 0.0:
+                    break
+                q = truncate_proposal(q, self.top_m)
+                t = gumbel_sample(q, st.params.seed, position + i, DRAFT, salt=attempt)
+                d = int(self.back[t])
+            drafter_ids.append(d)
+            targets.append(t)
+            rows.append(q)
+        return Draft(drafter_ids=drafter_ids, target_ids=targets,
+                     proposals=torch.stack(rows) if rows else None)

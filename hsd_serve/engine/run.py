@@ -1,0 +1,310 @@
+"""One request's rounds: ``RequestRun`` holds its state; the coordinator drives it.
+
+A round: the method speculates (``Method.speculate``: draft → bridge → verify, or SLRS's row
+first), or, with no usable draft, the target takes one plain step; then ``commit`` applies the
+emitted tokens one at a time — EOS, stop strings, ``max_new_tokens``, the context limit — so every
+method stops at exactly the token AR stops at.  The committed target tokens are the truth; ports
+(``DrafterPort``/``TargetPort`` in ``engine.engine``) are in this process or gRPC replicas.
+
+The drafter is an optimisation: when it fails or is too slow the round runs target-only (still
+lossless), counts as a fallback, and the drafter is tried again ``drafter_retry_rounds`` later.
+Text is released only when it is complete UTF-8 and cannot still turn into a stop string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from hsd_serve.core.detok import IncrementalDetokenizer
+from hsd_serve.engine.methods import METHODS, Round
+from hsd_serve.engine.protocol import EXACT, SessionMissing, Verdict
+from hsd_serve.engine.types import Chunk, GenerationRequest, GenerationResult, RequestError, \
+    RequestStats
+
+log = logging.getLogger(__name__)
+
+
+class StopStrings:
+    """Holds back text that could still become a stop string; reports the cut when one appears."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(stops)
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""  # all complete text so far (cut at a stop string)
+        self.sent = 0  # characters already released
+
+    def feed(self, new: str) -> tuple[str, bool]:
+        """Add text; return (text safe to release now, stopped)."""
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += new
+        if self.stops and new:
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                return self.flush(), True
+        hold = 0
+        for s in self.stops:  # longest suffix that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:n]):
+                    hold = n
+                    break
+        out = self.text[self.sent:len(self.text) - hold]
+        self.sent = len(self.text) - hold
+        return out, False
+
+    def flush(self) -> str:
+        out = self.text[self.sent:]
+        self.sent = len(self.text)
+        return out
+
+
+class Lookahead:
+    """The lookahead ``k`` of the next round.
+
+    Fixed, or adaptive (``adaptive``): +1 after a fully accepted round, −1 after a round that
+    accepted fewer than half of its drafts, within ``[1, k_max]``.  Load-aware (``load_aware``):
+    when the target replica verified ``load`` requests in the same forward pass last round, ``k``
+    is capped at ``ceil(k_max / (1 + (load − 1) / 4))`` — at high load every extra draft token
+    costs target compute that other requests could use, so speculation gets shallower (k_max at
+    1–4 requests per pass, about half at 5–8, a quarter at 13 or more).
+    """
+
+    def __init__(self, k_max: int, adaptive: bool, load_aware: bool = False):
+        self.k = k_max
+        self.k_max = k_max
+        self.adaptive = adaptive
+        self.load_aware = load_aware
+        self.load = 1
+
+    @property
+    def current(self) -> int:
+        if not self.load_aware or self.load <= 4:
+            return self.k
+        return min(self.k, max(1, math.ceil(self.k_max / (1 + (self.load - 1) / 4))))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self.adaptive or drafted == 0:
+            return
+        if accepted == drafted:
+            self.k = min(self.k_max, self.k + 1)
+        elif accepted * 2 < drafted:
+            self.k = max(1, self.k - 1)
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """How the coordinator treats a request's drafter and lookahead (the same for every request)."""
+
+    same_vocab: bool = False
+    draft_timeout_s: Optional[float] = None
+    drafter_retry_rounds: int = 8
+    load_aware_lookahead: bool = False
+
+
+class RequestRun:
+    """The state of one request between rounds, and its round: ``speculate`` / ``verify`` /
+    ``commit``.  ``info`` is the coordinator's ``TargetInfo`` (tokenizer, EOS ids, context)."""
+
+    def __init__(self, req: GenerationRequest, method: str, prompt_ids: list[int], rid: str,
+                 info, target, drafter, policy: RunPolicy, stats: RequestStats,
+                 t_start: Optional[float] = None):
+        self.req, self.rid, self.info, self.policy, self.stats = req, rid, info, policy, stats
+        self.method = METHODS[method]
+        self.target, self.drafter = target, drafter
+        self.params = req.params
+        self.tokenizer = info.tokenizer
+        self.token_bytes = info.tokenizer.vocab.token_bytes
+        self.committed = list(prompt_ids)
+        self.prompt_len = len(prompt_ids)
+        self.prompt_bytes = req.prompt.encode("utf-8")
+        self.generated = bytearray()  # bytes of the committed tokens after the prompt
+        self.detok = IncrementalDetokenizer(self.token_bytes)
+        self.stops = StopStrings(req.stop)
+        self.lookahead = Lookahead(req.lookahead, req.adaptive_lookahead,
+                                   policy.load_aware_lookahead)
+        self.released: list[str] = []
+        self.finish: Optional[str] = None
+        self.last_ids: list[int] = []  # the last round's new ids and text (the final chunk's)
+        self.last_text = ""
+        self.room = 0  # tokens this round may still add (max_new_tokens, context)
+        self.drafter_open = False
+        self.drafter_ok = self.method.needs_drafter
+        self.retry_at = 0  # round index at which a failed drafter is tried again
+        self._attempts = itertools.count()  # draft calls: salt the draft randomness
+        self.t_start = time.perf_counter() if t_start is None else t_start
+        stats.method, stats.prompt_tokens = method, self.prompt_len
+
+    # ---- the drafter ---------------------------------------------------------------------------
+    async def _call_drafter(self, coro):
+        if self.policy.draft_timeout_s is None:
+            return await coro
+        return await asyncio.wait_for(coro, self.policy.draft_timeout_s)
+
+    async def open_drafter(self) -> None:
+        await self._call_drafter(self.drafter.open(self.rid, self.method.name, self.req.prompt,
+                                                   self.params, self.committed[:self.prompt_len]))
+        self.drafter_open = True
+
+    async def start(self) -> None:
+        """Open the drafter session; a drafter that refuses the method fails the request, one
+        that cannot be reached only turns the first rounds target-only."""
+        if not self.drafter_ok:
+            return
+        try:
+            await self.open_drafter()
+        except ValueError as exc:  # the drafter refuses this method/pair (e.g. SLRS budget)
+            raise RequestError("method", str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - unreachable drafter: rounds fall back
+            log.warning("request %s: drafter open failed (%s); target-only rounds", self.rid, exc)
+            self.retry_at = self.policy.drafter_retry_rounds
+
+    async def _drafter_call(self, call):
+        """``call()`` on the open drafter session, reopening it once if the replica lost it."""
+        if not self.drafter_open:
+            await self.open_drafter()
+        try:
+            return await self._call_drafter(call())
+        except SessionMissing:
+            await self.open_drafter()
+            return await self._call_drafter(call())
+
+    async def draft(self, k: int, position: int):
+        """The drafter's ``Draft`` for this round (raises on drafter failure)."""
+        if self.method.uses_ids(self.policy.same_vocab):
+            kwargs = {"committed": self.committed}
+        else:
+            kwargs = {"generated": bytes(self.generated)}
+        d = await self._drafter_call(lambda: self.drafter.draft(
+            self.rid, k, position, attempt=next(self._attempts), **kwargs))
+        self.stats.draft_s += d.draft_s
+        self.stats.drafter_forwards += d.forwards
+        return d
+
+    async def slrs_step(self, position: int, row: torch.Tensor):
+        out = await self._drafter_call(lambda: self.drafter.slrs_step(
+            self.rid, bytes(self.generated), row, position))
+        self.stats.draft_s += out.draft_s
+        self.stats.drafter_forwards += out.forwards
+        return out
+
+    def committed_bytes(self) -> bytes:
+        """Prompt and generated bytes: the text the drafted text continues."""
+        return self.prompt_bytes + bytes(self.generated)
+
+    # ---- the target ----------------------------------------------------------------------------
+    def fit(self, cands: list[int], proposals=None):
+        """Candidates cut to the room left: the target must fit committed + candidates in its
+        context, and room − 1 candidates + 1 bonus already fill ``max_new_tokens``."""
+        cands = list(cands)[:max(0, self.room - 1)]
+        return cands, (proposals[:len(cands)] if proposals is not None else None)
+
+    async def verify(self, position: int, cands: list[int], rule: str,
+                     proposals=None) -> Verdict:
+        v = await self.target.verify(self.rid, self.committed, cands, rule, self.params, position,
+                                     proposals)
+        self.stats.verify_s += v.verify_s
+        self.stats.target_forwards += 1
+        self.lookahead.load = v.batch_size
+        return v
+
+    # ---- one round -----------------------------------------------------------------------------
+    async def round(self) -> Optional[Chunk]:
+        """Run one round; the chunk to release (``None`` when nothing new or the request ended:
+        then ``finish`` is set and ``final_chunk()`` ends it)."""
+        stats = self.stats
+        self.room = min(self.req.max_new_tokens - (len(self.committed) - self.prompt_len),
+                        self.info.max_context - len(self.committed))
+        if self.room <= 0:
+            self.finish = "length"
+            self.last_ids, self.last_text = [], ""
+            return None
+        position = len(self.committed) - self.prompt_len
+        k = max(0, min(self.lookahead.current, self.room - 1))
+        r0 = (time.perf_counter(), stats.draft_s, stats.verify_s, stats.bridge_s)
+        outcome = None
+        if self.drafter_ok and k > 0 and stats.rounds >= self.retry_at:
+            outcome = await self._speculate(k, position)
+        if outcome is None:  # AR, or no usable draft this round; a 1-token tail drafts nothing
+            tokens = (await self.verify(position, [], EXACT)).tokens
+            outcome = Round(tokens, 0, 0, fallback=self.method.needs_drafter and k > 0)
+        stats.record_round(outcome.drafted, outcome.accepted, fallback=outcome.fallback, timing=(
+            time.perf_counter() - r0[0], stats.draft_s - r0[1], stats.verify_s - r0[2],
+            stats.bridge_s - r0[3]))
+        self.lookahead.update(outcome.drafted, outcome.accepted)
+        return self.commit(outcome.tokens)
+
+    async def _speculate(self, k: int, position: int) -> Optional[Round]:
+        try:
+            return await self.method.speculate(self, k, position)
+        except (RequestError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the drafter is an optimisation
+            log.warning("request %s: drafter failed (%s: %s); target-only rounds",
+                        self.rid, type(exc).__name__, exc)
+            self.drafter_open = False
+            self.retry_at = self.stats.rounds + self.policy.drafter_retry_rounds
+            return None
+
+    def commit(self, tokens: list[int]) -> Optional[Chunk]:
+        """Append the target's tokens one at a time, stopping exactly where AR would."""
+        new_ids, text = [], ""
+        for t in tokens:
+            if t in self.info.eos_ids:
+                self.finish = "stop"
+                break
+            self.committed.append(t)
+            new_ids.append(t)
+            self.generated += self.token_bytes[t]
+            piece, stopped = self.stops.feed(self.detok.push([t]))
+            text += piece
+            if stopped:
+                self.finish = "stop_string"
+                break
+            if len(self.committed) - self.prompt_len >= self.req.max_new_tokens or \
+                    len(self.committed) >= self.info.max_context:
+                self.finish = "length"
+                break
+        self.stats.emitted += len(new_ids)
+        if self.stats.ttft_s == 0.0:
+            self.stats.ttft_s = time.perf_counter() - self.t_start
+        self.last_ids, self.last_text = new_ids, text
+        if self.finish is None and (new_ids or text):
+            self.released.append(text)
+            return Chunk(new_ids, text)
+        return None
+
+    def final_chunk(self) -> Chunk:
+        """The last chunk, carrying the result (call once ``finish`` is set)."""
+        text = self.last_text
+        if self.finish == "stop_string":
+            self.finish = "stop"
+        else:  # release what was held back, completing partial bytes
+            piece, stopped = self.stops.feed(self.detok.flush())
+            text += piece if stopped else piece + self.stops.flush()
+        self.released.append(text)
+        self.stats.wall_s = time.perf_counter() - self.t_start
+        self.stats.lookahead_final = self.lookahead.k
+        result = GenerationResult(text="".join(self.released),
+                                  token_ids=self.committed[self.prompt_len:],
+                                  finish_reason=self.finish, stats=self.stats)
+        return Chunk(self.last_ids, text, result=result)
+
+    async def free(self) -> None:
+        """Free the request's caches (the drafter's only if a session was opened)."""
+        try:
+            await self.target.free(self.rid)
+        except Exception as exc:  # noqa: BLE001 - freeing a cache must not fail a request
+            log.warning("request %s: target free failed: %s", self.rid, exc)
+        if self.drafter_open:
+            try:
+                await self._call_drafter(self.drafter.free(self.rid))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("request %s: drafter free failed: %s", self.rid, exc)

@@ -1,0 +1,177 @@
+"""The round loop without models: a scripted target (its own choice at each output position) and
+scripted drafters, behind the real ``Coordinator``/``RequestRun`` and a real byte-level tokenizer.
+
+Whatever the drafter does — propose well, badly, fail, time out, lose its session — the output is
+the target's script, cut exactly where AR cuts it (EOS, stop string, max_new_tokens, context).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.engine.engine import Coordinator, TargetInfo
+from hsd_serve.engine.protocol import EXACT, Draft, SessionMissing, Verdict
+from hsd_serve.engine.types import GenerationRequest
+from hsd_serve.models.tokenizer import TokenizerAdapter
+from tests.support.toy import build_tokenizer
+
+PROMPT = "xy"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    hf = build_tokenizer([("a", "b")])
+    return TokenizerAdapter(hf, model_vocab_size=len(hf))
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok.encode_text(text)
+
+
+class ScriptedTarget:
+    """Emits ``script[position]`` as its own choice; EXACT rule only; checks every call fits."""
+
+    def __init__(self, script: list[int], max_context: int):
+        self.script, self.max_context = script, max_context
+        self.calls: list[tuple[int, int, int]] = []  # (position, len(committed), len(candidates))
+        self.freed: list[str] = []
+
+    async def verify(self, rid, committed, candidates, rule, params, position, proposals=None):
+        assert rule == EXACT
+        assert len(committed) + len(candidates) <= self.max_context, "sequence over the context"
+        self.calls.append((position, len(committed), len(candidates)))
+        out = []
+        for i, c in enumerate(candidates):
+            if c != self.script[position + i]:
+                break
+            out.append(c)
+        out.append(self.script[position + len(out)])
+        return Verdict(accepted=len(out) - 1, tokens=out, batch_size=1)
+
+    async def free(self, rid):
+        self.freed.append(rid)
+
+
+class ScriptedDrafter:
+    """Proposes the next ``k`` ids of ``proposal`` (a shared vocabulary: ids mode), or misbehaves
+    as ``fail`` says for the draft calls listed in ``fail_at``."""
+
+    def __init__(self, proposal: list[int], fail=None, fail_at=(), delay_s: float = 0.0,
+                 per_k: int = 1):
+        self.proposal, self.fail, self.fail_at, self.delay_s = proposal, fail, set(fail_at), delay_s
+        self.per_k = per_k  # ids per unit of k (SLEM's bridge may give up to 3k candidates)
+        self.opens = 0
+        self.attempts: list[int] = []
+        self.freed: list[str] = []
+
+    async def open(self, rid, method, prompt, params, prompt_ids):
+        self.opens += 1
+
+    async def draft(self, rid, k, position, *, committed=None, generated=None, attempt=0):
+        n = len(self.attempts)
+        self.attempts.append(attempt)
+        if n in self.fail_at:
+            if self.fail == "missing":
+                raise SessionMissing(rid)
+            if self.fail == "slow":
+                await asyncio.sleep(self.delay_s)
+            else:
+                raise RuntimeError("drafter replica is gone")
+        assert committed is not None, "a shared vocabulary drafts on the committed ids"
+        d = self.proposal[position:position + self.per_k * k]
+        return Draft(drafter_ids=list(d), target_ids=list(d))
+
+    async def slrs_step(self, *a):
+        raise AssertionError("not SLRS")
+
+    async def free(self, rid):
+        self.freed.append(rid)
+
+
+def _run(tok, script, drafter, *, max_new=32, max_context=512, stop=(), lookahead=3,
+         timeout=None, method="slem"):
+    eos = frozenset(tok.eos_ids)
+    target = ScriptedTarget(script, max_context)
+    coord = Coordinator(target, TargetInfo(tok, eos, max_context), drafter, same_vocab=True,
+                        draft_timeout_s=timeout, drafter_retry_rounds=2)
+    req = GenerationRequest(PROMPT, max_new_tokens=max_new, method=method, lookahead=lookahead,
+                            stop=tuple(stop), params=SamplingParams())
+    return asyncio.run(coord.generate(req)), target
+
+
+def _script(tok, text: str, pad: int = 64) -> list[int]:
+    return ids(tok, text) + ids(tok, "z" * pad)
+
+
+def test_a_good_drafter_changes_nothing_but_the_rounds(tok):
+    script = _script(tok, "hello world")
+    ar, _ = _run(tok, script, None, method="ar", max_new=11)
+    good, target = _run(tok, script, ScriptedDrafter(script), max_new=11)
+    bad, _ = _run(tok, script, ScriptedDrafter(ids(tok, "q" * 80)), max_new=11)
+    assert ar.text == good.text == bad.text == "hello world"
+    assert ar.token_ids == good.token_ids == bad.token_ids
+    assert good.stats.rounds < ar.stats.rounds == 11
+    assert good.stats.accepted == good.stats.drafted > 0
+    assert bad.stats.accepted == 0 < bad.stats.drafted
+    assert target.freed, "the target's cache was not freed"
+
+
+def test_drafter_failure_falls_back_and_retries_later(tok):
+    script = _script(tok, "klmnopqrst")
+    drafter = ScriptedDrafter(script, fail="error", fail_at={0})
+    res, _ = _run(tok, script, drafter, max_new=10, lookahead=2)
+    assert res.text == "klmnopqrst"
+    assert res.stats.fallback_rounds >= 1
+    # failed at round 0; tried again at round 0 + drafter_retry_rounds (2), reopening first
+    assert len(drafter.attempts) >= 2 and drafter.opens == 2
+    assert len(set(drafter.attempts)) == len(drafter.attempts), "an attempt key was reused"
+
+
+def test_a_lost_session_is_reopened_in_the_same_round(tok):
+    script = _script(tok, "klmnop")
+    drafter = ScriptedDrafter(script, fail="missing", fail_at={0})
+    res, _ = _run(tok, script, drafter, max_new=6, lookahead=2)
+    assert res.text == "klmnop"
+    assert drafter.opens == 2 and res.stats.fallback_rounds == 0
+    assert drafter.attempts[:2] == [0, 1], "the retried call must get a fresh attempt"
+
+
+def test_a_slow_drafter_times_out_into_a_target_step(tok):
+    script = _script(tok, "klmnop")
+    drafter = ScriptedDrafter(script, fail="slow", fail_at={0}, delay_s=5.0)
+    res, _ = _run(tok, script, drafter, max_new=6, lookahead=2, timeout=0.05)
+    assert res.text == "klmnop"
+    assert res.stats.fallback_rounds >= 1
+
+
+def test_eos_ends_with_stop_and_is_not_emitted(tok):
+    eos = sorted(tok.eos_ids)[0]
+    script = ids(tok, "cde") + [eos] + ids(tok, "never")
+    for drafter in (None, ScriptedDrafter(script)):
+        res, _ = _run(tok, script, drafter, method="ar" if drafter is None else "slem")
+        assert res.finish_reason == "stop" and res.text == "cde"
+        assert eos not in res.token_ids and len(res.token_ids) == 3
+
+
+def test_stop_string_cuts_text_at_the_same_token_as_ar(tok):
+    script = _script(tok, "one two STOP three")
+    ar, _ = _run(tok, script, None, method="ar", stop=("STOP",))
+    sp, _ = _run(tok, script, ScriptedDrafter(script), stop=("STOP",), lookahead=5)
+    assert ar.finish_reason == sp.finish_reason == "stop"
+    assert ar.text == sp.text == "one two "
+    assert ar.token_ids == sp.token_ids
+
+
+@pytest.mark.parametrize("lookahead", [1, 2, 5])
+def test_length_and_context_limits_end_exactly_as_ar(tok, lookahead):
+    script = _script(tok, "0123456789abcdefghij")
+    for kw in ({"max_new": 7}, {"max_context": len(ids(tok, PROMPT)) + 7}):
+        ar, _ = _run(tok, script, None, method="ar", **kw)
+        sp, target = _run(tok, script, ScriptedDrafter(script, per_k=3), lookahead=lookahead,
+                          **kw)
+        assert ar.finish_reason == sp.finish_reason == "length"
+        assert ar.token_ids == sp.token_ids and len(sp.token_ids) == 7
+        assert all(n_cands <= 7 - pos - 1 for pos, _, n_cands in target.calls)

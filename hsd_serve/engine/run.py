@@ -166,10 +166,14 @@ class RequestRun:
             log.warning("request %s: drafter open failed (%s); target-only rounds", self.rid, exc)
             self.retry_at = self.policy.drafter_retry_rounds
 
-    async def _drafter_call(self, call):
-        """``call()`` on the open drafter session, reopening it once if the replica lost it."""
+    async def ensure_drafter(self) -> None:
+        """(Re)open the drafter session if a failure closed it."""
         if not self.drafter_open:
             await self.open_drafter()
+
+    async def _drafter_call(self, call):
+        """``call()`` on the open drafter session, reopening it once if the replica lost it."""
+        await self.ensure_drafter()
         try:
             return await self._call_drafter(call())
         except SessionMissing:

@@ -175,3 +175,16 @@ def test_length_and_context_limits_end_exactly_as_ar(tok, lookahead):
         assert ar.finish_reason == sp.finish_reason == "length"
         assert ar.token_ids == sp.token_ids and len(sp.token_ids) == 7
         assert all(n_cands <= 7 - pos - 1 for pos, _, n_cands in target.calls)
+
+
+def test_every_registered_method_is_named_once_everywhere():
+    """A new method is its module plus a registry line; the request schema and the wire enum must
+    follow, or this fails."""
+    from hsd_serve.engine.methods import METHODS as REGISTRY
+    from hsd_serve.engine.types import METHODS as REQUESTABLE
+    from hsd_serve.serve.convert import METHOD
+
+    assert set(REQUESTABLE) == set(REGISTRY) | {"auto"}
+    assert all(REGISTRY[name].name == name for name in REGISTRY)
+    for name in REGISTRY:
+        assert METHOD.from_proto(METHOD.to_proto(name)) == name

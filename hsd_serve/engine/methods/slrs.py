@@ -32,6 +32,7 @@ class SLRS(Method):
                             worker.slrs_drafter_top_k)
 
     async def speculate(self, run, k, position):
+        await run.ensure_drafter()  # before the target's forward: a dead drafter costs none
         v = await run.verify(position, [], ROW)
         out = await run.slrs_step(position, v.row)
         if out.token < 0:  # drafter mid-character: a plain target step instead

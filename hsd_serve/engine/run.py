@@ -295,7 +295,7 @@ class RequestRun:
             text += piece if stopped else piece + self.stops.flush()
         self.released.append(text)
         self.stats.wall_s = time.perf_counter() - self.t_start
-        self.stats.lookahead_final = self.lookahead.k
+        self.stats.lookahead_final = self.lookahead.current  # adaptive k, load cap applied
         result = GenerationResult(text="".join(self.released),
                                   token_ids=self.committed[self.prompt_len:],
                                   finish_reason=self.finish, stats=self.stats)

@@ -152,7 +152,7 @@ class RequestStats:
     prompt_tokens: int = 0
     target_forwards: int = 0
     drafter_forwards: int = 0
-    lookahead_final: int = 0
+    lookahead_final: int = 0  # k for the next round when the request ended (adaptive, load-capped)
     transport_s: float = 0.0  # round wall time not spent drafting, verifying or bridging
     replicas: dict = field(default_factory=dict)  # service only: addresses leased per role
     # per-round timings (seconds) for latency histograms; not part of as_dict()

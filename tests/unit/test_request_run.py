@@ -188,3 +188,26 @@ def test_every_registered_method_is_named_once_everywhere():
     assert all(REGISTRY[name].name == name for name in REGISTRY)
     for name in REGISTRY:
         assert METHOD.from_proto(METHOD.to_proto(name)) == name
+
+
+def test_load_aware_lookahead_caps_k_and_reports_it(tok):
+    """A target that verified 32 requests per forward caps k at 1 (after the first round) and
+    the stats say so; at load 1 k stays."""
+    script = _script(tok, "klmnopqrstuvw")
+    for load, k_final in ((32, 1), (1, 4)):
+        target = ScriptedTarget(script, 512)
+        verify = target.verify
+
+        async def loaded(*a, **kw):
+            v = await verify(*a, **kw)
+            v.batch_size = load
+            return v
+
+        target.verify = loaded
+        coord = Coordinator(target, TargetInfo(tok, frozenset(tok.eos_ids), 512),
+                            ScriptedDrafter(script), same_vocab=True, load_aware_lookahead=True)
+        res = asyncio.run(coord.generate(GenerationRequest(PROMPT, max_new_tokens=12,
+                                                           method="slem", lookahead=4)))
+        assert res.text == "klmnopqrstuv"
+        assert res.stats.lookahead_final == k_final
+        assert max(n for _, _, n in target.calls[1:]) == k_final

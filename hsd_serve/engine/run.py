@@ -99,6 +99,11 @@ class Lookahead:
             self.k = max(1, self.k - 1)
 
 
+class DrafterFailed(Exception):
+    """The drafter could not serve this round (its cause is chained): the round runs target-only.
+    Only drafter calls raise it; a failing target fails the request as it would under AR."""
+
+
 @dataclass(frozen=True)
 class RunPolicy:
     """How the coordinator treats a request's drafter and lookahead (the same for every request)."""
@@ -167,18 +172,32 @@ class RequestRun:
             self.retry_at = self.policy.drafter_retry_rounds
 
     async def ensure_drafter(self) -> None:
-        """(Re)open the drafter session if a failure closed it."""
+        """(Re)open the drafter session if a failure closed it (raises ``DrafterFailed``)."""
         if not self.drafter_open:
-            await self.open_drafter()
+            await self._drafter_failures(self.open_drafter())
 
     async def _drafter_call(self, call):
-        """``call()`` on the open drafter session, reopening it once if the replica lost it."""
+        """``call()`` on the open drafter session, reopening it once if the replica lost it;
+        any failure of the drafter is raised as ``DrafterFailed``."""
         await self.ensure_drafter()
+
+        async def with_reopen():
+            try:
+                return await self._call_drafter(call())
+            except SessionMissing:
+                await self.open_drafter()
+                return await self._call_drafter(call())
+
+        return await self._drafter_failures(with_reopen())
+
+    @staticmethod
+    async def _drafter_failures(coro):
         try:
-            return await self._call_drafter(call())
-        except SessionMissing:
-            await self.open_drafter()
-            return await self._call_drafter(call())
+            return await coro
+        except (RequestError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as the drafter's failure
+            raise DrafterFailed(exc) from exc
 
     async def draft(self, k: int, position: int):
         """The drafter's ``Draft`` for this round (raises on drafter failure)."""
@@ -248,9 +267,8 @@ class RequestRun:
     async def _speculate(self, k: int, position: int) -> Optional[Round]:
         try:
             return await self.method.speculate(self, k, position)
-        except (RequestError, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the drafter is an optimisation
+        except DrafterFailed as failed:  # the drafter is an optimisation; target errors propagate
+            exc = failed.__cause__
             log.warning("request %s: drafter failed (%s: %s); target-only rounds",
                         self.rid, type(exc).__name__, exc)
             self.drafter_open = False

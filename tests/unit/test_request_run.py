@@ -211,3 +211,22 @@ def test_load_aware_lookahead_caps_k_and_reports_it(tok):
         assert res.text == "klmnopqrstuv"
         assert res.stats.lookahead_final == k_final
         assert max(n for _, _, n in target.calls[1:]) == k_final
+
+
+def test_a_failing_target_is_not_mistaken_for_a_failing_drafter(tok):
+    """A target error in a speculative verify fails the request (as under AR); it must not be
+    swallowed as a drafter failure and turned into target-only rounds."""
+    script = _script(tok, "klmnop")
+    target = ScriptedTarget(script, 512)
+
+    async def broken(rid, committed, candidates, *a, **kw):
+        if candidates:
+            raise IndexError("index out of range in self")
+        return await ScriptedTarget.verify(target, rid, committed, candidates, *a, **kw)
+
+    target.verify = broken
+    coord = Coordinator(target, TargetInfo(tok, frozenset(tok.eos_ids), 512),
+                        ScriptedDrafter(script), same_vocab=True)
+    with pytest.raises(IndexError):
+        asyncio.run(coord.generate(GenerationRequest(PROMPT, max_new_tokens=6, method="slem")))
+    assert target.freed, "caches are freed on failure too"

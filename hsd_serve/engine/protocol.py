@@ -19,6 +19,12 @@ SPECULATIVE = "speculative"  # SD and TLI: speculative sampling against the sent
 ROW = "row"  # SLRS: return the target's processed row; the drafter side decides
 
 
+class DrafterFailed(Exception):
+    """The drafter could not serve this round (the cause is chained): the round runs target-only.
+    Raised for drafter calls and for turning what the drafter sent into candidates; a failing
+    target fails the request as it would under AR."""
+
+
 class SessionMissing(KeyError):
     """The worker has no session for this request (evicted or restarted): open it again."""
 

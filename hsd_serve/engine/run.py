@@ -25,7 +25,7 @@ import torch
 
 from hsd_serve.core.detok import IncrementalDetokenizer
 from hsd_serve.engine.methods import METHODS, Round
-from hsd_serve.engine.protocol import EXACT, SessionMissing, Verdict
+from hsd_serve.engine.protocol import EXACT, DrafterFailed, SessionMissing, Verdict
 from hsd_serve.engine.types import Chunk, GenerationRequest, GenerationResult, RequestError, \
     RequestStats
 
@@ -97,11 +97,6 @@ class Lookahead:
             self.k = min(self.k_max, self.k + 1)
         elif accepted * 2 < drafted:
             self.k = max(1, self.k - 1)
-
-
-class DrafterFailed(Exception):
-    """The drafter could not serve this round (its cause is chained): the round runs target-only.
-    Only drafter calls raise it; a failing target fails the request as it would under AR."""
 
 
 @dataclass(frozen=True)

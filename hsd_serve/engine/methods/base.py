@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
-from hsd_serve.engine.protocol import SPECULATIVE, Draft
+from hsd_serve.engine.protocol import SPECULATIVE, Draft, DrafterFailed
 
 if TYPE_CHECKING:  # pragma: no cover
     from hsd_serve.engine.run import RequestRun
@@ -71,7 +71,10 @@ class Method:
 
     async def speculate(self, run: "RequestRun", k: int, position: int) -> Optional[Round]:
         draft = await run.draft(k, position)
-        rule, cands, proposals = self.bridge(draft, run, k)
+        try:
+            rule, cands, proposals = self.bridge(draft, run, k)
+        except Exception as exc:  # noqa: BLE001 - odd drafted text costs a round, not the request
+            raise DrafterFailed(exc) from exc
         cands, proposals = run.fit(cands, proposals)
         if not cands:
             return None

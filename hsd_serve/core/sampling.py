@@ -58,6 +58,7 @@ computed.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def seed_for(temperature: float) -> int:
+    """The seed of a request that names none: a fresh random one when sampling (so unseeded
+    requests differ; echo it so the output can be reproduced), 0 when greedy (never used)."""
+    return secrets.randbits(63) if temperature > 0 else 0
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

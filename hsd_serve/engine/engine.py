@@ -74,7 +74,6 @@ class Coordinator:
         self.target = target
         self.info = info
         self.drafter = drafter
-        self.same_vocab = same_vocab
         self.policy = RunPolicy(same_vocab=same_vocab, draft_timeout_s=draft_timeout_s,
                                 drafter_retry_rounds=drafter_retry_rounds,
                                 load_aware_lookahead=load_aware_lookahead)
@@ -93,14 +92,14 @@ class Coordinator:
         if method == "auto":
             if self.drafter is None:
                 return "ar"
-            if self.same_vocab:
+            if self.policy.same_vocab:
                 return "sd"
             return "slem" if params.greedy else "tli"
         m = METHODS[method]
         if m.needs_drafter and self.drafter is None:
             raise RequestError("method", f"method {method!r} needs a drafter; none is configured")
         try:
-            m.check_pair(self.same_vocab)
+            m.check_pair(self.policy.same_vocab)
         except ValueError as exc:
             raise RequestError("method", f"{exc}; use slem, tli or auto") from exc
         return method

@@ -28,14 +28,14 @@ Protobuf types stay inside ``hsd_serve.serve``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import secrets
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.core.sampling import SamplingParams, seed_for
 from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, SLRSOutcome, Verdict
 from hsd_serve.engine.types import (Chunk, GenerationRequest, GenerationResult, RequestError,
                                     RequestLimits, RequestStats)
@@ -347,15 +347,11 @@ def _client_params(msg: pb.GenerateRequest) -> SamplingParams:
         raise RequestError("sampling.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
     if not math.isfinite(s.top_p) or not 0.0 <= s.top_p <= 1.0:
         raise RequestError("sampling.top_p", f"must be in (0, 1] (0 or 1 = off), got {s.top_p!r}")
-    if not s.HasField("seed"):  # as over HTTP: a sampled request draws a fresh seed
-        seed = secrets.randbits(63) if s.temperature > 0 else 0
-    elif s.seed >= 2**63:
+    if s.HasField("seed") and s.seed >= 2**63:
         raise RequestError("sampling.seed", f"must be < 2**63, got {s.seed}")
-    else:
-        seed = s.seed
+    seed = s.seed if s.HasField("seed") else seed_for(s.temperature)  # as over HTTP
     try:
-        return SamplingParams(temperature=s.temperature, top_k=s.top_k,
-                              top_p=1.0 if s.top_p == 0.0 else s.top_p, seed=seed)
+        return dataclasses.replace(params_from_proto(s), seed=seed)
     except ValueError as exc:  # defensive: SamplingParams' own checks
         raise RequestError("sampling", str(exc)) from exc
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import secrets
 from typing import Any, Callable, Optional, Union
 
-from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.core.sampling import SamplingParams, seed_for
 from hsd_serve.engine.types import GenerationRequest, RequestError, RequestLimits
 from hsd_serve.serve.openai_errors import bad, engine_error, server_error
 from hsd_serve.serve.openai_models import ChatCompletionBody, CommonBody, CompletionBody
@@ -88,7 +87,7 @@ def sampling(body: CommonBody) -> tuple[SamplingParams, int]:
     if top_k < 0:
         raise bad("top_k", f"top_k: must be >= 0 (0 or -1 disables it), got {top_k}")
     if body.seed is None:
-        seed = secrets.randbits(63) if temperature > 0 else 0
+        seed = seed_for(temperature)
     elif not 0 <= body.seed < 2**63:
         raise bad("seed", "seed: must be an integer in [0, 2**63)")
     else:

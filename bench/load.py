@@ -167,7 +167,9 @@ async def run_load(endpoint: str, *, application: str = "hsd", concurrency: int 
     import grpc
 
     from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
+    from hsd_serve.serve.convert import method_to_proto
 
+    method_value = method_to_proto(method)  # "" = the server's default; a bad name fails here
     host, _, port = endpoint.rpartition(":")
     if not _is_loopback(host):
         raise ValueError(f"refusing to load {endpoint}: this tool only targets loopback")
@@ -194,7 +196,7 @@ async def run_load(endpoint: str, *, application: str = "hsd", concurrency: int 
     async def worker(stub, w: int):
         while time.monotonic() < deadline:
             req = hsd_pb2.GenerateRequest(
-                prompt=rng.choice(PROMPTS), max_tokens=max_tokens, method=method,
+                prompt=rng.choice(PROMPTS), max_tokens=max_tokens, method=method_value,
                 sampling=hsd_pb2.SamplingParams(temperature=temperature,
                                                 seed=rng.randrange(2**31)))
             t0 = time.monotonic()

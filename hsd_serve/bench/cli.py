@@ -38,8 +38,10 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dataset folder (default: ../shared/assets/datasets when present)")
     b.add_argument("--limit", type=int, default=20, help="prompts per dataset (default 20)")
     b.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS.split(","),
-                   help=f"comma list of ar,sd,slem,tli,slrs,hf-uag,hf-ar (default {DEFAULT_METHODS}); "
-                        "AR always runs; hf-ar = transformers' plain generate()")
+                   help=f"comma list of ar,sd,slem,tli,slrs,hf-uag,hf-ar,vllm-ar,vllm-hetero "
+                        f"(default {DEFAULT_METHODS}); AR always runs (and vllm-ar with "
+                        "--executor vllm); hf-ar = transformers' plain generate(); vllm-ar = "
+                        "vLLM alone, vllm-hetero = vLLM's own heterogeneous draft_model")
     b.add_argument("--temperature", type=_csv(float), default=[0.0],
                    help="comma list of temperatures (default 0 = greedy)")
     b.add_argument("--lookahead", type=_csv(int), default=[4],
@@ -58,6 +60,12 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--no-hf-default", action="store_true",
                    help="skip hf-uag with its own default settings (keep the matched lookahead)")
     b.add_argument("--calibration-steps", type=int, default=16)
+    b.add_argument("--executor", choices=("hf", "vllm"), default="hf",
+                   help="what executes the target: hf (our executor; the reference is ar) or "
+                        "vllm (the reference is vllm-ar, vLLM alone; without --endpoint our "
+                        "methods run in-process on the vLLM executor, at every --concurrency)")
+    b.add_argument("--vllm-eager", action="store_true",
+                   help="in-process vLLM engines in eager mode (start in ~15 s, slower steps)")
     b.add_argument("--endpoint", default=None,
                    help="measure a running service instead: grpc://HOST:PORT (or HOST:PORT) or "
                         "http://HOST:PORT")
@@ -95,6 +103,8 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
                        calibration_steps=args.calibration_steps, threads=args.threads,
                        endpoint=args.endpoint, application=args.application,
                        concurrency=args.concurrency, duration=args.duration,
+                       executor=args.executor,
+                       vllm={"enforce_eager": True} if args.vllm_eager else None,
                        timeout_s=args.timeout, command=command)
 
 
@@ -108,7 +118,7 @@ def cmd_bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) ->
     command = "hsd-serve bench " + " ".join(shlex.quote(a) for a in (
         argv if argv is not None else _bench_argv()))
     cfg = config_from_args(args, command)
-    if cfg.endpoint:
+    if cfg.endpoint or cfg.executor == "vllm":
         from hsd_serve.bench.remote import run_endpoint
 
         results = run_endpoint(cfg, progress=not args.no_progress)

@@ -23,7 +23,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
-from hsd_serve.bench.runner import (BASELINES, BenchConfig, RunSpec, Sample, _config_dict, _progress,
+from hsd_serve.bench.runner import (HF, HF_AR, BenchConfig, RunSpec, Sample, _config_dict, _progress,
                                     aggregate_dataset, build_specs, calibrate, check_identity,
                                     machine_info, merge_calibrations)
 
@@ -56,10 +56,10 @@ class GrpcClient:
     def generate(self, dataset: str, prompt: Prompt, spec: RunSpec, max_new: int, seed: int,
                  concurrency: int = 1) -> Sample:
         from hsd_serve.pb import hsd_pb2
-        from hsd_serve.serve.convert import finish_reason_from_proto
+        from hsd_serve.serve.convert import finish_reason_from_proto, method_to_proto
 
         req = hsd_pb2.GenerateRequest(
-            prompt=prompt.text, max_tokens=max_new, method=spec.method,
+            prompt=prompt.text, max_tokens=max_new, method=method_to_proto(spec.method),
             lookahead=max(1, spec.lookahead),
             sampling=hsd_pb2.SamplingParams(temperature=spec.temperature, seed=seed))
         ids, text, first, last = [], [], None, None
@@ -167,13 +167,21 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     cfg.validate()
     started = time.time()
     machine = machine_info()
-    kind, address = parse_endpoint(cfg.endpoint)
-    client = (GrpcClient(address, cfg.application, cfg.timeout_s) if kind == "grpc"
-              else HttpClient(address, cfg.timeout_s))
-    methods = [m for m in cfg.methods if m not in BASELINES]
+    methods = [m for m in cfg.methods if m not in (HF, HF_AR)]
     skipped = [{"method": m, "reason": "the transformers baselines run in-process only"}
-               for m in cfg.methods if m in BASELINES]
-    specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads)
+               for m in cfg.methods if m in (HF, HF_AR)]
+    specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads, reference=cfg.reference)
+    if cfg.endpoint:
+        kind, address = parse_endpoint(cfg.endpoint)
+        client = (GrpcClient(address, cfg.application, cfg.timeout_s) if kind == "grpc"
+                  else HttpClient(address, cfg.timeout_s))
+        mode = f"endpoint ({kind} {address})"
+    else:  # --executor vllm in this process
+        kind, address, client, mode = "in-process", None, None, "in-process (vLLM executor)"
+    from hsd_serve.bench.vllm_clients import client_for, local_clients
+
+    local = local_clients(cfg, specs_all, ours=client is None)
+    pick = client_for(local, client)
     t_desc, d_desc = _local_description(cfg)
     calibration: dict = {}
     if calibrate_locally and t_desc is not None:
@@ -211,31 +219,36 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
             if cfg.warmup:
                 for spec in list(specs):
                     try:
-                        client.generate(dataset, prompts[0], spec, min(8, cfg.max_new_tokens),
-                                        cfg.seed)
+                        pick(spec).generate(dataset, prompts[0], spec, min(8, cfg.max_new_tokens),
+                                            cfg.seed)
                     except Exception as exc:  # noqa: BLE001 - e.g. a method the pair refuses
-                        if spec.method == "ar":
+                        if spec.method in ("ar", cfg.reference):
                             raise
                         specs.remove(spec)
                         skipped.append({"dataset": dataset, "label": spec.label,
                                         "temperature": spec.temperature, "reason": str(exc)[:300]})
             for conc in cfg.concurrency:
                 if conc == 1 and not cfg.duration:
-                    samples, aggregate_tps = _single_stream(client, cfg, dataset, prompts, specs,
+                    samples, aggregate_tps = _single_stream(pick, cfg, dataset, prompts, specs,
                                                             progress)
                 else:
-                    samples, aggregate_tps = _load_phases(client, cfg, dataset, prompts, specs,
+                    samples, aggregate_tps = _load_phases(pick, cfg, dataset, prompts, specs,
                                                           conc, progress)
-                sub = aggregate_dataset(dataset, specs, samples, calibration, concurrency=conc)
+                sub = aggregate_dataset(dataset, specs, samples, calibration, concurrency=conc,
+                                        reference=cfg.reference, executor=cfg.executor)
                 for r in sub:
-                    r["endpoint"] = True
-                    r["endpoint_kind"] = kind
+                    served = pick(RunSpec(r["method"], r["temperature"], r["lookahead"],
+                                          r["variant"] or "")) is client and client is not None
+                    r["endpoint"] = served
+                    r["endpoint_kind"] = kind if served else "in-process"
                     key = RunSpec(r["method"], r["temperature"], r["lookahead"], r["variant"] or "")
                     r["aggregate_tokens_per_s"] = aggregate_tps.get(key, r["tokens_per_s"])
                 runs += sub
                 all_samples += samples
     finally:
-        client.close()
+        for c in [client, *local.values()]:
+            if c is not None:
+                c.close()
     # aggregate throughput against one stream of the same configuration
     for r in runs:
         one = next((o for o in runs if o["dataset"] == r["dataset"] and o["label"] == r["label"]
@@ -248,27 +261,28 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     except OSError:  # pragma: no cover
         pass
     return {"runs": runs, "machine": machine, "command": cfg.command,
-            "mode": f"endpoint ({kind} {address})", "endpoint": cfg.endpoint,
+            "mode": mode, "endpoint": cfg.endpoint, "executor": cfg.executor,
             "config": _config_dict(cfg), "calibration": calibration, "datasets": dataset_info,
             "failures": failures, "baseline_mismatches": baseline, "skipped": skipped,
             "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
             "elapsed_s": time.time() - started, "samples": all_samples}
 
 
-def _single_stream(client, cfg, dataset, prompts, specs, progress):
+def _single_stream(pick, cfg, dataset, prompts, specs, progress):
     samples = []
     bar = _progress(len(prompts) * len(specs), progress, f"bench {dataset} (endpoint)")
     for i, prompt in enumerate(prompts):
         order = specs[i % len(specs):] + specs[:i % len(specs)]
         for spec in order:
             bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
-            samples.append(client.generate(dataset, prompt, spec, cfg.max_new_tokens, cfg.seed + i))
+            samples.append(pick(spec).generate(dataset, prompt, spec, cfg.max_new_tokens,
+                                               cfg.seed + i))
             bar.update(1)
     bar.close()
     return samples, {}
 
 
-def _load_phases(client, cfg, dataset, prompts, specs, conc, progress):
+def _load_phases(pick, cfg, dataset, prompts, specs, conc, progress):
     samples, aggregate = [], {}
     total = None if cfg.duration else len(prompts) * len(specs)
     bar = _progress(total or 0, progress, f"bench {dataset} ×{conc}")
@@ -288,8 +302,8 @@ def _load_phases(client, cfg, dataset, prompts, specs, conc, progress):
                 if deadline is not None and time.perf_counter() >= deadline:
                     return
                 j = i % len(prompts)
-                s = client.generate(dataset, prompts[j], spec, cfg.max_new_tokens, cfg.seed + j,
-                                    concurrency=conc)
+                s = pick(spec).generate(dataset, prompts[j], spec, cfg.max_new_tokens,
+                                        cfg.seed + j, concurrency=conc)
                 s.prompt_id = prompts[j].id if i < len(prompts) else f"{prompts[j].id}#{i // len(prompts)}"
                 with lock:
                     phase.append(s)

@@ -31,10 +31,14 @@ from hsd_serve.engine.types import MAX_LOOKAHEAD
 
 log = logging.getLogger(__name__)
 
-BENCH_METHODS = ("ar", "sd", "slem", "tli", "slrs", "hf-uag", "hf-ar")
+BENCH_METHODS = ("ar", "sd", "slem", "tli", "slrs", "hf-uag", "hf-ar", "vllm-ar", "vllm-hetero")
 HF = "hf-uag"
 HF_AR = "hf-ar"  # transformers' plain generate(): a reference for AR and for hf-uag
-BASELINES = (HF, HF_AR)
+VLLM_AR = "vllm-ar"  # vLLM alone on the target (no speculative config): the vLLM executor's AR
+VLLM_HETERO = "vllm-hetero"  # vLLM's own draft_model drafting with use_heterogeneous_vocab
+VLLM_BASELINES = (VLLM_AR, VLLM_HETERO)
+BASELINES = (HF, HF_AR) + VLLM_BASELINES
+PLAIN = ("ar", HF_AR, VLLM_AR)  # no drafting
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        if self.method in ("ar", HF_AR):
+        if self.method in PLAIN:
             return self.method
         if self.method == HF and self.variant == "default":
             return f"{HF} (default, k={self.lookahead})"
@@ -149,6 +153,10 @@ class BenchConfig:
     calibration_steps: int = 16
     threads: Optional[int] = None
     nll: bool = True  # target NLL of sampled outputs (temperature > 0), outside the timing
+    # what executes the target: "hf" (our executor; the reference AR is "ar") or "vllm" (the
+    # reference is vllm-ar, vLLM alone; in-process, our methods run on serve.vllm.VllmEngine)
+    executor: str = "hf"
+    vllm: Optional[dict] = None  # VllmOptions fields for the in-process vLLM engines
     # endpoint mode
     endpoint: Optional[str] = None
     application: str = "hsd"
@@ -174,23 +182,36 @@ class BenchConfig:
             raise ValueError("--limit must be >= 1")
         if any(c < 1 for c in self.concurrency):
             raise ValueError("--concurrency values must be >= 1")
-        if self.endpoint is None and any(c != 1 for c in self.concurrency):
-            raise ValueError("--concurrency needs --endpoint (the in-process engine runs one "
-                             "request at a time)")
+        if self.executor not in ("hf", "vllm"):
+            raise ValueError("--executor must be hf or vllm")
+        if self.endpoint is None and self.executor == "hf" and any(c != 1 for c in
+                                                                   self.concurrency):
+            raise ValueError("--concurrency needs --endpoint or --executor vllm (the in-process "
+                             "HF engine runs one request at a time)")
+        if self.executor == "hf" and self.endpoint is None and set(self.methods) & set(
+                VLLM_BASELINES):
+            raise ValueError("vllm-ar and vllm-hetero need --executor vllm or --endpoint")
+
+    @property
+    def reference(self) -> str:
+        """The method every other run is compared with (speedup, identical output)."""
+        return VLLM_AR if self.executor == "vllm" else "ar"
 
 
 def build_specs(methods: Sequence[str], temperatures: Sequence[float], lookaheads: Sequence[int],
-                *, hf_default_lookahead: Optional[int] = None) -> list[RunSpec]:
-    """AR plus every method × lookahead at every temperature (AR is always included)."""
+                *, hf_default_lookahead: Optional[int] = None,
+                reference: str = "ar") -> list[RunSpec]:
+    """The reference (AR, or vllm-ar), AR, and every method × lookahead at every temperature
+    (the reference and AR are always included)."""
     specs: list[RunSpec] = []
     for t in temperatures:
         t = float(t)
-        specs.append(RunSpec("ar", t, 0))
+        specs += [RunSpec(m, t, 0) for m in dict.fromkeys((reference, "ar"))]
         for m in dict.fromkeys(methods):
-            if m == "ar":
+            if m in ("ar", reference):
                 continue
-            if m == HF_AR:
-                specs.append(RunSpec(HF_AR, t, 0))
+            if m in PLAIN:
+                specs.append(RunSpec(m, t, 0))
                 continue
             if m == HF and hf_default_lookahead is not None:
                 specs.append(RunSpec(HF, t, int(hf_default_lookahead), "default"))
@@ -349,8 +370,8 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
     ttft = [s.ttft_s * 1e3 for s in samples]
     tps = n_tok / wall if wall > 0 else 0.0
     tpr = n_tok / rounds if rounds else None
-    is_ar = spec.method == "ar"
-    drafting = spec.method not in ("ar", HF_AR)
+    is_ar = spec.method == (ar[0].spec.method if ar else "ar")
+    drafting = spec.method not in PLAIN
     k = spec.lookahead
     run: dict = {
         "dataset": dataset, "method": spec.method, "label": spec.label,
@@ -532,13 +553,18 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
-def load_pair(cfg: BenchConfig):
+def load_pair(cfg: BenchConfig, *, target: bool = True):
+    """(target, drafter) as ``LoadedModel``s (the target None unless ``target``; the drafter
+    None when ``--drafter none``)."""
     from hsd_serve.models.hf import LoadedModel, ModelSpec
     from hsd_serve.zoo import bundled_model_dir
 
     target_path = cfg.target or str(bundled_model_dir("target"))
     drafter_path = cfg.drafter if cfg.drafter is not None else str(bundled_model_dir("drafter"))
-    target = LoadedModel(ModelSpec(target_path, dtype=cfg.dtype, device=cfg.device))
+    if target:
+        target = LoadedModel(ModelSpec(target_path, dtype=cfg.dtype, device=cfg.device))
+    else:
+        target = None
     drafter = None
     if drafter_path and drafter_path.lower() != "none":
         drafter = LoadedModel(ModelSpec(drafter_path, dtype=cfg.dtype, device=cfg.device,
@@ -737,11 +763,14 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
 
 
 def aggregate_dataset(dataset: str, specs: Sequence[RunSpec], samples: Sequence[Sample],
-                      calibration: dict, concurrency: Optional[int] = None) -> list[dict]:
+                      calibration: dict, concurrency: Optional[int] = None, *,
+                      reference: str = "ar", executor: str = "hf") -> list[dict]:
+    """Runs of one dataset; ``reference``: the method the others are compared with (AR of the
+    same executor: ``ar``, or ``vllm-ar`` for the vLLM executor)."""
     runs = []
     ar_runs: dict[float, dict] = {}
-    for spec in specs:  # AR first so the others can refer to it
-        if spec.method != "ar":
+    for spec in specs:  # the reference first so the others can refer to it
+        if spec.method != reference:
             continue
         mine = [s for s in samples if s.spec == spec]
         if mine:
@@ -750,18 +779,20 @@ def aggregate_dataset(dataset: str, specs: Sequence[RunSpec], samples: Sequence[
         mine = [s for s in samples if s.spec == spec]
         if not mine:
             continue
-        if spec.method == "ar":
+        if spec.method == reference:
             runs.append(ar_runs[spec.temperature])
             continue
-        ar = [s for s in samples if s.spec.method == "ar" and s.spec.temperature == spec.temperature]
+        ar = [s for s in samples
+              if s.spec.method == reference and s.spec.temperature == spec.temperature]
         runs.append(aggregate(dataset, spec, mine, ar or None, calibration,
                               ar_run=ar_runs.get(spec.temperature)))
-    if concurrency is not None:
-        for r in runs:
-            r["concurrency"] = concurrency
+    for r in runs:
+        r["concurrency"] = concurrency or 1
+        r["executor"] = "vllm" if r["method"] in VLLM_BASELINES else executor
+        r["reference"] = reference
     # paired comparison against transformers' baseline at the same temperature and lookahead
     for r in runs:
-        if r["method"] in ("ar",) + BASELINES:
+        if r["method"] in PLAIN + BASELINES:
             continue
         for h in runs:
             if h["method"] == HF and h["temperature"] == r["temperature"]:

@@ -205,7 +205,7 @@ class DrafterWorker(SessionBounds):
         self._sync(st, None, generated)
         f0, t0 = st.forwards, st.draft_s
         if st.text.pending(generated):
-            return SLRSOutcome(token=-1, accepted=False, proposed=False)
+            return SLRSOutcome(token=None, accepted=False, proposed=False)
         out = self.proposer(METHODS["slrs"]).step(st, row, position)
         st.last_drafted = list(out.drafter_ids)
         out.forwards, out.draft_s = st.forwards - f0, st.draft_s - t0

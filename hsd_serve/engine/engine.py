@@ -18,7 +18,7 @@ from typing import AsyncIterator, Iterator, NamedTuple, Optional, Protocol
 
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.engine.methods import METHODS
-from hsd_serve.engine.protocol import Draft, Verdict
+from hsd_serve.engine.protocol import Draft, DraftSpec, Verdict
 from hsd_serve.engine.run import RequestRun, RunPolicy
 from hsd_serve.engine.types import Chunk, GenerationRequest, GenerationResult, RequestError, \
     RequestStats
@@ -46,6 +46,9 @@ class TargetPort(Protocol):
     async def free(self, rid: str) -> None: ...
 
 
+GENERATING_METHODS = ("ar", "sd", "slem", "tli")  # what a generating (vLLM) target runs
+
+
 class Prepared(NamedTuple):
     """A validated request: the method it runs with and the target's prompt ids."""
 
@@ -70,8 +73,12 @@ class Coordinator:
 
     def __init__(self, target: TargetPort, info: TargetInfo, drafter: Optional[DrafterPort] = None,
                  *, same_vocab: bool = False, draft_timeout_s: Optional[float] = None,
-                 drafter_retry_rounds: int = 8, sink=None, load_aware_lookahead: bool = False):
+                 drafter_retry_rounds: int = 8, sink=None, load_aware_lookahead: bool = False,
+                 target_generates: bool = False):
+        """``target_generates``: the target runs whole requests itself (``target.generate``: the
+        vLLM executor, ``RequestRun.follow``) instead of verifying the coordinator's rounds."""
         self.target = target
+        self.target_generates = target_generates
         self.info = info
         self.drafter = drafter
         self.policy = RunPolicy(same_vocab=same_vocab, draft_timeout_s=draft_timeout_s,
@@ -96,6 +103,10 @@ class Coordinator:
                 return "sd"
             return "slem" if params.greedy else "tli"
         m = METHODS[method]
+        if self.target_generates and m.needs_drafter and method not in GENERATING_METHODS:
+            raise RequestError("method", f"method {method!r} runs on the hf target executor; this "
+                                         f"service runs its target on vLLM (use "
+                                         f"{', '.join(GENERATING_METHODS)} or auto)")
         if m.needs_drafter and self.drafter is None:
             raise RequestError("method", f"method {method!r} needs a drafter; none is configured")
         try:
@@ -162,6 +173,11 @@ class Coordinator:
                          self.info, target or self.target, drafter or self.drafter, self.policy,
                          stats, t_start=t_start)
         try:
+            if self.target_generates:
+                async for chunk in run.follow(await self._draft_spec(run)):
+                    yield chunk
+                yield run.final_chunk()
+                return
             await run.start()
             while run.finish is None:
                 chunk = await run.round()
@@ -171,6 +187,20 @@ class Coordinator:
         finally:
             await run.free()
 
+    async def _draft_spec(self, run: RequestRun):
+        """What the generating target's proposer needs to fetch this request's drafts (None:
+        plain decoding): the address of the drafter replica (``drafter.address()``, leased)."""
+        if not run.method.needs_drafter or run.drafter is None:
+            return None
+        try:
+            address = await run._call_drafter(run.drafter.address())
+        except Exception as exc:  # noqa: BLE001 - no drafter: the request decodes plainly
+            log.warning("request %s: no drafter address (%s); plain decoding", run.rid, exc)
+            run.stats.fallback_rounds += 1
+            return None
+        return DraftSpec(run.rid, run.method.name, address, run.req.prompt, run.req.lookahead,
+                         self.policy.same_vocab)
+
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         result = None
         async for chunk in self.stream(req):
@@ -178,15 +208,20 @@ class Coordinator:
         return result
 
 
-def run_stream(agen: AsyncIterator[Chunk]) -> Iterator[Chunk]:
-    """Drive an async chunk stream from synchronous code (CLI, benchmarks, tests)."""
-    loop = asyncio.new_event_loop()
+def run_stream(agen: AsyncIterator[Chunk], run=None) -> Iterator[Chunk]:
+    """Drive an async chunk stream from synchronous code (CLI, benchmarks, tests); ``run(coro)``
+    runs a coroutine to its result (default: on a new event loop of this thread)."""
+    loop = None
+    if run is None:
+        loop = asyncio.new_event_loop()
+        run = loop.run_until_complete
     try:
         while True:
             try:
-                yield loop.run_until_complete(agen.__anext__())
+                yield run(agen.__anext__())
             except StopAsyncIteration:
                 return
     finally:
-        loop.run_until_complete(agen.aclose())
-        loop.close()
+        run(agen.aclose())
+        if loop is not None:
+            loop.close()

@@ -54,9 +54,50 @@ class Verdict:
 
 @dataclass
 class SLRSOutcome:
-    token: int
+    # the target token this round emits; None: no proposal possible (the drafter is
+    # mid-character), and the coordinator takes a plain target step instead
+    token: Optional[int]
     accepted: bool
     proposed: bool
     drafter_ids: list[int] = field(default_factory=list)
     forwards: int = 0
     draft_s: float = 0.0
+
+
+@dataclass
+class Step:
+    """A target that runs whole requests itself (the vLLM executor) yields one per engine output:
+    the target ids it added, and the request's draft counts (its totals; vLLM reports them with
+    the last step)."""
+
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: Optional[str] = None  # "stop" | "length" once finished
+    drafted: int = 0
+    accepted: int = 0
+
+
+SPEC_KEY = "hsd"  # SamplingParams.extra_args[SPEC_KEY]: the request's DraftSpec as a dict
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """What a generating target's proposer needs to fetch a request's drafts (travels inside
+    vLLM as ``SamplingParams.extra_args[SPEC_KEY]``: plain msgpack-able data)."""
+
+    request_id: str
+    method: str  # slem | tli | sd
+    drafter: str  # "host:port" of the leased drafter replica's data plane
+    prompt: str  # the prompt text (the drafter session opens on it)
+    k: int
+    same_vocab: bool = False
+
+    def to_extra_args(self) -> dict:
+        return {SPEC_KEY: {"request_id": self.request_id, "method": self.method,
+                           "drafter": self.drafter, "prompt": self.prompt, "k": int(self.k),
+                           "same_vocab": bool(self.same_vocab)}}
+
+    @classmethod
+    def from_extra_args(cls, extra: Optional[dict]) -> Optional["DraftSpec"]:
+        d = (extra or {}).get(SPEC_KEY)
+        return cls(**d) if d else None

@@ -14,12 +14,14 @@ Text is released only when it is complete UTF-8 and cannot still turn into a sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 import torch
 
@@ -66,6 +68,14 @@ class StopStrings:
         return out
 
 
+def load_capped(k_max: int, load: int) -> int:
+    """The largest lookahead worth drafting when ``load`` requests share the target's forward
+    pass: ``k_max`` up to 4, then ``ceil(k_max / (1 + (load − 1) / 4))`` (at least 1)."""
+    if load <= 4:
+        return k_max
+    return max(1, math.ceil(k_max / (1 + (load - 1) / 4)))
+
+
 class Lookahead:
     """The lookahead ``k`` of the next round.
 
@@ -86,9 +96,9 @@ class Lookahead:
 
     @property
     def current(self) -> int:
-        if not self.load_aware or self.load <= 4:
+        if not self.load_aware:
             return self.k
-        return min(self.k, max(1, math.ceil(self.k_max / (1 + (self.load - 1) / 4))))
+        return min(self.k, load_capped(self.k_max, self.load))
 
     def update(self, drafted: int, accepted: int) -> None:
         if not self.adaptive or drafted == 0:
@@ -269,6 +279,48 @@ class RequestRun:
             self.drafter_open = False
             self.retry_at = self.stats.rounds + self.policy.drafter_retry_rounds
             return None
+
+    # ---- a target that runs the whole request (the vLLM executor) ------------------------------
+    async def follow(self, spec=None, max_resumes: int = 3) -> AsyncIterator[Chunk]:
+        """The request's chunks from a target that decodes it to the end itself
+        (``target.generate``: the vLLM executor, which verifies the drafts that ``spec`` — a
+        ``DraftSpec`` or None — tells its proposer to fetch).  Every step's tokens go through
+        ``commit``, so EOS, stop strings and the limits end it at exactly AR's token; the stream
+        is closed (the request aborted in vLLM) as soon as they do.  A target replica lost
+        mid-stream: the request resumes from what was committed (``max_resumes`` times)."""
+        stats = self.stats
+        resumes = 0
+        while self.finish is None:
+            done = len(self.committed) - self.prompt_len
+            steps = self.target.generate(self.rid, list(self.committed), self.params,
+                                         self.req.max_new_tokens - done, spec)
+            t0 = time.perf_counter()
+            try:
+                async with contextlib.aclosing(steps):
+                    async for step in steps:
+                        now = time.perf_counter()
+                        stats.verify_s += now - t0
+                        stats.rounds += 1
+                        stats.target_forwards += 1
+                        stats.drafted, stats.accepted = step.drafted, step.accepted
+                        chunk = self.commit(step.token_ids)
+                        if chunk is not None:
+                            yield chunk
+                        if self.finish is None and step.finished:
+                            self.finish = "stop" if step.finish_reason == "stop" else "length"
+                        if self.finish is not None:
+                            return
+                        t0 = time.perf_counter()
+            except ConnectionError:
+                if resumes >= max_resumes:
+                    raise
+            resumes += 1  # the stream broke off: go on from the committed tokens
+            if resumes > max_resumes:
+                raise ConnectionError(f"the target's stream broke off {resumes} times")
+            if spec is not None:  # the drafts continue prompt + output, the new prompt
+                spec = dataclasses.replace(spec, prompt=self.committed_bytes().decode(
+                    "utf-8", errors="replace"))
+            log.warning("request %s: target stream ended early; resuming", self.rid)
 
     def commit(self, tokens: list[int]) -> Optional[Chunk]:
         """Append the target's tokens one at a time, stopping exactly where AR would."""

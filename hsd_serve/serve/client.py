@@ -11,15 +11,19 @@ from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
 
 
 def build_request(args, prompt: str) -> hsd_pb2.GenerateRequest:
-    """``args.seed`` None (or absent): no seed is sent, so a sampled request gets a fresh random
-    one from the server (printed in the stats line)."""
+    """``args.method``: a method name (ar | sd | slem | tli | slrs | auto; "": the server's
+    default), sent as the wire's ``Method`` enum; another name raises ValueError.  ``args.seed``
+    None (or absent): no seed is sent, so a sampled request gets a fresh random one from the
+    server (printed in the stats line)."""
+    from hsd_serve.serve.convert import method_to_proto
+
     sampling = hsd_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                       top_p=args.top_p)
     seed = getattr(args, "seed", None)
     if seed is not None:
         sampling.seed = seed
     return hsd_pb2.GenerateRequest(
-        prompt=prompt, max_tokens=args.max_tokens, method=args.method,
+        prompt=prompt, max_tokens=args.max_tokens, method=method_to_proto(args.method),
         lookahead=args.lookahead, stop=list(args.stop), sampling=sampling)
 
 

@@ -44,6 +44,23 @@ class ModelConfig(_Strict):
                          trust_remote_code=self.trust_remote_code, head_ids=self.head_ids)
 
 
+class VllmOptions(_Strict):
+    """How a target replica builds its vLLM engine (``target_executor: vllm``)."""
+
+    num_speculative_tokens: int = Field(4, ge=0, le=64)  # most drafts per step (0: no drafts)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    enforce_eager: bool = False  # True: starts in ~15 s instead of ~60 s on CPU, slower steps
+    max_num_seqs: int = Field(64, ge=1)
+    max_model_len: Optional[int] = Field(None, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    cpu_kvcache_gib: int = Field(2, ge=1)  # CPU nodes: VLLM_CPU_KVCACHE_SPACE
+    cpu_threads_bind: str = "auto"  # CPU nodes: VLLM_CPU_OMP_THREADS_BIND; auto: the replica's cores
+    draft_wait_s: float = Field(0.2, gt=0)  # longest a step waits for drafts, then decodes plainly
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # more vLLM engine args, as given
+
+
 class AutoscalingConfig(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
@@ -92,6 +109,11 @@ class AppConfig(_Strict):
     target: ModelConfig = ModelConfig(path=BUNDLED_PREFIX + "target")
     drafter: Optional[ModelConfig] = ModelConfig(path=BUNDLED_PREFIX + "drafter")
     model_name: str = "hsd-bundled"
+    # what executes the target: "hf" (our reference executor: every method, the data-plane
+    # Verify protocol) or "vllm" (vLLM's engine; drafts from the Drafter deployment, verified
+    # inside vLLM: greedy with any drafting method, see docs/vllm.md)
+    target_executor: Literal["hf", "vllm"] = "hf"
+    vllm: VllmOptions = VllmOptions()
     # request limits and defaults, checked as one RequestLimits (request_limits())
     default_method: str = "auto"
     default_lookahead: int = 4

@@ -18,7 +18,11 @@ The engine keeps its strings (method names, verification rules, finish reasons);
 enums.  Each is converted here through one ``EnumTable`` that refuses, with ``ValueError``, an
 engine string it has no wire value for and a wire value it has no string for (``*_UNSPECIFIED``
 or one this release does not know), so a data-plane servicer answers ``INVALID_ARGUMENT``.  Client
-code reads a response's ``finish_reason`` with ``finish_reason_from_proto`` ("stop" / "length").
+code reads a response's ``finish_reason`` with ``finish_reason_from_proto`` ("stop" / "length")
+and turns a method name into ``GenerateRequest.method`` with ``method_to_proto``.  A client's
+``GenerateRequest.method`` may be ``METHOD_UNSPECIFIED`` (the service's default method) or
+``METHOD_AUTO``; a data-plane ``OpenRequest`` carries the method the request resolved to
+(``RESOLVED_METHOD``: neither of those).
 
 Every field of every message crosses: ``tests/unit/test_convert.py`` fills each field of each
 message type with a non-default value and round-trips it through these converters.
@@ -28,12 +32,14 @@ Protobuf types stay inside ``hsd_serve.serve``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from hsd_serve.core.sampling import SamplingParams, seed_for
 from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, SLRSOutcome, Verdict
@@ -43,7 +49,6 @@ from hsd_serve.pb import hsd_pb2 as pb
 from hsd_serve.serve.config import service_limits
 
 _F32_LE = np.dtype("<f4")
-NO_TOKEN = -1  # SLRSOutcome.token when no proposal was possible (SLRSReply.token unset)
 
 
 # ------------------------------------------------------------------------------ enums
@@ -75,17 +80,43 @@ class EnumTable:
                 name = self.enum.Name(number)
             except (ValueError, TypeError):
                 name = repr(number)
-            raise ValueError(f"{self.what}: {name} is not one of "
-                             f"{', '.join(self.enum.Name(n) for n in self._from)}") from None
+            raise ValueError(f"{self.what}: {name} is not one of {self.names()}") from None
+
+    def names(self) -> str:
+        """The wire names of the values this table maps, comma-separated (for messages)."""
+        return ", ".join(self.enum.Name(n) for n in self._from)
+
+    def without(self, *values: str) -> "EnumTable":
+        """This table for a field where ``values`` are no valid choice (refused both ways)."""
+        sub = copy.copy(self)
+        sub._to = {k: v for k, v in self._to.items() if k not in values}
+        sub._from = {v: k for k, v in sub._to.items()}
+        return sub
 
 
 METHOD = EnumTable("method", pb.Method, {"ar": pb.METHOD_AR, "sd": pb.METHOD_SD,
                                          "slem": pb.METHOD_SLEM, "tli": pb.METHOD_TLI,
-                                         "slrs": pb.METHOD_SLRS})
+                                         "slrs": pb.METHOD_SLRS, "auto": pb.METHOD_AUTO})
+# OpenRequest.method: the method a request resolved to (``Coordinator.resolve_method``), never auto
+RESOLVED_METHOD = METHOD.without("auto")
 RULE = EnumTable("rule", pb.Rule, {EXACT: pb.RULE_EXACT, SPECULATIVE: pb.RULE_SPECULATIVE,
                                    ROW: pb.RULE_ROW})
 FINISH_REASON = EnumTable("finish_reason", pb.FinishReason,
                           {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH})
+
+
+def method_to_proto(name: str) -> int:
+    """A method name as a client gives it → ``GenerateRequest.method``: "" →
+    ``METHOD_UNSPECIFIED`` (the service's default method); ar | sd | slem | tli | slrs | auto, in
+    any case and with blanks around it (as the service read names before the wire had an enum) →
+    its value.  Raises ValueError naming the choices for any other name."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key == "":
+        return pb.METHOD_UNSPECIFIED
+    try:
+        return METHOD.to_proto(key)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or \"\": the service's default)") from None
 
 
 def finish_reason_from_proto(value: int) -> str:
@@ -222,16 +253,17 @@ def row_from_bytes(data: bytes) -> Optional[torch.Tensor]:
 # ------------------------------------------------------------------------------ drafter messages
 def open_request(rid: str, method: str, prompt: str, params: SamplingParams,
                  prompt_ids: Iterable[int]) -> pb.OpenRequest:
-    """Raises ValueError for a method with no wire value (``auto``)."""
-    return pb.OpenRequest(request_id=rid, method=METHOD.to_proto(method), prompt=prompt,
+    """Raises ValueError for a method a request cannot run with (``auto``: unresolved)."""
+    return pb.OpenRequest(request_id=rid, method=RESOLVED_METHOD.to_proto(method), prompt=prompt,
                           sampling=params_to_proto(params), prompt_ids=list(prompt_ids))
 
 
 def open_request_args(msg: pb.OpenRequest) -> dict:
     """Keyword arguments of ``DrafterWorker.open`` (the inverse of ``open_request``).  Raises
-    ValueError on an UNSPECIFIED or unknown method."""
-    return {"rid": msg.request_id, "method": METHOD.from_proto(msg.method), "prompt": msg.prompt,
-            "params": params_from_proto(msg.sampling), "prompt_ids": list(msg.prompt_ids)}
+    ValueError on an UNSPECIFIED, AUTO or unknown method."""
+    return {"rid": msg.request_id, "method": RESOLVED_METHOD.from_proto(msg.method),
+            "prompt": msg.prompt, "params": params_from_proto(msg.sampling),
+            "prompt_ids": list(msg.prompt_ids)}
 
 
 def draft_request(rid: str, k: int, position: int, committed: Optional[Sequence[int]],
@@ -283,20 +315,20 @@ def slrs_request_args(msg: pb.SLRSRequest) -> dict:
 
 
 def slrs_to_proto(o: SLRSOutcome) -> pb.SLRSReply:
-    """``o.token`` ``NO_TOKEN`` (no proposal possible this round) leaves ``token`` unset; another
-    negative token raises ValueError."""
+    """``o.token`` ``None`` (no proposal possible this round) leaves ``token`` unset; a negative
+    token raises ValueError."""
     msg = pb.SLRSReply(accepted=bool(o.accepted), proposed=bool(o.proposed),
                        drafter_ids=list(o.drafter_ids), forwards=int(o.forwards),
                        draft_s=float(o.draft_s))
-    if o.token != NO_TOKEN:
+    if o.token is not None:
         if o.token < 0:
-            raise ValueError(f"SLRS token must be a target id >= 0 or NO_TOKEN, got {o.token}")
+            raise ValueError(f"SLRS token must be a target id >= 0 or None, got {o.token}")
         msg.token = int(o.token)
     return msg
 
 
 def slrs_from_proto(msg: pb.SLRSReply) -> SLRSOutcome:
-    token = msg.token if msg.HasField("token") else NO_TOKEN
+    token = msg.token if msg.HasField("token") else None
     return SLRSOutcome(token=token, accepted=msg.accepted, proposed=msg.proposed,
                        drafter_ids=list(msg.drafter_ids), forwards=msg.forwards,
                        draft_s=msg.draft_s)
@@ -357,17 +389,38 @@ def _client_params(msg: pb.GenerateRequest) -> SamplingParams:
 
 
 _PROTO_FIELDS = {"max_new_tokens": "max_tokens"}  # engine field -> GenerateRequest field
+_METHOD_FIELD = pb.GenerateRequest.DESCRIPTOR.fields_by_name["method"].number
+_LENGTH_DELIMITED = 2  # the wire type of a string
+
+
+def _client_method(msg: pb.GenerateRequest, limits: RequestLimits) -> str:
+    """``GenerateRequest.method`` → the engine's name: UNSPECIFIED → ``limits.default_method``.
+    Raises ``RequestError("method", ...)`` on a value this release does not know (proto3 keeps
+    unknown numbers) and on a method name sent as a string (``method`` was a ``string`` before:
+    the parser keeps it as an unknown field, which would otherwise run the default method)."""
+    if any(f.field_number == _METHOD_FIELD and f.wire_type == _LENGTH_DELIMITED
+           for f in UnknownFieldSet(msg)):
+        raise RequestError("method", f"a method name sent as a string is no longer accepted; "
+                                     f"send the Method enum: one of {METHOD.names()}")
+    if msg.method == pb.METHOD_UNSPECIFIED:
+        return limits.default_method
+    try:
+        return METHOD.from_proto(msg.method)
+    except ValueError:
+        raise RequestError("method", f"unknown value {msg.method}; choose one of "
+                                     f"{METHOD.names()}, or leave it unset for the service's "
+                                     f"default ({limits.default_method})") from None
 
 
 def request_from_proto(msg: pb.GenerateRequest,
                        limits: Optional[RequestLimits] = None) -> GenerationRequest:
     """Validate a client ``GenerateRequest`` and build the engine's request.
 
-    Unset (0 / empty) ``max_tokens``, ``lookahead`` and ``method`` take the defaults of
-    ``limits`` (default: the service's, ``service_limits()``), which the request is then checked
-    against.  A sampled request without ``sampling.seed`` gets a fresh random seed
-    (``req.params.seed``; echo it with ``result_to_proto`` / ``chunk_to_proto``); a greedy one
-    gets 0.
+    Unset (0 / ``METHOD_UNSPECIFIED``) ``max_tokens``, ``lookahead`` and ``method`` take the
+    defaults of ``limits`` (default: the service's, ``service_limits()``), which the request is
+    then checked against (a ``method`` value this release does not know is refused first).  A
+    sampled request without ``sampling.seed`` gets a fresh random seed (``req.params.seed``; echo
+    it with ``result_to_proto`` / ``chunk_to_proto``); a greedy one gets 0.
 
     Raises ``RequestError(field, message)`` with ``field`` the proto field path.  Token-level
     checks (prompt encodes to nothing / exceeds the context, method needs a drafter) happen later
@@ -376,7 +429,7 @@ def request_from_proto(msg: pb.GenerateRequest,
     limits = service_limits() if limits is None else limits
     req = GenerationRequest(prompt=msg.prompt,
                             max_new_tokens=int(msg.max_tokens or limits.default_max_tokens),
-                            method=msg.method.strip().lower() or limits.default_method,
+                            method=_client_method(msg, limits),
                             lookahead=int(msg.lookahead or limits.default_lookahead),
                             adaptive_lookahead=bool(msg.adaptive_lookahead), stop=tuple(msg.stop))
     try:
@@ -388,9 +441,11 @@ def request_from_proto(msg: pb.GenerateRequest,
 
 
 def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
-    """The client side of ``request_from_proto``: the seed is always set (explicitly)."""
+    """The client side of ``request_from_proto``: the seed and the method are always set
+    (explicitly; ``auto`` is ``METHOD_AUTO``).  Raises ValueError for an unknown method."""
     return pb.GenerateRequest(prompt=req.prompt, max_tokens=int(req.max_new_tokens),
-                              sampling=params_to_proto(req.params), method=req.method,
+                              sampling=params_to_proto(req.params),
+                              method=METHOD.to_proto(req.method),
                               lookahead=int(req.lookahead),
                               adaptive_lookahead=bool(req.adaptive_lookahead),
                               stop=list(req.stop))

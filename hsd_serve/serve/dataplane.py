@@ -198,10 +198,30 @@ class TargetServicer(_WorkerServicer, pb_grpc.TargetServicer):
     def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None, *,
                  max_batch: int = 16):
         super().__init__(worker, executor, max_batch=max_batch)
-        self.width = worker.model.vocab.size
+        model = getattr(worker, "model", None)  # a vLLM target has none here (Generate only)
+        self.width = model.vocab.size if model is not None else 0
 
     def _run_batch(self, calls):
         return self.worker.verify_batch(calls)
+
+    async def Generate(self, request, context):
+        """One whole request on a vLLM target (``serve.vllm``): a ``TargetStep`` per engine
+        output.  The stream's end (the caller cancelling it) aborts the request in vLLM."""
+        if not hasattr(self.worker, "generate"):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "this target replica verifies rounds (Verify); Generate needs "
+                                "target_executor: vllm")
+        from hsd_serve.serve.vllm import wire
+
+        try:
+            args = wire.generate_args(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            async for step in self.worker.generate(**args):
+                yield wire.step_to_proto(step)
+        except ValueError as exc:  # vLLM refuses the request (e.g. too long)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyReply:
         from hsd_serve.engine.target import VerifyCall
@@ -392,3 +412,18 @@ class GrpcTarget(_GrpcPort):
 
     async def free(self, rid: str) -> None:
         await self._call(self.stub.Free, pb.FreeRequest(request_id=rid))
+
+    async def generate(self, rid: str, prompt_ids, params: SamplingParams, max_new_tokens: int,
+                       spec=None):
+        """The steps of a whole request on a vLLM target replica (``serve.vllm``)."""
+        from hsd_serve.serve.vllm import wire
+
+        call = self.stub.Generate(wire.generate_request(rid, prompt_ids, params, max_new_tokens,
+                                                        spec), timeout=None)
+        try:
+            async for msg in call:
+                yield wire.step_from_proto(msg)
+        except grpc.aio.AioRpcError as exc:
+            _raise_for(exc)
+        finally:
+            call.cancel()

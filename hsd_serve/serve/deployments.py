@@ -142,6 +142,8 @@ class _ModelReplica:
     async def check_health(self) -> None:
         if self.server is None:
             raise RuntimeError(f"{self.kind} data-plane server is not running")
+        if getattr(getattr(self.worker, "engine", None), "errored", False):
+            raise RuntimeError(f"{self.kind} vLLM engine has failed")  # Serve replaces us
 
 
 @serve.deployment(name="Drafter")
@@ -176,6 +178,14 @@ class TargetDeployment(_ModelReplica):
 
         config = load_config(cfg)
         _set_threads(config.target_deployment.torch_threads)
+        if config.target_executor == "vllm":
+            from hsd_serve.serve.vllm.executor import VllmTarget
+
+            engine = VllmTarget(config.target.resolved_path(), config.vllm,
+                                threads=config.target_deployment.torch_threads or 1,
+                                load_aware_lookahead=config.load_aware_lookahead)
+            await self._start(await engine.start())
+            return
         await self._start(TargetWorker(
             LoadedModel(config.target.spec()), max_sessions=config.max_sessions_per_replica,
             max_cached_tokens=config.max_cached_tokens_per_replica), max_batch=config.max_batch)
@@ -207,7 +217,8 @@ class CoordinatorDeployment:
             drafter=UnavailableDrafter("not leased") if drafter_handle is not None else None,
             same_vocab=same_vocab, draft_timeout_s=self.config.draft_timeout_s,
             drafter_retry_rounds=self.config.drafter_retry_rounds,
-            load_aware_lookahead=self.config.load_aware_lookahead, sink=RaySink())
+            load_aware_lookahead=self.config.load_aware_lookahead, sink=RaySink(),
+            target_generates=self.config.target_executor == "vllm")
         self.ongoing = 0  # requests in flight here (hsd_ongoing_requests{component="coordinator"})
         self.gauges = None  # started with the first request (needs the replica's event loop)
         self.limits = self.config.request_limits()  # both front doors (gRPC, HTTP)

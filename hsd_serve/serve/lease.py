@@ -83,7 +83,7 @@ class UnavailableDrafter:
     async def _fail(self, *args, **kwargs):
         raise ConnectionError(f"no drafter replica: {self.reason}")
 
-    open = draft = slrs_step = _fail
+    open = draft = slrs_step = address = _fail
 
     async def free(self, rid):
         return None
@@ -204,6 +204,23 @@ class LeasedTarget(LeasedPort):
     async def verify(self, *args, **kwargs):
         return await self._with_failover(lambda: self.port.verify(*args, **kwargs))
 
+    async def generate(self, *args, **kwargs):
+        """A whole request's steps on the leased (vLLM) replica.  A replica lost mid-stream
+        raises ConnectionError once another is leasable; the caller resumes from what it
+        committed (``RequestRun.follow``)."""
+        await self._with_failover(None)
+        try:
+            with cancel_means_replica_died("target stream"):
+                async for step in self.port.generate(*args, **kwargs):
+                    yield step
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if self.closed or not is_transport_failure(exc):
+                raise
+            await self.drop(replica_gone(exc))
+            self.failovers += 1
+            raise ConnectionError(f"target replica lost mid-stream: {type(exc).__name__}: "
+                                  f"{exc}") from exc
+
     async def _with_failover(self, call):
         loop = asyncio.get_running_loop()
         limit = self.failover_s
@@ -307,3 +324,14 @@ class LeasedDrafter(LeasedPort):
 
     async def slrs_step(self, *args, **kwargs):
         return await self._call("slrs_step", *args, **kwargs)
+
+    async def address(self) -> str:
+        """The leased drafter replica's data-plane address (a vLLM target's proposer calls it)."""
+        try:
+            await self._ensure_port()
+        except BaseException:
+            self._failed_once = True
+            if not self.closed:
+                self.availability.unavailable = True
+            raise
+        return self.lease.address

@@ -33,7 +33,7 @@ def bp_app(service):
 
 def _grpc_call(port: int, i: int):
     t0 = time.monotonic()
-    req = hsd_pb2.GenerateRequest(prompt=f"def f{i}(x):", max_tokens=N, method="slem",
+    req = hsd_pb2.GenerateRequest(prompt=f"def f{i}(x):", max_tokens=N, method=hsd_pb2.METHOD_SLEM,
                                   sampling=hsd_pb2.SamplingParams(temperature=0))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = hsd_pb2_grpc.GenerationStub(ch)

@@ -13,6 +13,7 @@ from hsd_serve.engine.local import Engine
 from hsd_serve.engine.types import GenerationRequest
 from hsd_serve.models.hf import LoadedModel, ModelSpec
 from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
+from hsd_serve.serve.convert import method_to_proto
 
 APP = "hsd-bundled"
 META = (("application", APP),)
@@ -49,7 +50,8 @@ def test_greedy_identical_to_ar_over_http_and_grpc(bundled):
         for prompt in PROMPTS:
             ar = engine.generate(GenerationRequest(prompt, max_new_tokens=24, method="ar"))
             for method in ("slem", "tli"):
-                req = hsd_pb2.GenerateRequest(prompt=prompt, max_tokens=24, method=method)
+                req = hsd_pb2.GenerateRequest(prompt=prompt, max_tokens=24,
+                                              method=method_to_proto(method))
                 unary = stub.Generate(req, metadata=META, timeout=300)
                 assert list(unary.token_ids) == ar.token_ids, method
                 chunks = list(stub.GenerateStream(req, metadata=META, timeout=300))
@@ -73,7 +75,7 @@ def test_sampled_output_equals_in_process_for_the_same_seed(bundled):
                 PROMPTS[0], max_new_tokens=16, method=method,
                 params=SamplingParams(temperature=0.8, seed=seed)))
             got = stub.Generate(hsd_pb2.GenerateRequest(
-                prompt=PROMPTS[0], max_tokens=16, method=method,
+                prompt=PROMPTS[0], max_tokens=16, method=method_to_proto(method),
                 sampling=hsd_pb2.SamplingParams(temperature=0.8, seed=seed)),
                 metadata=META, timeout=300)
             assert list(got.token_ids) == want.token_ids, method

@@ -68,7 +68,7 @@ def full_rounds(cancel_app):
 
 
 def _req() -> hsd_pb2.GenerateRequest:
-    return hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=LONG, method="slem",
+    return hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=LONG, method=hsd_pb2.METHOD_SLEM,
                                    sampling=hsd_pb2.SamplingParams(temperature=0))
 
 

@@ -16,6 +16,7 @@ from hsd_serve.engine.local import Engine
 from hsd_serve.engine.types import GenerationRequest
 from hsd_serve.models.hf import LoadedModel, ModelSpec
 from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
+from hsd_serve.serve.convert import method_to_proto
 from tests.e2e.faultkit import (deploy, kill_replica, live_replica_names, replica_stats,
                                 tiny_args, undeploy, wait_for, watchdog)  # noqa: F401
 
@@ -84,7 +85,7 @@ async def _grpc_streams(port: int, app: str, reqs, on_first_chunks=None, timeout
 
 
 def _greedy(prompt: str, n: int, method: str = "slem") -> hsd_pb2.GenerateRequest:
-    return hsd_pb2.GenerateRequest(prompt=prompt, max_tokens=n, method=method,
+    return hsd_pb2.GenerateRequest(prompt=prompt, max_tokens=n, method=method_to_proto(method),
                                    sampling=hsd_pb2.SamplingParams(temperature=0))
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from hsd_serve import metrics as M
 from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
+from hsd_serve.serve.convert import method_to_proto
 
 APP, ROUTE = "hsd-metrics", "/metrics-e2e"
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "grafana-dashboard.json"
@@ -59,12 +60,13 @@ def _run_requests(app) -> list[dict]:
         stub = hsd_pb2_grpc.GenerationStub(ch)
         for method, temp, seed in (("slem", 0.0, 0), ("tli", 0.9, 5)):
             resp = stub.Generate(hsd_pb2.GenerateRequest(
-                prompt="def fib(n):\n    ", max_tokens=12, method=method,
+                prompt="def fib(n):\n    ", max_tokens=12, method=method_to_proto(method),
                 sampling=hsd_pb2.SamplingParams(temperature=temp, seed=seed)),
                 metadata=meta, timeout=120)
             out.append(_from_proto(resp.stats))
         chunks = list(stub.GenerateStream(hsd_pb2.GenerateRequest(
-            prompt="import os\n", max_tokens=9, method="slem"), metadata=meta, timeout=120))
+            prompt="import os\n", max_tokens=9, method=hsd_pb2.METHOD_SLEM), metadata=meta,
+            timeout=120))
         out.append(_from_proto(chunks[-1].stats))
     with httpx.Client(base_url=app["base"] + ROUTE, timeout=120) as client:
         r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 7,

@@ -14,7 +14,7 @@ from hsd_serve.engine.local import Engine
 from hsd_serve.engine.types import GenerationRequest
 from hsd_serve.models.hf import LoadedModel, ModelSpec
 from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
-from hsd_serve.serve.convert import finish_reason_from_proto
+from hsd_serve.serve.convert import finish_reason_from_proto, method_to_proto
 
 PROMPT = "def fib(n):\n    "
 META = (("application", "hsd"),)
@@ -40,7 +40,7 @@ def test_grpc_matches_in_process(stub, local_engine, method, temperature, seed):
     want = local_engine.generate(GenerationRequest(
         PROMPT, max_new_tokens=12, method=method,
         params=SamplingParams(temperature=temperature, seed=seed)))
-    req = hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=12, method=method,
+    req = hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=12, method=method_to_proto(method),
                                   sampling=hsd_pb2.SamplingParams(temperature=temperature,
                                                                   seed=seed))
     got = stub.Generate(req, metadata=META, timeout=120)
@@ -55,7 +55,7 @@ def test_grpc_matches_in_process(stub, local_engine, method, temperature, seed):
 
 
 def test_grpc_bad_input_is_invalid_argument(stub):
-    bad = [hsd_pb2.GenerateRequest(prompt="x", method="nope"),
+    bad = [hsd_pb2.GenerateRequest(prompt="x", method=99),  # a value this release does not know
            hsd_pb2.GenerateRequest(prompt="x", sampling=hsd_pb2.SamplingParams(temperature=-1)),
            hsd_pb2.GenerateRequest(prompt="x", max_tokens=10_000_000),
            hsd_pb2.GenerateRequest(prompt="")]
@@ -69,6 +69,20 @@ def test_grpc_bad_input_is_invalid_argument(stub):
     ok = stub.Generate(hsd_pb2.GenerateRequest(prompt="x", max_tokens=2), metadata=META,
                        timeout=60)
     assert len(ok.token_ids) >= 1
+
+
+def test_grpc_refuses_a_method_name_from_a_client_of_the_old_schema(service):
+    """``method`` was ``string method = 4``: an old client's name arrives as an unknown field,
+    refused naming ``method`` (not silently run with the default method); the proxy passes the
+    unknown field through to the coordinator."""
+    old = hsd_pb2.GenerateRequest(prompt="x", max_tokens=2).SerializeToString() + b"\x22\x03tli"
+    with grpc.insecure_channel(f"127.0.0.1:{service['grpc']}") as ch:
+        raw = ch.unary_unary("/hsd.v1.Generation/Generate", request_serializer=None,
+                             response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            raw(old, metadata=META, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details().startswith("method:"), err.value.details()
 
 
 def test_grpc_health_service(service):
@@ -109,7 +123,8 @@ def test_leases_free_replica_sessions(service, stub):
     from ray import serve
 
     for _ in range(3):
-        stub.Generate(hsd_pb2.GenerateRequest(prompt="abc", max_tokens=4, method="slem"),
+        stub.Generate(hsd_pb2.GenerateRequest(prompt="abc", max_tokens=4,
+                                              method=hsd_pb2.METHOD_SLEM),
                       metadata=META, timeout=60)
     import time
 
@@ -128,7 +143,7 @@ def test_grpc_unseeded_sampling_draws_a_seed_and_echoes_it(stub):
     """A sampled gRPC request without a seed gets a fresh random one (as over HTTP), reported in
     ``stats.seed``; resending that seed reproduces the output exactly."""
     def request(**seed):
-        return hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=12, method="tli",
+        return hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=12, method=hsd_pb2.METHOD_TLI,
                                        sampling=hsd_pb2.SamplingParams(temperature=1.0, **seed))
 
     a = stub.Generate(request(), metadata=META, timeout=120)
@@ -145,6 +160,7 @@ def test_grpc_unseeded_sampling_draws_a_seed_and_echoes_it(stub):
         again = stub.Generate(request(seed=seed), metadata=META, timeout=120)
         assert again.stats.seed == seed
         assert (list(again.token_ids), again.text) == (ids, text)
-    greedy = stub.Generate(hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=4, method="slem"),
+    greedy = stub.Generate(hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=4,
+                                                   method=hsd_pb2.METHOD_SLEM),
                            metadata=META, timeout=120)
     assert greedy.stats.seed == 0

@@ -107,6 +107,10 @@ def test_serve_once_answers_and_shuts_down_without_alarm(pair, tmp_path):
     target, drafter = pair
     args["target"] = {"path": target}
     args["drafter"] = {"path": drafter}
+    # tiny random targets: our executor (vLLM's CPU attention needs head sizes >= 32; the vLLM
+    # service is tests/e2e/test_vllm_service.py)
+    args["target_executor"] = "hf"
+    args.pop("vllm", None)
     for dep in ("drafter_deployment", "target_deployment", "coordinator_deployment"):
         args[dep]["num_cpus"] = 0.1
     config = tmp_path / "serve_config.yaml"

@@ -407,7 +407,7 @@ def test_unspecified_or_unknown_enums_are_invalid_argument():
                        for r in (pb.RULE_UNSPECIFIED, 99)]
                 bad += [(drafter.Open, pb.OpenRequest(request_id="r", method=m, prompt="hi",
                                                       sampling=sampling, prompt_ids=[1]),
-                         "method") for m in (pb.METHOD_UNSPECIFIED, 99)]
+                         "method") for m in (pb.METHOD_UNSPECIFIED, pb.METHOD_AUTO, 99)]
                 bad.append((drafter.Draft, pb.DraftRequest(request_id="r", k=2), "generated"))
                 for call, request, what in bad:
                     with pytest.raises(grpc.aio.AioRpcError) as info:

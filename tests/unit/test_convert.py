@@ -20,13 +20,15 @@ from hypothesis import strategies as st
 
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.core.speculative import truncate_proposal
-from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, SLRSOutcome, Verdict
+from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, DraftSpec, SLRSOutcome, Step, \
+    Verdict
 from hsd_serve.engine.types import (METHODS, Chunk, GenerationRequest, GenerationResult,
                                     RequestError, RequestLimits, RequestStats)
 from hsd_serve.pb import hsd_pb2 as pb
 from hsd_serve.serve import convert
 from hsd_serve.serve.config import service_limits
 from hsd_serve.serve.convert import request_from_proto
+from hsd_serve.serve.vllm import wire
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -139,14 +141,15 @@ def test_engine_messages_round_trip():
     o = SLRSOutcome(token=7, accepted=True, proposed=True, drafter_ids=[1, 2], forwards=3,
                     draft_s=0.125)
     assert convert.slrs_from_proto(convert.slrs_to_proto(o)) == o
-    # no proposal possible this round: the token is absent on the wire, NO_TOKEN in the engine
-    none = SLRSOutcome(token=convert.NO_TOKEN, accepted=False, proposed=False, forwards=1)
+    # no proposal possible this round: the token is absent on the wire, None in the engine
+    none = SLRSOutcome(token=None, accepted=False, proposed=False, forwards=1)
     wire = pb.SLRSReply.FromString(convert.slrs_to_proto(none).SerializeToString())
     assert not wire.HasField("token") and convert.slrs_from_proto(wire) == none
     zero = convert.slrs_to_proto(SLRSOutcome(token=0, accepted=True, proposed=True))
     assert zero.HasField("token") and convert.slrs_from_proto(zero).token == 0  # 0 is a token
-    with pytest.raises(ValueError):
-        convert.slrs_to_proto(SLRSOutcome(token=-2, accepted=False, proposed=False))
+    for bad in (-1, -2):  # no marker values: "no token" is None
+        with pytest.raises(ValueError):
+            convert.slrs_to_proto(SLRSOutcome(token=bad, accepted=False, proposed=False))
     ids_req = convert.draft_request("r", 3, 4, [1, 2], None, attempt=5)
     assert convert.draft_request_args(ids_req) == {"committed": [1, 2], "generated": None,
                                                    "attempt": 5}
@@ -191,7 +194,7 @@ def test_result_and_chunks_to_proto():
 
 # ------------------------------------------------------------------------------ enums
 ENUM_TABLES = [  # (table, the engine's strings, the proto enum)
-    (convert.METHOD, tuple(m for m in METHODS if m != "auto"), pb.Method),
+    (convert.METHOD, METHODS, pb.Method),
     (convert.RULE, (EXACT, SPECULATIVE, ROW), pb.Rule),
     (convert.FINISH_REASON, ("stop", "length"), pb.FinishReason),
 ]
@@ -208,8 +211,9 @@ def test_enum_tables_map_every_value_once_and_refuse_the_rest(table, strings, en
         assert table.from_proto(table.to_proto(s)) == s
         assert enum.Name(table.to_proto(s)) == prefix + s.upper()  # "tli" -> METHOD_TLI
     for bad in ("", "auto", "EXACT", None, 1):
-        with pytest.raises(ValueError):
-            table.to_proto(bad)
+        if bad not in strings:
+            with pytest.raises(ValueError):
+                table.to_proto(bad)
     for bad in (0, len(values), 99, -1):
         with pytest.raises(ValueError, match=table.what):
             table.from_proto(bad)
@@ -231,9 +235,15 @@ def test_engine_enum_strings_are_refused_before_sending():
     for rule in (pb.RULE_UNSPECIFIED, 42):
         with pytest.raises(ValueError, match="rule"):
             convert.verify_request_args(pb.VerifyRequest(request_id="r", rule=rule), WIDTH)
-    for method in (pb.METHOD_UNSPECIFIED, 42):
+    # a data-plane Open carries the method the request resolved to: never auto
+    for method in (pb.METHOD_UNSPECIFIED, pb.METHOD_AUTO, 42):
         with pytest.raises(ValueError, match="method"):
             convert.open_request_args(pb.OpenRequest(request_id="r", method=method))
+    for name in METHODS:
+        if name != "auto":
+            args = convert.open_request_args(convert.open_request("r", name, "hi",
+                                                                  SamplingParams(), [1]))
+            assert args["method"] == name
 
 
 # ------------------------------------------------------------------------------ client requests
@@ -246,13 +256,92 @@ def test_request_defaults_and_values():
     assert (req.prompt, req.max_new_tokens, req.lookahead, req.method) == ("hi", 32, 5, "auto")
     assert req.params == SamplingParams() and req.stop == ()
     req = request_from_proto(pb.GenerateRequest(
-        prompt="x" * 100, max_tokens=256, method="TLI", lookahead=64, adaptive_lookahead=True,
-        stop=["\n\n", "x" * 1024], sampling=pb.SamplingParams(temperature=0.8, top_k=5, top_p=0,
-                                                              seed=9)), DEFAULTS)
+        prompt="x" * 100, max_tokens=256, method=pb.METHOD_TLI, lookahead=64,
+        adaptive_lookahead=True, stop=["\n\n", "x" * 1024],
+        sampling=pb.SamplingParams(temperature=0.8, top_k=5, top_p=0, seed=9)), DEFAULTS)
     assert (req.max_new_tokens, req.method, req.lookahead, req.adaptive_lookahead) == \
         (256, "tli", 64, True)
     assert req.params == SamplingParams(temperature=0.8, top_k=5, top_p=1.0, seed=9)
     assert req.stop == ("\n\n", "x" * 1024)
+
+
+def _wire(**fields) -> pb.GenerateRequest:
+    """A GenerateRequest as the server parses it."""
+    return pb.GenerateRequest.FromString(pb.GenerateRequest(**fields).SerializeToString())
+
+
+def test_request_method_is_the_wire_enum():
+    """Each ``Method`` value is its engine method; UNSPECIFIED is the service's default method
+    (which may be other than auto), AUTO is auto whatever the default."""
+    tli_default = dataclasses.replace(DEFAULTS, default_method="tli")
+    for name in METHODS:
+        value = pb.Method.Value("METHOD_" + name.upper())
+        for limits in (DEFAULTS, tli_default):
+            assert request_from_proto(_wire(prompt="hi", method=value), limits).method == name
+    assert request_from_proto(_wire(prompt="hi"), DEFAULTS).method == "auto"
+    assert request_from_proto(_wire(prompt="hi"), tli_default).method == "tli"
+    # unset and UNSPECIFIED are one thing on the wire
+    assert pb.GenerateRequest(prompt="hi", method=pb.METHOD_UNSPECIFIED).SerializeToString() == \
+        pb.GenerateRequest(prompt="hi").SerializeToString()
+
+
+@pytest.mark.parametrize("value", [len(pb.Method.DESCRIPTOR.values), 99, 2**31 - 1, -1, -2**31])
+def test_request_refuses_a_method_value_this_release_does_not_know(value):
+    msg = _wire(prompt="hi", method=value)
+    assert msg.method == value  # proto3 enums are open: the parser keeps the number
+    with pytest.raises(RequestError) as info:
+        request_from_proto(msg, DEFAULTS)
+    assert info.value.field == "method"
+    assert str(value) in info.value.message and "METHOD_TLI" in info.value.message
+
+
+def test_request_refuses_a_method_name_sent_as_a_string():
+    """A client built against the old schema (``string method = 4``) sends the name as a
+    length-delimited field 4; the parser keeps it as an unknown field, which must not silently
+    run the default method."""
+    old = pb.GenerateRequest(prompt="hi").SerializeToString() + b"\x22\x03tli"
+    msg = pb.GenerateRequest.FromString(old)
+    assert msg.method == pb.METHOD_UNSPECIFIED
+    with pytest.raises(RequestError) as info:
+        request_from_proto(msg, DEFAULTS)
+    assert info.value.field == "method" and "enum" in info.value.message
+
+
+@pytest.mark.parametrize("value", [99, -1])
+def test_grpc_answers_invalid_argument_naming_method_for_an_unknown_value(value):
+    """Through the client-facing handlers (``grpc_api``), unary and streaming."""
+    import asyncio
+
+    import grpc
+
+    from hsd_serve.serve import grpc_api
+
+    class Ctx:
+        code = details = None
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    class Dep:
+        limits = DEFAULTS
+
+        def stream(self, req):
+            raise AssertionError("nothing may start for an invalid request")
+
+    async def stream(msg, ctx):
+        with pytest.raises(RequestError):
+            async for _ in grpc_api.generate_stream(Dep(), msg, ctx):
+                pass
+
+    msg = _wire(prompt="hi", method=value)
+    for call in (lambda m, c: grpc_api.generate_unary(Dep(), m, c), stream):
+        ctx = Ctx()
+        asyncio.run(call(msg, ctx))
+        assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert ctx.details.startswith("method:") and str(value) in ctx.details
 
 
 def test_unseeded_sampled_requests_draw_fresh_seeds():
@@ -299,6 +388,29 @@ def test_client_sends_a_seed_only_when_given_and_prints_the_seed_used():
     assert stats_line(pb.Stats(method="tli", seed=2**62)).endswith(f"seed {2**62}")
 
 
+def test_client_takes_method_names_and_sends_the_enum():
+    """Callers (the CLI, ``bench``, ``launch --once``) keep giving names; "" leaves the method to
+    the server; names are read as the server read them (any case, blanks around); another name
+    is refused before anything is sent."""
+    from types import SimpleNamespace
+
+    from hsd_serve.serve.client import build_request
+
+    args = SimpleNamespace(max_tokens=8, lookahead=2, stop=[], temperature=0.0, top_k=0,
+                           top_p=1.0)
+    for name, value in (("", pb.METHOD_UNSPECIFIED), ("tli", pb.METHOD_TLI),
+                        (" SLEM ", pb.METHOD_SLEM), ("auto", pb.METHOD_AUTO), ("ar", pb.METHOD_AR)):
+        args.method = name
+        msg = pb.GenerateRequest.FromString(build_request(args, "hi").SerializeToString())
+        assert msg.method == value
+        want = name.strip().lower() or DEFAULTS.default_method
+        assert request_from_proto(msg, DEFAULTS).method == want
+    for bad in ("beam", "METHOD_TLI", "greedy", None):
+        args.method = bad
+        with pytest.raises(ValueError, match="method: unknown value .*tli, slrs, auto"):
+            build_request(args, "hi")
+
+
 def test_client_json_shows_finish_reason_as_before():
     """``hsd-serve client --json`` prints "stop" / "length" (the wire has an enum), in the
     field's place, and nothing for a chunk without one."""
@@ -317,7 +429,8 @@ def test_client_json_shows_finish_reason_as_before():
 BAD = [
     ("prompt", dict(prompt="")),
     ("prompt", dict(prompt="x" * 101)),
-    ("method", dict(method="beam")),
+    ("method", dict(method=99)),
+    ("method", dict(method=-1)),
     ("max_tokens", dict(max_tokens=257)),
     ("lookahead", dict(lookahead=65)),
     ("stop", dict(stop=["a"] * 17)),
@@ -346,14 +459,14 @@ def test_request_rejects_bad_field(field, kwargs):
 @settings(max_examples=80, deadline=None)
 @given(temperature=st.floats(), top_p=st.floats(), top_k=st.integers(-2**31, 2**31 - 1),
        max_tokens=st.integers(0, 2**32 - 1), lookahead=st.integers(0, 2**32 - 1),
-       method=st.sampled_from(["", "ar", "sd", "slem", "tli", "slrs", "auto", "x", "gready"]))
+       method=st.sampled_from(range(-2, len(pb.Method.DESCRIPTOR.values) + 2)))
 def test_request_fuzz_accepts_exactly_the_valid(temperature, top_p, top_k, max_tokens,
                                                 lookahead, method):
     msg = pb.GenerateRequest(prompt="p", max_tokens=max_tokens, lookahead=lookahead,
                              method=method, sampling=pb.SamplingParams(
                                  temperature=temperature, top_p=top_p, top_k=top_k))
     errors = []
-    if method not in ("", "ar", "sd", "slem", "tli", "slrs", "auto"):
+    if method not in pb.Method.values():
         errors.append("method")
     if max_tokens > DEFAULTS.max_tokens_limit:
         errors.append("max_tokens")
@@ -395,6 +508,9 @@ WIDTH = 64  # target vocabulary width of the proposal rows in these round trips
 SEED = 2**62 + 12345  # the seed the service echoes in Stats
 # engine strings a converter validates (GenerateRequest.method) or maps to an enum value
 STRINGS = {"method": "tli", "rule": SPECULATIVE, "finish_reason": "length"}
+# enum fields that refuse their enum's last value (the default filler): what to fill instead
+ENUM_FILL = {"hsd.v1.OpenRequest.method": pb.METHOD_TLI,  # a resolved method: never METHOD_AUTO
+             "hsd.v1.DraftSource.method": pb.METHOD_TLI}
 _INTS = (FD.TYPE_INT32, FD.TYPE_INT64, FD.TYPE_UINT32, FD.TYPE_UINT64, FD.TYPE_SINT32,
          FD.TYPE_SINT64, FD.TYPE_FIXED32, FD.TYPE_FIXED64, FD.TYPE_SFIXED32, FD.TYPE_SFIXED64)
 
@@ -417,7 +533,7 @@ def _proto_scalar(f, i: int):
     if f.type == FD.TYPE_BYTES:
         return struct.pack("<2f", 0.5, f.number + i + 0.25)  # also a valid float32 row
     if f.type == FD.TYPE_ENUM:
-        return f.enum_type.values[-1].number
+        return ENUM_FILL.get(f.full_name, f.enum_type.values[-1].number)
     raise AssertionError(f"no filler for {f.full_name} (type {f.type})")
 
 
@@ -596,14 +712,26 @@ PAIRS = {
     "SLRSRequest": Pair(lambda a: convert.slrs_request(**a),
                         lambda m: convert.slrs_request_args(m), convert.slrs_request),
     "SLRSReply": Pair(convert.slrs_to_proto, convert.slrs_from_proto, SLRSOutcome,
-                      # no token: no proposal possible this round (engine: NO_TOKEN)
+                      # no token: no proposal possible this round (engine: None)
                       proto_variants=((), ("token",)),
-                      engine_variants=({}, {"token": convert.NO_TOKEN}),
+                      engine_variants=({}, {"token": None}),
                       control=("session_missing",)),  # GrpcDrafter: SessionMissing
     "VerifyRequest": Pair(lambda a: convert.verify_request(**a),
                           lambda m: convert.verify_request_args(m, WIDTH),
                           convert.verify_request),
     "VerifyReply": Pair(convert.verdict_to_proto, convert.verdict_from_proto, Verdict),
+    # the vLLM executor's Target.Generate (serve/vllm/wire.py); the drafts' request id is the
+    # request's own
+    "TargetGenerateRequest": Pair(lambda a: wire.generate_request(**a), wire.generate_args,
+                                  wire.generate_request,
+                                  engine_variants=({"spec": DraftSpec("rid-0", "slem", "h:1",
+                                                                      "déf", 3, True)},
+                                                   {"spec": None})),
+    "DraftSource": Pair(lambda s: wire.generate_request("r", [1], SamplingParams(), 1, s).drafts,
+                        lambda m: wire.generate_args(pb.TargetGenerateRequest(
+                            request_id="r", prompt_ids=[1], max_new_tokens=1, drafts=m))["spec"],
+                        DraftSpec, make_engine=lambda: DraftSpec("r", "sd", "h:1", "p", 2, True)),
+    "TargetStep": Pair(wire.step_to_proto, wire.step_from_proto, Step),
 }
 
 

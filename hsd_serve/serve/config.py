@@ -58,6 +58,13 @@ class VllmOptions(_Strict):
     cpu_kvcache_gib: int = Field(2, ge=1)  # CPU nodes: VLLM_CPU_KVCACHE_SPACE
     cpu_threads_bind: str = "auto"  # CPU nodes: VLLM_CPU_OMP_THREADS_BIND; auto: the replica's cores
     draft_wait_s: float = Field(0.2, gt=0)  # longest a step waits for drafts, then decodes plainly
+    # sampled requests take drafts too (vLLM's rejection rule is exact for drafts that do not
+    # depend on the target's randomness; on CPU with our fix of its sampler, docs/vllm.md);
+    # false: they decode plainly
+    sampled_drafts: bool = True
+    # serve vLLM's own Prometheus metrics (vllm:*) from each target replica on this port
+    # (0: any free port, reported in the replica's stats; None: not served)
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535)
     engine_args: dict[str, Any] = Field(default_factory=dict)  # more vLLM engine args, as given
 
 

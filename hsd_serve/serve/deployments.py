@@ -137,7 +137,7 @@ class _ModelReplica:
                 "leases_total": self.leases_total,
                 "leases_active": sum(self.active_leases.values()),
                 "actor_name": ctx.get_actor_name(), "namespace": ctx.namespace,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "vllm_metrics_port": getattr(w, "metrics_port", None)}
 
     async def check_health(self) -> None:
         if self.server is None:

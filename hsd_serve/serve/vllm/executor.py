@@ -58,6 +58,7 @@ class VllmTarget:
         self.threads = threads  # CPU cores for the engine when cpu_threads_bind is "auto"
         # the proposer caps k by the requests in the forward pass (engine.run.load_capped)
         self.load_aware = load_aware_lookahead
+        self.sampled_drafts = self.options.sampled_drafts and self.k > 0
         self.engine = None
         self.tokens = 0  # target tokens emitted by this replica
         # what a target replica reports (as TargetWorker does); vLLM owns the KV cache
@@ -65,6 +66,8 @@ class VllmTarget:
         self.verifies = 0  # requests started
         self.evictions = 0
         self.max_cached_tokens = None
+        self.metrics_server = None
+        self.metrics_port: Optional[int] = None  # where vLLM's own metrics are served
 
     def cached_tokens(self) -> int:
         return 0  # in vLLM's paged cache (its own metrics report it)
@@ -85,6 +88,7 @@ class VllmTarget:
         # the proposer is built in vLLM's worker process: its settings travel in the environment
         os.environ["HSD_VLLM_DRAFT_WAIT_S"] = str(o.draft_wait_s)
         os.environ["HSD_VLLM_LOAD_AWARE"] = "1" if self.load_aware else "0"
+        os.environ["HSD_VLLM_SAMPLED_DRAFTS"] = "1" if self.sampled_drafts else "0"
         kwargs = dict(model=self.model_path, dtype=o.dtype, enforce_eager=o.enforce_eager,
                       max_num_seqs=o.max_num_seqs, max_model_len=o.max_model_len,
                       tensor_parallel_size=o.tensor_parallel_size,
@@ -97,6 +101,12 @@ class VllmTarget:
             kwargs["per_request_spec_decode_metrics"] = "summary"
         kwargs.update(o.engine_args)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        if o.metrics_port is not None:  # vLLM registers its vllm:* metrics in this process
+            from prometheus_client import start_http_server
+
+            self.metrics_server, _ = start_http_server(o.metrics_port)
+            self.metrics_port = self.metrics_server.server_port
+            log.info("vLLM metrics on :%d/metrics", self.metrics_port)
         if self.k > 0:
             attached = await self.engine.collective_rpc("hsd_attach")
             if not all(attached):
@@ -104,6 +114,9 @@ class VllmTarget:
         return self
 
     def shutdown(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server = None
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None

@@ -7,11 +7,13 @@ asks the request's leased drafter replica over gRPC for ``k`` drafts, turns them
 with the method's bridge (``engine.methods``: SLEM re-encodes drafted text, TLI/SD send target
 ids) and hands them to vLLM, which verifies them with its rejection sampler in the next forward.
 
-Lossless: vLLM's verification keeps the output the target's own.  Greedy requests take drafts from
-any method.  Sampled requests take none (they decode plainly, exact) unless
-``HSD_VLLM_SAMPLED_DRAFTS=1``: vLLM 0.32's rejection kernels are Triton kernels and on CPU its
-sampled speculative decoding is not exact (``../shared/FACTS.md``); on a GPU, drafts that do not
-depend on the target's randomness (SLEM, greedy TLI) are exact under its rule.
+Lossless: vLLM's verification keeps the output the target's own.  Greedy: any drafts.  Sampled
+(``vllm.sampled_drafts``, on by default): vLLM's rejection rule without draft probabilities
+accepts a draft x with probability p(x) and otherwise samples p with x excluded, which is exact
+for drafts that do not depend on the target's randomness (SLEM's, and TLI's/SD's, drawn from the
+drafter's own keyed randomness).  On CPU that holds only with ``patch_vllm_cpu_sampling`` (vLLM
+0.32's CPU sampler expanded per-request temperatures into uninitialised memory); the
+goodness-of-fit test in ``tests/integration/test_vllm_executor.py`` checks it.
 
 Never stalls the batch on one drafter: every request's draft call runs concurrently on the
 broker's event loop (a thread of the engine process) and ``propose`` waits at most
@@ -152,6 +154,52 @@ class DraftBroker:
             asyncio.run_coroutine_threadsafe(self._free(self.sessions.pop(key)), self.loop)
 
 
+def patch_vllm_cpu_sampling() -> None:
+    """Two vLLM 0.32 CPU bugs in its rejection sampler, which runs whenever a step verifies
+    drafts — also for the sampled requests batched with them, and for their greedy neighbours.
+
+    1. ``expand_batch_to_tokens`` (per-request temperature / top-k / top-p → per draft token) runs
+       the C++ ``expand_kernel_impl`` on an int64 *copy* of its output and never copies it back
+       (``vllm/utils/cpu_triton_utils.py``): the expanded tensor stays uninitialised memory, and
+       float inputs are truncated to integers on the way.  The target's logits are then divided by
+       garbage temperatures — a greedy request batched with a sampled one can lose its argmax —
+       and top-k gathers at garbage indices (the engine dies).  Replaced here by the same
+       expansion in plain PyTorch (``repeat_interleave``, then ``replace_from`` → ``replace_to``).
+    2. With no draft in the step, top-k/top-p are applied to an empty ``[0, V]`` tensor and
+       ``apply_top_k_only`` fails on ``k.max()``: nothing is to be masked in an empty tensor.
+
+    Applied in vLLM's worker process (where the sampler runs) when our proposer is built; found
+    by ``tests/integration/test_vllm_executor.py`` (mixed batches, sampling goodness of fit)."""
+    import torch
+    import vllm.v1.sample.rejection_sampler as rs
+
+    if getattr(rs, "hsd_patched", False):
+        return
+
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        counts = torch.diff(cu_num_tokens.to(torch.long),
+                            prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+        out = torch.repeat_interleave(x, counts, output_size=num_tokens)
+        return torch.where(out == replace_from, torch.full_like(out, replace_to), out)
+
+    original_top_k_top_p = rs.apply_top_k_top_p
+
+    def apply_top_k_top_p(logits, k, p):
+        if logits.numel() == 0:
+            return logits
+        return original_top_k_top_p(logits, k, p)
+
+    rs.expand_batch_to_tokens = expand_batch_to_tokens
+    rs.apply_top_k_top_p = apply_top_k_top_p
+    rs.hsd_patched = True
+
+
+def _cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 class HsdProposer:
     """vLLM ``custom_class`` proposer (``speculative_config.model =
     "hsd_serve.serve.vllm.proposer.HsdProposer"``); attached to its model runner by
@@ -162,10 +210,12 @@ class HsdProposer:
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.target_path = vllm_config.model_config.model
         self.wait_s = float(os.environ.get("HSD_VLLM_DRAFT_WAIT_S", "0.2"))
-        self.sampled = os.environ.get("HSD_VLLM_SAMPLED_DRAFTS", "0") == "1"
+        self.sampled = os.environ.get("HSD_VLLM_SAMPLED_DRAFTS", "1") == "1"
         self.load_aware = os.environ.get("HSD_VLLM_LOAD_AWARE", "1") == "1"
         self.runner = None
         self.broker: Optional[DraftBroker] = None
+        if _cpu_only():
+            patch_vllm_cpu_sampling()  # in vLLM's worker process, where the sampler runs
 
     def load_model(self, *args, **kwargs) -> None:  # vLLM's CPU runner calls it; no weights
         return None

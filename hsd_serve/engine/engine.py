@@ -18,7 +18,7 @@ from typing import AsyncIterator, Iterator, NamedTuple, Optional, Protocol
 
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.engine.methods import METHODS
-from hsd_serve.engine.protocol import Draft, DraftSpec, Verdict
+from hsd_serve.engine.protocol import Draft, Verdict
 from hsd_serve.engine.run import RequestRun, RunPolicy
 from hsd_serve.engine.types import Chunk, GenerationRequest, GenerationResult, RequestError, \
     RequestStats
@@ -174,7 +174,7 @@ class Coordinator:
                          stats, t_start=t_start)
         try:
             if self.target_generates:
-                async for chunk in run.follow(await self._draft_spec(run)):
+                async for chunk in run.follow(await run.draft_spec()):
                     yield chunk
                 yield run.final_chunk()
                 return
@@ -186,20 +186,6 @@ class Coordinator:
             yield run.final_chunk()
         finally:
             await run.free()
-
-    async def _draft_spec(self, run: RequestRun):
-        """What the generating target's proposer needs to fetch this request's drafts (None:
-        plain decoding): the address of the drafter replica (``drafter.address()``, leased)."""
-        if not run.method.needs_drafter or run.drafter is None:
-            return None
-        try:
-            address = await run._call_drafter(run.drafter.address())
-        except Exception as exc:  # noqa: BLE001 - no drafter: the request decodes plainly
-            log.warning("request %s: no drafter address (%s); plain decoding", run.rid, exc)
-            run.stats.fallback_rounds += 1
-            return None
-        return DraftSpec(run.rid, run.method.name, address, run.req.prompt, run.req.lookahead,
-                         self.policy.same_vocab)
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         result = None

@@ -27,7 +27,7 @@ import torch
 
 from hsd_serve.core.detok import IncrementalDetokenizer
 from hsd_serve.engine.methods import METHODS, Round
-from hsd_serve.engine.protocol import EXACT, DrafterFailed, SessionMissing, Verdict
+from hsd_serve.engine.protocol import EXACT, DrafterFailed, DraftSpec, SessionMissing, Verdict
 from hsd_serve.engine.types import Chunk, GenerationRequest, GenerationResult, RequestError, \
     RequestStats
 
@@ -281,6 +281,20 @@ class RequestRun:
             return None
 
     # ---- a target that runs the whole request (the vLLM executor) ------------------------------
+    async def draft_spec(self) -> Optional[DraftSpec]:
+        """What the generating target's proposer needs to fetch this request's drafts (None:
+        plain decoding): the address of the drafter replica (``drafter.address()``, leased)."""
+        if not self.method.needs_drafter or self.drafter is None:
+            return None
+        try:
+            address = await self._call_drafter(self.drafter.address())
+        except Exception as exc:  # noqa: BLE001 - no drafter: the request decodes plainly
+            log.warning("request %s: no drafter address (%s); plain decoding", self.rid, exc)
+            self.stats.fallback_rounds += 1
+            return None
+        return DraftSpec(self.rid, self.method.name, address, self.req.prompt, self.req.lookahead,
+                         self.policy.same_vocab)
+
     async def follow(self, spec=None, max_resumes: int = 3) -> AsyncIterator[Chunk]:
         """The request's chunks from a target that decodes it to the end itself
         (``target.generate``: the vLLM executor, which verifies the drafts that ``spec`` — a
@@ -295,11 +309,11 @@ class RequestRun:
             steps = self.target.generate(self.rid, list(self.committed), self.params,
                                          self.req.max_new_tokens - done, spec)
             t0 = time.perf_counter()
+            broke = None
             try:
                 async with contextlib.aclosing(steps):
                     async for step in steps:
-                        now = time.perf_counter()
-                        stats.verify_s += now - t0
+                        stats.verify_s += time.perf_counter() - t0
                         stats.rounds += 1
                         stats.target_forwards += 1
                         stats.drafted, stats.accepted = step.drafted, step.accepted
@@ -311,12 +325,11 @@ class RequestRun:
                         if self.finish is not None:
                             return
                         t0 = time.perf_counter()
-            except ConnectionError:
-                if resumes >= max_resumes:
-                    raise
+            except ConnectionError as exc:
+                broke = exc
             resumes += 1  # the stream broke off: go on from the committed tokens
             if resumes > max_resumes:
-                raise ConnectionError(f"the target's stream broke off {resumes} times")
+                raise ConnectionError(f"the target's stream broke off {resumes} times") from broke
             if spec is not None:  # the drafts continue prompt + output, the new prompt
                 spec = dataclasses.replace(spec, prompt=self.committed_bytes().decode(
                     "utf-8", errors="replace"))

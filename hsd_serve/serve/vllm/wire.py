@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Optional
 
 from hsd_serve.core.sampling import SamplingParams
+from hsd_serve.engine.engine import GENERATING_METHODS
+from hsd_serve.engine.methods import METHODS
 from hsd_serve.engine.protocol import DraftSpec, Step
 from hsd_serve.pb import hsd_pb2 as pb
 from hsd_serve.serve.convert import FINISH_REASON, RESOLVED_METHOD, params_from_proto, \
     params_to_proto
 
 
-DRAFT_METHODS = ("sd", "slem", "tli")  # what the vLLM path drafts with (SLRS needs the HF path)
+# what the vLLM path drafts with (SLRS needs the HF path)
+DRAFT_METHODS = tuple(m for m in GENERATING_METHODS if METHODS[m].needs_drafter)
 
 
 def generate_request(rid: str, prompt_ids: list[int], params: SamplingParams,

@@ -99,6 +99,13 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
     MetricDef("transport_latency_seconds", "histogram",
               "Round wall time not spent drafting, verifying or bridging (network, "
               "serialization, scheduling); every round.", _M, ROUND_LATENCY_BUCKETS),
+    MetricDef("draft_steps", "counter",
+              "vLLM executor: engine steps of requests with drafts, by whether the step's draft "
+              "was ready on arrival (drafted while the target verified the previous one), "
+              "waited for, or late (the step decoded plainly).", ("result",)),
+    MetricDef("stale_draft_tokens", "counter",
+              "vLLM executor: drafted-ahead ids dropped because the target took another path.",
+              ()),
     MetricDef("ongoing_requests", "gauge",
               "Requests in flight on this replica (coordinator: requests; drafter/target: "
               "open leases).", ("component",)),
@@ -223,7 +230,8 @@ class PrometheusSink(_SinkBase):
 
     def _apply(self, s: Sample) -> None:
         m = METRICS[s.metric]
-        child = self._metrics[s.metric].labels(**dict(s.labels))
+        obj = self._metrics[s.metric]
+        child = obj.labels(**dict(s.labels)) if m.labels else obj
         if m.kind == "counter":
             child.inc(s.value)
         else:
@@ -371,6 +379,40 @@ class ReplicaGauges:
             while True:
                 await asyncio.sleep(self.interval_s)
                 self.update()
+
+        self.task = asyncio.get_running_loop().create_task(loop())
+        return self
+
+
+class DraftStepCounters:
+    """A vLLM target replica's proposer counters (``VllmTarget.draft_stats``, kept in vLLM's
+    worker process) as ``hsd_draft_steps_total`` / ``hsd_stale_draft_tokens_total``: the
+    increments since the last poll, every ``interval_s``."""
+
+    def __init__(self, sink, poll, interval_s: float = 2.0):
+        self.sink, self.poll, self.interval_s = sink, poll, interval_s
+        self.last: dict = {}
+        self.task: Optional[asyncio.Task] = None
+
+    async def update(self) -> None:
+        try:
+            now = await self.poll()
+        except Exception as exc:  # noqa: BLE001 - metrics must not break serving
+            log.debug("draft stats poll failed: %s", exc)
+            return
+        delta = {k: now.get(k, 0) - self.last.get(k, 0) for k in now}
+        self.last = dict(now)
+        for result in ("ready", "waited", "late"):
+            if delta.get(result, 0) > 0:
+                self.sink._apply(Sample("draft_steps", (("result", result),), delta[result]))
+        if delta.get("stale", 0) > 0:
+            self.sink._apply(Sample("stale_draft_tokens", (), delta["stale"]))
+
+    def start(self) -> "DraftStepCounters":
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                await self.update()
 
         self.task = asyncio.get_running_loop().create_task(loop())
         return self

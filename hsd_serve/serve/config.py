@@ -62,6 +62,9 @@ class VllmOptions(_Strict):
     # depend on the target's randomness; on CPU with our fix of its sampler, docs/vllm.md);
     # false: they decode plainly
     sampled_drafts: bool = True
+    # the drafter drafts ahead while the target verifies (the next draft assumes this one is
+    # accepted and guesses the bonus token; a miss drops it): docs/vllm.md "Overlap"
+    overlap: bool = True
     # serve vLLM's own Prometheus metrics (vllm:*) from each target replica on this port
     # (0: any free port, reported in the replica's stats; None: not served)
     metrics_port: Optional[int] = Field(None, ge=0, le=65535)

@@ -137,7 +137,9 @@ class _ModelReplica:
                 "leases_total": self.leases_total,
                 "leases_active": sum(self.active_leases.values()),
                 "actor_name": ctx.get_actor_name(), "namespace": ctx.namespace,
-                "pid": os.getpid(), "vllm_metrics_port": getattr(w, "metrics_port", None)}
+                "pid": os.getpid(), "vllm_metrics_port": getattr(w, "metrics_port", None),
+                # vLLM executor: the proposer's counters (docs/vllm.md), polled every 2 s
+                "drafts": dict(getattr(getattr(self, "draft_counters", None), "last", {}))}
 
     async def check_health(self) -> None:
         if self.server is None:
@@ -185,6 +187,10 @@ class TargetDeployment(_ModelReplica):
                                 threads=config.target_deployment.torch_threads or 1,
                                 load_aware_lookahead=config.load_aware_lookahead)
             await self._start(await engine.start())
+            if engine.k > 0:  # hsd_draft_steps_total / hsd_stale_draft_tokens_total
+                from hsd_serve.metrics import DraftStepCounters, RaySink
+
+                self.draft_counters = DraftStepCounters(RaySink(), engine.draft_stats).start()
             return
         await self._start(TargetWorker(
             LoadedModel(config.target.spec()), max_sessions=config.max_sessions_per_replica,

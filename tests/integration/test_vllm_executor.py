@@ -30,14 +30,14 @@ PROMPTS = [
 ]
 
 
-def _engine(target_dir, drafter=None, k=4, metrics_port=None):
+def _engine(target_dir, drafter=None, k=4, metrics_port=None, overlap=True):
     from hsd_serve.serve.config import VllmOptions
     from hsd_serve.serve.vllm.local import VllmEngine
 
     return VllmEngine(str(target_dir), drafter,
                       options=VllmOptions(enforce_eager=True, num_speculative_tokens=k,
                                           cpu_kvcache_gib=1, max_num_seqs=16,
-                                          metrics_port=metrics_port))
+                                          metrics_port=metrics_port, overlap=overlap))
 
 
 def _req(prompt, method, max_new=24, k=3, temperature=0.0):
@@ -78,6 +78,24 @@ def test_bundled_pair_every_method_is_vllm_alone(bundled):
                 assert got.stats.method == method and got.stats.drafted > 0
                 accepted += got.stats.accepted
     assert accepted > 0
+    stats = bundled.draft_stats()  # overlap (the default): some drafts were drafted ahead
+    assert stats["ready"] > 0 and stats["stale"] > 0 and stats["failed"] == 0
+
+
+def test_without_overlap_the_same_tokens(bundled):
+    """``vllm.overlap: false``: every step asks for its draft after the verdict (none is ready
+    early); the output is vLLM alone's either way."""
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+    from hsd_serve.zoo import bundled_model_dir
+
+    drafter = LoadedModel(ModelSpec(str(bundled_model_dir("drafter")), head_ids=16384))
+    with _engine(bundled_model_dir("target"), drafter, k=2, overlap=False) as eng:
+        for p in PROMPTS:
+            want = bundled.generate(_req(p, "ar", 32)).token_ids
+            got = eng.generate(_req(p, "slem", 32, 2))
+            assert got.token_ids == want and got.stats.drafted > 0
+        stats = eng.draft_stats()
+    assert stats["ready"] == 0 and stats["stale"] == 0 and stats["waited"] > 0
 
 
 def test_concurrent_requests_are_batched_and_unchanged(bundled):

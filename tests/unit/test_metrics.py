@@ -16,7 +16,7 @@ from hsd_serve import metrics as M
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.engine.types import GenerationRequest, RequestError, RequestStats
 
-ALLOWED_LABELS = {"method", "outcome", "position", "component"}
+ALLOWED_LABELS = {"method", "outcome", "position", "component", "result"}
 
 
 def _stats(method="slem") -> RequestStats:
@@ -325,3 +325,29 @@ def test_cli_generate_prints_and_serves_metrics(tiny_model_dir, capsys):
     assert f"127.0.0.1:{port}/metrics" in err
     assert main(common + ["--metrics-port", "-3", "x"]) == 2
     assert "metrics" in capsys.readouterr().err
+
+
+def test_draft_step_counters_add_what_the_proposer_counted_since_the_last_poll():
+    """``DraftStepCounters`` turns the vLLM proposer's running totals into counter increments
+    (a poll that fails changes nothing)."""
+    import asyncio
+
+    sink = M.PrometheusSink()
+    polls = iter([{"ready": 3, "waited": 5, "late": 0, "stale": 7},
+                  RuntimeError("engine busy"),
+                  {"ready": 10, "waited": 6, "late": 2, "stale": 9}])
+
+    async def poll():
+        v = next(polls)
+        if isinstance(v, Exception):
+            raise v
+        return v
+
+    counters = M.DraftStepCounters(sink, poll)
+    for _ in range(3):
+        asyncio.run(counters.update())
+    got = _scrape(sink)
+    assert M.total(got, "hsd_draft_steps_total", result="ready") == 10
+    assert M.total(got, "hsd_draft_steps_total", result="waited") == 6
+    assert M.total(got, "hsd_draft_steps_total", result="late") == 2
+    assert M.total(got, "hsd_stale_draft_tokens_total") == 9

@@ -89,6 +89,7 @@ class VllmTarget:
         os.environ["HSD_VLLM_DRAFT_WAIT_S"] = str(o.draft_wait_s)
         os.environ["HSD_VLLM_LOAD_AWARE"] = "1" if self.load_aware else "0"
         os.environ["HSD_VLLM_SAMPLED_DRAFTS"] = "1" if self.sampled_drafts else "0"
+        os.environ["HSD_VLLM_OVERLAP"] = "1" if o.overlap else "0"
         kwargs = dict(model=self.model_path, dtype=o.dtype, enforce_eager=o.enforce_eager,
                       max_num_seqs=o.max_num_seqs, max_model_len=o.max_model_len,
                       tensor_parallel_size=o.tensor_parallel_size,

@@ -13,6 +13,13 @@ from hsd_serve.bench.datasets import DATASETS
 DEFAULT_METHODS = "ar,slem,tli,hf-uag"
 
 
+def _on_off(value: str) -> bool:
+    v = value.strip().lower()
+    if v not in ("on", "off", "true", "false"):
+        raise SystemExit(f"--overlap: expected on or off, got {value!r}")
+    return v in ("on", "true")
+
+
 def _csv(kind):
     def parse(text: str):
         try:
@@ -66,6 +73,10 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "methods run in-process on the vLLM executor, at every --concurrency)")
     b.add_argument("--vllm-eager", action="store_true",
                    help="in-process vLLM engines in eager mode (start in ~15 s, slower steps)")
+    b.add_argument("--overlap", type=_csv(str), default=["on"],
+                   help="vLLM executor: drafting ahead while the target verifies (vllm.overlap): "
+                        "on, off, or on,off to measure both side by side in one run (in-process; "
+                        "with --endpoint: what the service runs, recorded in results.json)")
     b.add_argument("--endpoint", default=None,
                    help="measure a running service instead: grpc://HOST:PORT (or HOST:PORT) or "
                         "http://HOST:PORT")
@@ -105,6 +116,7 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
                        concurrency=args.concurrency, duration=args.duration,
                        executor=args.executor,
                        vllm={"enforce_eager": True} if args.vllm_eager else None,
+                       overlap=tuple(_on_off(v) for v in args.overlap),
                        timeout_s=args.timeout, command=command)
 
 

@@ -23,7 +23,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
-from hsd_serve.bench.runner import (HF, HF_AR, BenchConfig, RunSpec, Sample, _config_dict, _progress,
+from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, PLAIN, BenchConfig, RunSpec, Sample, _config_dict, _progress,
                                     aggregate_dataset, build_specs, calibrate, check_identity,
                                     machine_info, merge_calibrations)
 
@@ -171,6 +171,11 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     skipped = [{"method": m, "reason": "the transformers baselines run in-process only"}
                for m in cfg.methods if m in (HF, HF_AR)]
     specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads, reference=cfg.reference)
+    if cfg.executor == "vllm" and not cfg.endpoint and len(set(cfg.overlap)) > 1:
+        specs_all = [RunSpec(s.method, s.temperature, s.lookahead, v)
+                     for s in specs_all for v in (
+                         ("overlap", "no overlap") if s.method not in PLAIN + BASELINES
+                         else (s.variant,))]
     if cfg.endpoint:
         kind, address = parse_endpoint(cfg.endpoint)
         client = (GrpcClient(address, cfg.application, cfg.timeout_s) if kind == "grpc"
@@ -243,6 +248,8 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                     r["endpoint_kind"] = kind if served else "in-process"
                     key = RunSpec(r["method"], r["temperature"], r["lookahead"], r["variant"] or "")
                     r["aggregate_tokens_per_s"] = aggregate_tps.get(key, r["tokens_per_s"])
+                    if r.get("overlap") is None and cfg.executor == "vllm" and r["drafted"]:
+                        r["overlap"] = bool(cfg.overlap[0])
                 runs += sub
                 all_samples += samples
     finally:

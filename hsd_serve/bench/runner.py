@@ -41,6 +41,9 @@ BASELINES = (HF, HF_AR) + VLLM_BASELINES
 PLAIN = ("ar", HF_AR, VLLM_AR)  # no drafting
 
 
+OVERLAP_VARIANTS = {"overlap": True, "no overlap": False}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One configuration measured on every prompt."""
@@ -48,7 +51,8 @@ class RunSpec:
     method: str
     temperature: float
     lookahead: int  # 0 for AR; hf-uag "default": its own num_assistant_tokens
-    variant: str = ""  # hf-uag: "default" (its settings) | "matched" (its lookahead = ours)
+    variant: str = ""  # hf-uag: "default" (its settings) | "matched" (its lookahead = ours);
+    # ours on the vLLM executor, both measured: "overlap" | "no overlap"
 
     @property
     def label(self) -> str:
@@ -56,6 +60,8 @@ class RunSpec:
             return self.method
         if self.method == HF and self.variant == "default":
             return f"{HF} (default, k={self.lookahead})"
+        if self.variant in OVERLAP_VARIANTS:
+            return f"{self.method} k={self.lookahead} ({self.variant})"
         return f"{self.method} k={self.lookahead}"
 
     @property
@@ -157,6 +163,9 @@ class BenchConfig:
     # reference is vllm-ar, vLLM alone; in-process, our methods run on serve.vllm.VllmEngine)
     executor: str = "hf"
     vllm: Optional[dict] = None  # VllmOptions fields for the in-process vLLM engines
+    # vLLM executor: drafting ahead (vllm.overlap) on, off or both side by side (in-process: one
+    # engine each; with --endpoint: what the service runs, recorded as given)
+    overlap: tuple = (True,)
     # endpoint mode
     endpoint: Optional[str] = None
     application: str = "hsd"
@@ -376,6 +385,7 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
     run: dict = {
         "dataset": dataset, "method": spec.method, "label": spec.label,
         "variant": spec.variant or None, "temperature": spec.temperature,
+        "overlap": OVERLAP_VARIANTS.get(spec.variant),
         "lookahead": k, "prompts": len(samples), "tokens": n_tok, "wall_s": wall,
         "tokens_per_s": tps,
         "tpot_ms": mean(tpot), "tpot_ms_p50": percentile(tpot, 50),

@@ -77,16 +77,22 @@ def local_clients(cfg: BenchConfig, specs, *, ours: bool) -> dict:
         clients[VLLM_HETERO, k] = EngineClient(VllmEngine(target, None, options=_options(
             cfg, num_speculative_tokens=0, engine_args={"speculative_config": spec_cfg})),
             method="ar")
-    if ours:
+    if ours:  # one engine per overlap setting measured (vllm.overlap)
         _, drafter = load_pair(cfg, target=False)
         k_max = max([s.lookahead for s in specs] + [1])
-        clients[None] = EngineClient(VllmEngine(target, drafter, options=_options(
-            cfg, num_speculative_tokens=k_max), threads=cfg.threads or 1))
+        for overlap in dict.fromkeys(bool(v) for v in cfg.overlap):
+            clients[None, overlap] = EngineClient(VllmEngine(target, drafter, options=_options(
+                cfg, num_speculative_tokens=k_max, overlap=overlap), threads=cfg.threads or 1))
     return clients
 
 
 def client_for(clients: dict, default):
+    from hsd_serve.bench.runner import OVERLAP_VARIANTS
+
+    ours = [v for key, v in clients.items() if isinstance(key, tuple) and key[0] is None]
+
     def pick(spec: RunSpec):
         return (clients.get((spec.method, spec.lookahead)) or clients.get(spec.method)
-                or default or clients[None])
+                or default or clients.get((None, OVERLAP_VARIANTS.get(spec.variant, True)))
+                or ours[0])
     return pick

@@ -200,6 +200,13 @@ def test_cli_parses_bench_arguments():
 
     cfg = config_from_args(args)
     cfg.validate()
+    assert cfg.overlap == (True,)  # vLLM executor: drafting ahead on unless told
+    both = config_from_args(build_parser().parse_args(
+        ["bench", "--executor", "vllm", "--overlap", "on,off"]))
+    assert both.overlap == (True, False)
+    assert RunSpec("slem", 0.0, 2, "no overlap").label == "slem k=2 (no overlap)"
+    with pytest.raises(SystemExit):
+        config_from_args(build_parser().parse_args(["bench", "--overlap", "maybe"]))
     cfg.concurrency = [2]
     with pytest.raises(ValueError):
         cfg.validate()  # concurrency needs an endpoint

@@ -80,7 +80,9 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--endpoint", default=None,
                    help="measure a running service instead: grpc://HOST:PORT (or HOST:PORT) or "
                         "http://HOST:PORT")
-    b.add_argument("--application", default="hsd", help="Ray Serve application (gRPC metadata)")
+    b.add_argument("--application", default="hsd",
+                   help="Ray Serve application (gRPC metadata); with --overlap on,off one per "
+                        "value, comma-separated (the same service deployed both ways)")
     b.add_argument("--concurrency", type=_csv(int), default=[1],
                    help="comma list of concurrent streams (endpoint only)")
     b.add_argument("--duration", type=float, default=None,

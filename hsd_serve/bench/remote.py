@@ -171,22 +171,39 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     skipped = [{"method": m, "reason": "the transformers baselines run in-process only"}
                for m in cfg.methods if m in (HF, HF_AR)]
     specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads, reference=cfg.reference)
-    if cfg.executor == "vllm" and not cfg.endpoint and len(set(cfg.overlap)) > 1:
+    apps = [a.strip() for a in cfg.application.split(",") if a.strip()] or ["hsd"]
+    both = cfg.executor == "vllm" and len(set(cfg.overlap)) > 1
+    if cfg.endpoint and (len(apps) > 1 or both) and (
+            len(apps) != len(cfg.overlap) or not both
+            or parse_endpoint(cfg.endpoint)[0] != "grpc"):
+        raise ValueError("--overlap on,off against a service needs a gRPC --endpoint and one "
+                         "--application per value, the same service deployed both ways "
+                         "(e.g. --application hsd_overlap,hsd_no_overlap: "
+                         "bench/service_config_vllm_overlap_ab.yaml)")
+    if both:
         specs_all = [RunSpec(s.method, s.temperature, s.lookahead, v)
                      for s in specs_all for v in (
                          ("overlap", "no overlap") if s.method not in PLAIN + BASELINES
                          else (s.variant,))]
     if cfg.endpoint:
         kind, address = parse_endpoint(cfg.endpoint)
-        client = (GrpcClient(address, cfg.application, cfg.timeout_s) if kind == "grpc"
+        client = (GrpcClient(address, apps[0], cfg.timeout_s) if kind == "grpc"
                   else HttpClient(address, cfg.timeout_s))
         mode = f"endpoint ({kind} {address})"
     else:  # --executor vllm in this process
         kind, address, client, mode = "in-process", None, None, "in-process (vLLM executor)"
+    # a service deployed with and without drafting ahead: one application each
+    by_variant = {("overlap" if on else "no overlap"): (
+        client if i == 0 else GrpcClient(address, app, cfg.timeout_s))
+        for i, (app, on) in enumerate(zip(apps, cfg.overlap))} if cfg.endpoint and both else {}
+    served_clients = {id(c) for c in [client, *by_variant.values()] if c is not None}
     from hsd_serve.bench.vllm_clients import client_for, local_clients
 
     local = local_clients(cfg, specs_all, ours=client is None)
-    pick = client_for(local, client)
+    pick_local = client_for(local, client)
+
+    def pick(spec: RunSpec):
+        return by_variant.get(spec.variant) or pick_local(spec)
     t_desc, d_desc = _local_description(cfg)
     calibration: dict = {}
     if calibrate_locally and t_desc is not None:
@@ -242,8 +259,8 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                 sub = aggregate_dataset(dataset, specs, samples, calibration, concurrency=conc,
                                         reference=cfg.reference, executor=cfg.executor)
                 for r in sub:
-                    served = pick(RunSpec(r["method"], r["temperature"], r["lookahead"],
-                                          r["variant"] or "")) is client and client is not None
+                    served = id(pick(RunSpec(r["method"], r["temperature"], r["lookahead"],
+                                             r["variant"] or ""))) in served_clients
                     r["endpoint"] = served
                     r["endpoint_kind"] = kind if served else "in-process"
                     key = RunSpec(r["method"], r["temperature"], r["lookahead"], r["variant"] or "")
@@ -253,7 +270,7 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                 runs += sub
                 all_samples += samples
     finally:
-        for c in [client, *local.values()]:
+        for c in {id(c): c for c in [client, *by_variant.values(), *local.values()]}.values():
             if c is not None:
                 c.close()
     # aggregate throughput against one stream of the same configuration

@@ -57,6 +57,9 @@ class VllmOptions(_Strict):
     pipeline_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_gib: int = Field(2, ge=1)  # CPU nodes: VLLM_CPU_KVCACHE_SPACE
     cpu_threads_bind: str = "auto"  # CPU nodes: VLLM_CPU_OMP_THREADS_BIND; auto: the replica's cores
+    # CPU nodes: run vLLM's engine-core process on those cores too (it busy-polls the worker; next
+    # to it, it stops taking a core from the drafter and the front end)
+    cpu_pin_engine_core: bool = True
     draft_wait_s: float = Field(0.2, gt=0)  # longest a step waits for drafts, then decodes plainly
     # sampled requests take drafts too (vLLM's rejection rule is exact for drafts that do not
     # depend on the target's randomness; on CPU with our fix of its sampler, docs/vllm.md);
@@ -65,6 +68,9 @@ class VllmOptions(_Strict):
     # the drafter drafts ahead while the target verifies (the next draft assumes this one is
     # accepted and guesses the bonus token; a miss drops it): docs/vllm.md "Overlap"
     overlap: bool = True
+    # ... only in engine steps with at most this many requests: under load the drafters have no
+    # spare time, and drafted-ahead ids that get dropped would delay the drafts every step needs
+    overlap_max_batch: int = Field(2, ge=1)
     # serve vLLM's own Prometheus metrics (vllm:*) from each target replica on this port
     # (0: any free port, reported in the replica's stats; None: not served)
     metrics_port: Optional[int] = Field(None, ge=0, le=65535)

@@ -37,7 +37,9 @@ def _engine(target_dir, drafter=None, k=4, metrics_port=None, overlap=True):
     return VllmEngine(str(target_dir), drafter,
                       options=VllmOptions(enforce_eager=True, num_speculative_tokens=k,
                                           cpu_kvcache_gib=1, max_num_seqs=16,
-                                          metrics_port=metrics_port, overlap=overlap))
+                                          metrics_port=metrics_port, overlap=overlap,
+                                          # draft ahead in batches too (mixed, sampled)
+                                          overlap_max_batch=64))
 
 
 def _req(prompt, method, max_new=24, k=3, temperature=0.0):

@@ -309,3 +309,15 @@ def test_endpoint_run(live_endpoints, kind, tmp_path):
     assert any(s.get("method") == "hf-uag" for s in results["skipped"])
     write_outputs(results, tmp_path)
     assert "conc." in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("endpoint,apps", [("http://127.0.0.1:1", "a,b"),
+                                           ("grpc://127.0.0.1:1", "a"),
+                                           ("grpc://127.0.0.1:1", "a,b,c")])
+def test_overlap_both_ways_against_a_service_needs_one_grpc_application_each(endpoint, apps):
+    from hsd_serve.bench.remote import run_endpoint
+
+    cfg = BenchConfig(endpoint=endpoint, executor="vllm", overlap=(True, False),
+                      application=apps, methods=["slem"])
+    with pytest.raises(ValueError, match="--application"):
+        run_endpoint(cfg, progress=False, calibrate_locally=False)

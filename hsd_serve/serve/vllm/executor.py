@@ -38,6 +38,43 @@ def _cores(bind: str, threads: int) -> str:
     return ",".join(str(c) for c in cores)
 
 
+def _parse_cores(spec: str) -> set[int]:
+    """``"0,2-3"`` → {0, 2, 3}."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.update(range(int(a), int(b) + 1))
+        elif part:
+            out.add(int(part))
+    return out
+
+
+def pin_engine_core(engine, cores: set[int]) -> list[int]:
+    """Move vLLM's engine-core processes (every thread) onto ``cores``: the worker's own cores.
+
+    On CPU the engine core busy-polls the worker's shared-memory queue (``sched_yield`` for a
+    second after each result), burning a whole core that the drafter, the front end and the
+    coordinator need.  Next to the worker it yields to it instead (the worker's forward is what it
+    waits for).  Returns the pids moved; best effort (nothing happens where vLLM's internals
+    differ)."""
+    moved = []
+    manager = getattr(getattr(getattr(engine, "engine_core", None), "resources", None),
+                      "engine_manager", None)
+    for proc in getattr(manager, "processes", None) or []:
+        pid = getattr(proc, "pid", None)
+        if pid is None:
+            continue
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), cores)
+            moved.append(pid)
+        except OSError as exc:
+            log.warning("could not pin vLLM's engine core %s to cores %s: %s", pid, cores, exc)
+    return moved
+
+
 def _cpu_only() -> bool:
     try:
         import torch
@@ -90,6 +127,7 @@ class VllmTarget:
         os.environ["HSD_VLLM_LOAD_AWARE"] = "1" if self.load_aware else "0"
         os.environ["HSD_VLLM_SAMPLED_DRAFTS"] = "1" if self.sampled_drafts else "0"
         os.environ["HSD_VLLM_OVERLAP"] = "1" if o.overlap else "0"
+        os.environ["HSD_VLLM_OVERLAP_MAX_BATCH"] = str(o.overlap_max_batch)
         kwargs = dict(model=self.model_path, dtype=o.dtype, enforce_eager=o.enforce_eager,
                       max_num_seqs=o.max_num_seqs, max_model_len=o.max_model_len,
                       tensor_parallel_size=o.tensor_parallel_size,
@@ -102,6 +140,10 @@ class VllmTarget:
             kwargs["per_request_spec_decode_metrics"] = "summary"
         kwargs.update(o.engine_args)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+        if _cpu_only() and o.cpu_pin_engine_core and bind and bind[0].isdigit() and "|" not in bind:
+            pinned = pin_engine_core(self.engine, _parse_cores(bind))
+            log.info("vLLM engine core %s pinned to cores %s", pinned, bind)
         if o.metrics_port is not None:  # vLLM registers its vllm:* metrics in this process
             from prometheus_client import start_http_server
 

@@ -179,15 +179,16 @@ class DraftBroker:
         if n > 0 and (s.task is None or s.task.done()):
             s.task = self.loop.create_task(self._extend(s, n))
 
-    async def _step(self, s: _Drafting, ids: list[int], k: int) -> list[int]:
-        """Up to ``k`` candidate target ids continuing ``ids`` for this step; the drafter
-        session opens (again) with the first call after a failure."""
+    async def _step(self, s: _Drafting, ids: list[int], k: int, ahead: bool) -> list[int]:
+        """Up to ``k`` candidate target ids continuing ``ids`` for this step (``ahead``: and
+        draft on past them while the target verifies); the drafter session opens (again) with
+        the first call after a failure."""
         if s.run is None:  # on this loop: the drafter's channel belongs to it
             s.run = self._run(s.spec, ids, s.prompt_len)
         if s.steps < s.run.retry_at:
             return []
         n = len(ids)
-        if self.overlap:
+        if ahead:
             self.stats["stale"] += s.follow(ids)
         else:  # nothing is kept from earlier steps
             s.drop()
@@ -200,7 +201,7 @@ class DraftBroker:
             if s.task is not None:
                 await asyncio.shield(s.task)
         draft = s.chain[n:n + k]
-        if self.overlap:  # draft on while the target verifies: this draft, the bonus, k more
+        if ahead:  # draft on while the target verifies: this draft, the bonus, k more
             self._launch(s, n + len(draft) + 1 + k - len(s.chain))
         return draft
 
@@ -212,7 +213,9 @@ class DraftBroker:
                 log.debug("request %s: drafter free failed: %s", s.run.rid, exc)
 
     def submit(self, key: str, spec: DraftSpec, ids: list[int], prompt_len: int, k: int,
-               limit: int) -> Optional[cf.Future]:
+               limit: int, ahead: Optional[bool] = None) -> Optional[cf.Future]:
+        """This step's draft for request ``key`` (a future; None while its last one is out);
+        ``ahead``: draft ahead this step (default: the broker's ``overlap``)."""
         s = self.sessions.get(key)
         if s is None:
             s = self.sessions[key] = _Drafting(spec, prompt_len, limit)
@@ -220,7 +223,8 @@ class DraftBroker:
         if s.busy:  # its last step is still out (late): no new one until it is back
             return None
         s.busy = True
-        fut = asyncio.run_coroutine_threadsafe(self._step(s, ids, k), self.loop)
+        ahead = self.overlap if ahead is None else ahead
+        fut = asyncio.run_coroutine_threadsafe(self._step(s, ids, k, ahead), self.loop)
         fut.add_done_callback(lambda _f: setattr(s, "busy", False))
         return fut
 
@@ -289,6 +293,7 @@ class HsdProposer:
         self.sampled = os.environ.get("HSD_VLLM_SAMPLED_DRAFTS", "1") == "1"
         self.load_aware = os.environ.get("HSD_VLLM_LOAD_AWARE", "1") == "1"
         self.overlap = os.environ.get("HSD_VLLM_OVERLAP", "1") == "1"
+        self.overlap_max_batch = int(os.environ.get("HSD_VLLM_OVERLAP_MAX_BATCH", "2"))
         self.runner = None
         self.broker: Optional[DraftBroker] = None
         if _cpu_only():
@@ -324,6 +329,9 @@ class HsdProposer:
         n_running = len(req_ids)  # requests in this forward pass: the load-aware cap's load
         out: list[list[int]] = [[] for _ in req_ids]
         futures: dict[int, cf.Future] = {}
+        # draft ahead only while the drafters have room for it: under load, drafted-ahead ids
+        # that get dropped take drafter time from the drafts every step needs
+        ahead = self.overlap and n_running <= self.overlap_max_batch
         for i, key in enumerate(req_ids):
             state = runner.requests.get(key)
             sp = getattr(state, "sampling_params", None)
@@ -342,7 +350,7 @@ class HsdProposer:
             if k <= 0:
                 continue
             ids = [int(t) for t in token_ids_cpu[i, :n]]
-            fut = self.broker.submit(key, spec, ids, prompt_len, k, limit)
+            fut = self.broker.submit(key, spec, ids, prompt_len, k, limit, ahead)
             if fut is not None:
                 futures[i] = fut
         if futures:

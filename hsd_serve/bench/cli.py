@@ -73,7 +73,7 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "methods run in-process on the vLLM executor, at every --concurrency)")
     b.add_argument("--vllm-eager", action="store_true",
                    help="in-process vLLM engines in eager mode (start in ~15 s, slower steps)")
-    b.add_argument("--overlap", type=_csv(str), default=["on"],
+    b.add_argument("--overlap", type=_csv(str), default=["off"],
                    help="vLLM executor: drafting ahead while the target verifies (vllm.overlap): "
                         "on, off, or on,off to measure both side by side in one run (in-process; "
                         "with --endpoint: what the service runs, recorded in results.json)")

@@ -165,7 +165,7 @@ class BenchConfig:
     vllm: Optional[dict] = None  # VllmOptions fields for the in-process vLLM engines
     # vLLM executor: drafting ahead (vllm.overlap) on, off or both side by side (in-process: one
     # engine each; with --endpoint: what the service runs, recorded as given)
-    overlap: tuple = (True,)
+    overlap: tuple = (False,)
     # endpoint mode
     endpoint: Optional[str] = None
     application: str = "hsd"

@@ -66,8 +66,10 @@ class VllmOptions(_Strict):
     # false: they decode plainly
     sampled_drafts: bool = True
     # the drafter drafts ahead while the target verifies (the next draft assumes this one is
-    # accepted and guesses the bonus token; a miss drops it): docs/vllm.md "Overlap"
-    overlap: bool = True
+    # accepted and guesses the bonus token; a miss drops it): docs/vllm.md "Overlap".  Off by
+    # default: it pays only where drafting has hardware to itself (measured on a 2-core CPU: no
+    # gain in-process, slower through the service, bench/README.md)
+    overlap: bool = False
     # ... only in engine steps with at most this many requests: under load the drafters have no
     # spare time, and drafted-ahead ids that get dropped would delay the drafts every step needs
     overlap_max_batch: int = Field(2, ge=1)

@@ -200,7 +200,7 @@ def test_cli_parses_bench_arguments():
 
     cfg = config_from_args(args)
     cfg.validate()
-    assert cfg.overlap == (True,)  # vLLM executor: drafting ahead on unless told
+    assert cfg.overlap == (False,)  # vLLM executor: vllm.overlap's default
     both = config_from_args(build_parser().parse_args(
         ["bench", "--executor", "vllm", "--overlap", "on,off"]))
     assert both.overlap == (True, False)

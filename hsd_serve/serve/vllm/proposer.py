@@ -104,7 +104,7 @@ class DraftBroker:
     Without it every step asks for its draft after the previous verdict."""
 
     def __init__(self, target_path: str, *, retry_steps: int = 8, timeout_s: float = 5.0,
-                 overlap: bool = True):
+                 overlap: bool = False):
         from hsd_serve.engine.engine import TargetInfo
         from hsd_serve.models.hf import ModelSpec, describe_model
         from hsd_serve.serve.dataplane import ChannelPool
@@ -292,7 +292,7 @@ class HsdProposer:
         self.wait_s = float(os.environ.get("HSD_VLLM_DRAFT_WAIT_S", "0.2"))
         self.sampled = os.environ.get("HSD_VLLM_SAMPLED_DRAFTS", "1") == "1"
         self.load_aware = os.environ.get("HSD_VLLM_LOAD_AWARE", "1") == "1"
-        self.overlap = os.environ.get("HSD_VLLM_OVERLAP", "1") == "1"
+        self.overlap = os.environ.get("HSD_VLLM_OVERLAP", "0") == "1"
         self.overlap_max_batch = int(os.environ.get("HSD_VLLM_OVERLAP_MAX_BATCH", "2"))
         self.runner = None
         self.broker: Optional[DraftBroker] = None

@@ -68,13 +68,15 @@ class SLRSOutcome:
 class Step:
     """A target that runs whole requests itself (the vLLM executor) yields one per engine output:
     the target ids it added, and the request's draft counts (its totals; vLLM reports them with
-    the last step)."""
+    the last step), also per position in a step's draft."""
 
     token_ids: list[int]
     finished: bool = False
     finish_reason: Optional[str] = None  # "stop" | "length" once finished
     drafted: int = 0
     accepted: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
 
 
 SPEC_KEY = "hsd"  # SamplingParams.extra_args[SPEC_KEY]: the request's DraftSpec as a dict

@@ -317,6 +317,9 @@ class RequestRun:
                         stats.rounds += 1
                         stats.target_forwards += 1
                         stats.drafted, stats.accepted = step.drafted, step.accepted
+                        if step.drafted_per_position:
+                            stats.drafted_per_position = list(step.drafted_per_position)
+                            stats.accepted_per_position = list(step.accepted_per_position)
                         chunk = self.commit(step.token_ids)
                         if chunk is not None:
                             yield chunk

@@ -78,6 +78,10 @@ def test_bundled_pair_every_method_is_vllm_alone(bundled):
                 assert got.token_ids == want.token_ids, (method, k, p)
                 assert got.finish_reason == want.finish_reason and got.text == want.text
                 assert got.stats.method == method and got.stats.drafted > 0
+                # per position too (vLLM's detailed spec-decode metrics, at the end)
+                assert sum(got.stats.drafted_per_position) == got.stats.drafted
+                assert sum(got.stats.accepted_per_position) == got.stats.accepted
+                assert got.stats.drafted_per_position[0] >= got.stats.drafted_per_position[-1]
                 accepted += got.stats.accepted
     assert accepted > 0
     stats = bundled.draft_stats()  # overlap (the default): some drafts were drafted ahead

@@ -45,6 +45,7 @@ class ScriptedGeneratingTarget:
         pos = len(prompt_ids) - len(self.calls[0]["prompt_ids"])  # resumed: where it left off
         emitted, n, finished = 0, 0, False
         drafted, accepted = (4, 2) if spec is not None else (0, 0)  # totals at the end
+        per_pos = ([2, 1, 1], [1, 1, 0]) if spec is not None else ([], [])
         try:
             while emitted < max_new_tokens:
                 if self.break_after is not None and len(self.calls) == 1 and n == self.break_after:
@@ -54,13 +55,16 @@ class ScriptedGeneratingTarget:
                 if any(t in self.eos for t in toks):
                     toks = toks[:next(i for i, t in enumerate(toks) if t in self.eos) + 1]
                     finished = True
-                    yield Step(toks, True, "stop", drafted=drafted, accepted=accepted)
+                    yield Step(toks, True, "stop", drafted=drafted, accepted=accepted,
+                               drafted_per_position=per_pos[0], accepted_per_position=per_pos[1])
                     return
                 pos, emitted, n = pos + len(toks), emitted + len(toks), n + 1
                 finished = emitted >= max_new_tokens
                 yield Step(toks, finished, "length" if finished else None,
                            drafted=drafted if finished else 0,
-                           accepted=accepted if finished else 0)
+                           accepted=accepted if finished else 0,
+                           drafted_per_position=per_pos[0] if finished else [],
+                           accepted_per_position=per_pos[1] if finished else [])
         finally:
             if not finished:
                 self.closed_early += 1
@@ -114,6 +118,8 @@ def test_the_draft_spec_names_the_drafter_method_and_k(tok):
     spec = target.calls[0]["spec"]
     assert spec == DraftSpec(spec.request_id, "slem", "10.0.0.7:4100", PROMPT, 3, True)
     assert (res.stats.drafted, res.stats.accepted) == (4, 2)  # the target's totals
+    assert res.stats.drafted_per_position == [2, 1, 1]  # and per position
+    assert res.stats.accepted_per_position == [1, 1, 0]
     ar = asyncio.run(_coordinator(tok, ScriptedGeneratingTarget(script)).generate(
         _req(max_new=5, method="ar")))
     assert ar.token_ids == res.token_ids and ar.stats.drafted == 0

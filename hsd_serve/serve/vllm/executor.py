@@ -137,8 +137,10 @@ class VllmTarget:
         if self.k > 0:
             kwargs["speculative_config"] = {"method": "custom_class", "model": PROPOSER,
                                             "num_speculative_tokens": self.k}
-            kwargs["per_request_spec_decode_metrics"] = "summary"
+            kwargs["per_request_spec_decode_metrics"] = "detailed"  # per step: per position
         kwargs.update(o.engine_args)
+        if "speculative_config" in o.engine_args:  # vLLM's own drafting: report its acceptance
+            kwargs.setdefault("per_request_spec_decode_metrics", "detailed")
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
         if _cpu_only() and o.cpu_pin_engine_core and bind and bind[0].isdigit() and "|" not in bind:
@@ -201,13 +203,27 @@ class VllmTarget:
                 self.sessions[rid] += len(c.token_ids)
                 finished = out.finished
                 m = getattr(c, "spec_decode_metrics", None)
+                drafted_pp, accepted_pp = _per_position(m)
                 yield Step(list(c.token_ids), finished, c.finish_reason,
                            drafted=int(getattr(m, "num_draft_tokens", 0) or 0),
-                           accepted=int(_accepted(m)))
+                           accepted=int(_accepted(m)), drafted_per_position=drafted_pp,
+                           accepted_per_position=accepted_pp)
         finally:
             self.sessions.pop(rid, None)
             if not finished and self.engine is not None:
                 await self.engine.abort(rid)
+
+
+def _per_position(m) -> tuple[list[int], list[int]]:
+    """Drafted and accepted counts per position in a step's draft, from vLLM's detailed
+    per-request spec-decode metrics (one entry per verify step; empty without them)."""
+    from hsd_serve.engine.types import RequestStats
+
+    s = RequestStats()
+    for d, a in zip(getattr(m, "per_step_drafted", None) or [],
+                    getattr(m, "per_step_accepted", None) or []):
+        s.record_round(int(d), int(a))
+    return s.drafted_per_position, s.accepted_per_position
 
 
 def _accepted(m) -> int:

@@ -168,6 +168,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--address", default=None,
                    help="Ray cluster to join (default: start a local Ray instance)")
     s.add_argument("--num-cpus", type=float, default=None, help="CPUs for a local Ray instance")
+    s.add_argument("--host", default=None,
+                   help="override http_options.host (serve_config.yaml: 127.0.0.1, loopback); "
+                        "0.0.0.0 opens HTTP to the network: configure API keys first")
     s.add_argument("--http-port", type=int, default=None, help="override http_options.port")
     s.add_argument("--grpc-port", type=int, default=None, help="override grpc_options.port")
     s.add_argument("--once", metavar="PROMPT", default=None,
@@ -183,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hsd_serve.serve.launch import serve_from_config
 
     return serve_from_config(args.config, address=args.address, num_cpus=args.num_cpus,
-                             http_port=args.http_port, grpc_port=args.grpc_port,
+                             http_port=args.http_port, grpc_port=args.grpc_port, host=args.host,
                              once=args.once, once_max_tokens=args.max_tokens,
                              metrics_export_port=args.metrics_export_port)
 
@@ -205,6 +208,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--no-stream", action="store_true", help="unary Generate instead of streaming")
     c.add_argument("--json", action="store_true", help="print the final response as JSON")
     c.add_argument("--timeout", type=float, default=300.0)
+    c.add_argument("--api-key", default=None,
+                   help="API key to send (default: $HSD_API_KEY; the variable keeps it out of "
+                        "the process list)")
     c.set_defaults(func=cmd_client)
 
 

@@ -36,7 +36,7 @@ RAY_PREFIX = "ray_"  # what Ray's metrics export puts in front of custom metric 
 # A request's end: ok = a final result was produced; invalid = bad input (400/INVALID_ARGUMENT);
 # error = failed while running; cancelled = the client went away; unavailable = no replica
 # could be leased (backpressure, no target).
-OUTCOMES = ("ok", "invalid", "error", "cancelled", "unavailable")
+OUTCOMES = ("ok", "invalid", "error", "cancelled", "unavailable", "unauthenticated")
 COMPONENTS = ("coordinator", "drafter", "target")
 MAX_POSITION_LABEL = 16  # draft positions >= this share the label "16+"
 
@@ -334,15 +334,16 @@ class RayMetricsProxy:
 
 
 def mount_metrics_route(app, proxy: Optional[RayMetricsProxy] = None,
-                        path: str = "/metrics") -> None:
+                        path: str = "/metrics", dependencies=None) -> None:
     """Add ``GET /metrics`` to a FastAPI app: this node's Ray metrics export, passed through
     (``ray_hsd_*``, ``ray_serve_*`` and Ray's own metrics: one scrape shows everything
-    locally).  503 with a one-line reason when the export cannot be read."""
+    locally).  503 with a one-line reason when the export cannot be read.  ``dependencies``:
+    FastAPI dependencies of the route (e.g. the API-key check)."""
     from fastapi.responses import PlainTextResponse, Response
 
     proxy = proxy or RayMetricsProxy()
 
-    @app.get(path, include_in_schema=False)
+    @app.get(path, include_in_schema=False, dependencies=dependencies)
     async def _metrics() -> Response:
         try:
             body, content_type = await proxy.scrape()

@@ -47,7 +47,9 @@ class GrpcClient:
 
         self.channel = grpc.insecure_channel(address)
         self.stub = hsd_pb2_grpc.GenerationStub(self.channel)
-        self.metadata = (("application", application),)
+        from hsd_serve.serve.security import auth_metadata, client_key
+
+        self.metadata = (("application", application),) + auth_metadata(client_key())
         self.timeout_s = timeout_s
 
     def close(self) -> None:
@@ -89,8 +91,10 @@ class HttpClient:
     def __init__(self, base: str, timeout_s: float):
         import httpx
 
+        from hsd_serve.serve.security import auth_header, client_key
+
         self.base = base
-        self.client = httpx.Client(timeout=timeout_s)
+        self.client = httpx.Client(timeout=timeout_s, headers=auth_header(client_key()))
         self.model = None
         try:
             models = self.client.get(f"{base}/v1/models").json()

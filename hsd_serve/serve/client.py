@@ -50,7 +50,10 @@ def _as_dict(msg) -> dict:
 def run_client(args, prompt: str) -> int:
     from hsd_serve.serve.convert import finish_reason_from_proto
 
-    metadata = (("application", args.application),)
+    from hsd_serve.serve.security import auth_metadata, client_key
+
+    metadata = (("application", args.application),) + auth_metadata(
+        client_key(getattr(args, "api_key", None)))
     with grpc.insecure_channel(args.address) as channel:
         stub = hsd_pb2_grpc.GenerationStub(channel)
         req = build_request(args, prompt)

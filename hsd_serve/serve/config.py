@@ -79,13 +79,71 @@ class VllmOptions(_Strict):
     engine_args: dict[str, Any] = Field(default_factory=dict)  # more vLLM engine args, as given
 
 
+class TlsConfig(_Strict):
+    """TLS for the data plane (files on every node, e.g. a mounted Secret).  One certificate for
+    the cluster: replicas present it as servers and, with ``require_client_cert``, callers (the
+    coordinator, vLLM target replicas) present it as clients (mTLS)."""
+
+    cert_file: str  # PEM certificate chain
+    key_file: str  # PEM private key
+    ca_file: Optional[str] = None  # PEM CA that signed the peers' certificates (None: system roots)
+    require_client_cert: bool = False  # mTLS: replicas refuse callers without a cert from ca_file
+    # the name the servers' certificate carries; replicas are dialled by IP, so a cluster
+    # certificate issued for one DNS name (e.g. "hsd-dataplane") needs it here
+    server_name: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _mtls(self) -> "TlsConfig":
+        if self.require_client_cert and not self.ca_file:
+            raise ValueError("dataplane_tls.require_client_cert needs ca_file (the CA that "
+                             "signed the clients' certificates)")
+        return self
+
+
+class SecurityConfig(_Strict):
+    """Who may call the service (docs/security.md).  Keys are never in the config itself: it
+    names where they are, on the coordinator's nodes."""
+
+    # client API keys (``Authorization: Bearer <key>`` on HTTP, ``authorization`` metadata on
+    # gRPC): comma- or whitespace-separated in this environment variable, and/or one per line in
+    # ``api_keys_file`` (re-read when it changes).  No key anywhere: the APIs are open (logged
+    # loudly when they listen beyond loopback).  A configured file that is missing, unreadable
+    # or empty stops the coordinator from starting: it never falls open.
+    api_keys_env: Optional[str] = "HSD_API_KEYS"
+    api_keys_file: Optional[str] = None
+    metrics_requires_key: bool = True  # with keys on, GET /metrics needs one too
+    # the data plane's shared token: this variable where the app is built (``serve run``, the
+    # Serve controller) when set, otherwise a random token made once per Ray cluster; handed to
+    # the replicas through the deployments, never through requests
+    dataplane_token_env: str = "HSD_DATAPLANE_TOKEN"
+    dataplane_tls: Optional[TlsConfig] = None
+
+
 class AutoscalingConfig(_Strict):
+    """Ray Serve's replica autoscaling for one deployment (docs/autoscaling.md).  The signal is
+    ongoing requests per replica; for Drafter and Target replicas those are open leases, one per
+    request being served there.  Only the drafter may scale to zero (requests then run
+    target-only at once and draft once a replica is up)."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    initial_replicas: Optional[int] = None
+    initial_replicas: Optional[int] = Field(None, ge=0)
     target_ongoing_requests: float = Field(4.0, gt=0)
-    upscale_delay_s: float = 10.0
-    downscale_delay_s: float = 120.0
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+    downscale_to_zero_delay_s: Optional[float] = Field(None, ge=0)  # None: downscale_delay_s
+    metrics_interval_s: float = Field(10.0, gt=0)  # how often the controller decides
+    look_back_period_s: float = Field(30.0, gt=0)  # the window ongoing requests are averaged over
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas "
+                             f"({self.min_replicas})")
+        if self.initial_replicas is not None and not \
+                self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
+        return self
 
 
 class DeploymentOptions(_Strict):
@@ -152,11 +210,25 @@ class AppConfig(_Strict):
     # and rebuilt on their next round (None: only max_sessions_per_replica bounds the caches)
     max_cached_tokens_per_replica: Optional[int] = Field(None, ge=1)
     lease_timeout_s: float = Field(30.0, gt=0)  # wait this long for a replica lease, then fail
+    # a request's first drafter call waits this long for its drafter lease, then its rounds go on
+    # target-only while the lease goes on in the background (a drafter deployment scaled to zero
+    # serves requests at once; drafting starts when a replica is up)
+    drafter_lease_wait_s: float = Field(0.5, gt=0)
+    security: SecurityConfig = SecurityConfig()
     drafter_deployment: DeploymentOptions = DeploymentOptions(resources={})
     target_deployment: DeploymentOptions = DeploymentOptions(resources={})
     coordinator_deployment: DeploymentOptions = DeploymentOptions(num_cpus=0.25,
                                                                   max_ongoing_requests=64,
                                                                   max_queued_requests=128)
+
+    @field_validator("target_deployment", "coordinator_deployment")
+    @classmethod
+    def _not_to_zero(cls, v: DeploymentOptions, info) -> DeploymentOptions:
+        if v.autoscaling_config is not None and v.autoscaling_config.min_replicas < 1:
+            raise ValueError(f"{info.field_name}.autoscaling_config.min_replicas must be >= 1: "
+                             "only the drafter may scale to zero (a request needs a target "
+                             "and a coordinator at once)")
+        return v
 
     @field_validator("target")
     @classmethod

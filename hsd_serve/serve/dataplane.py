@@ -10,6 +10,9 @@ an ``*_UNSPECIFIED`` or unknown enum value, no draft context); anything else ``I
 
 ``start_dataplane_server`` starts a server with one of the two services plus the standard health
 service (SERVING for ``""`` and the service name) and reflection, and returns ``(server, port)``.
+Given a ``security.DataPlaneSecurity`` it refuses every call but the health check without the
+cluster's token (``UNAUTHENTICATED``) and serves TLS when configured; ``ChannelPool`` and the ports
+given the same object send the token (over TLS when configured).
 
 Client side.  ``GrpcDrafter`` / ``GrpcTarget`` implement the coordinator's ``DrafterPort`` /
 ``TargetPort`` over a ``grpc.aio`` channel and behave like ``engine.local``'s in-process ports:
@@ -41,6 +44,7 @@ from hsd_serve.engine.protocol import Draft, SessionMissing, SLRSOutcome, Verdic
 from hsd_serve.pb import hsd_pb2 as pb
 from hsd_serve.pb import hsd_pb2_grpc as pb_grpc
 from hsd_serve.serve import convert
+from hsd_serve.serve.security import DataPlaneSecurity
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +251,8 @@ _KINDS = {
 
 async def start_dataplane_server(servicer_kind: str, worker, host: str = "0.0.0.0",
                                  port: int = 0, *, executor: Optional[ThreadPoolExecutor] = None,
-                                 servicer_options: Optional[dict] = None
+                                 servicer_options: Optional[dict] = None,
+                                 security: Optional[DataPlaneSecurity] = None
                                  ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for ``worker`` (``servicer_kind`` "drafter" or "target") on
     ``host:port`` (0 = any free port) with health and reflection; returns ``(server, port)``.
@@ -259,14 +264,22 @@ async def start_dataplane_server(servicer_kind: str, worker, host: str = "0.0.0.
         raise ValueError(f"servicer_kind must be 'drafter' or 'target', got {servicer_kind!r}")
     cls, add, name = _KINDS[servicer_kind]
     servicer = cls(worker, executor, **(servicer_options or {}))
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        interceptors=security.server_interceptors() if security is not None else None)
     add(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    try:
+        bound = (security.add_port(server, address) if security is not None
+                 else server.add_insecure_port(address))
+    except Exception:
+        servicer.close()
+        raise
     if not bound:
         servicer.close()
         raise RuntimeError(f"could not bind the data-plane server to {host}:{port}")
@@ -275,7 +288,8 @@ async def start_dataplane_server(servicer_kind: str, worker, host: str = "0.0.0.
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     server.hsd_servicer = servicer
     server.hsd_health = health_servicer
-    log.info("%s data plane listening on %s:%d", servicer_kind, host, bound)
+    log.info("%s data plane listening on %s:%d (%s)", servicer_kind, host, bound,
+             "no token" if security is None else "token" + (", TLS" if security.tls else ""))
     return server, bound
 
 
@@ -292,18 +306,31 @@ async def stop_dataplane_server(server: grpc.aio.Server, grace: Optional[float] 
 
 
 # ============================================================================== client side
-class ChannelPool:
-    """One ``grpc.aio`` channel per ``"host:port"`` (and per event loop), closed by ``close``."""
+def open_channel(address: str, security: Optional[DataPlaneSecurity] = None,
+                 options: Optional[list] = None) -> grpc.aio.Channel:
+    """A channel to a replica's data plane: with ``security``, the token on every call (and TLS
+    when configured)."""
+    options = list(options if options is not None else CHANNEL_OPTIONS)
+    if security is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return security.channel(address, options)
 
-    def __init__(self, options: Optional[list] = None):
+
+class ChannelPool:
+    """One ``grpc.aio`` channel per ``"host:port"`` (and per event loop), closed by ``close``;
+    ``security``: the data plane's token and TLS (``None``: plaintext, no token)."""
+
+    def __init__(self, options: Optional[list] = None,
+                 security: Optional[DataPlaneSecurity] = None):
         self.options = list(options if options is not None else CHANNEL_OPTIONS)
+        self.security = security
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         key = (address, id(asyncio.get_running_loop()))
         ch = self._channels.get(key)
         if ch is None:
-            ch = self._channels[key] = grpc.aio.insecure_channel(address, options=self.options)
+            ch = self._channels[key] = open_channel(address, self.security, self.options)
         return ch
 
     async def discard(self, address: str) -> None:
@@ -325,14 +352,14 @@ def _raise_for(exc: grpc.aio.AioRpcError) -> None:
 
 class _GrpcPort:
     def __init__(self, target_or_channel: Union[str, grpc.aio.Channel], *,
-                 pool: Optional[ChannelPool] = None, timeout_s: Optional[float] = None):
+                 pool: Optional[ChannelPool] = None, timeout_s: Optional[float] = None,
+                 security: Optional[DataPlaneSecurity] = None):
         self._own_channel = False
         if isinstance(target_or_channel, str):
             if pool is not None:
                 self.channel = pool.get(target_or_channel)
             else:
-                self.channel = grpc.aio.insecure_channel(target_or_channel,
-                                                         options=CHANNEL_OPTIONS)
+                self.channel = open_channel(target_or_channel, security)
                 self._own_channel = True
         else:
             self.channel = target_or_channel
@@ -362,8 +389,9 @@ class GrpcDrafter(_GrpcPort):
 
     def __init__(self, target_or_channel: Union[str, grpc.aio.Channel], *,
                  target_vocab_size: int, pool: Optional[ChannelPool] = None,
-                 timeout_s: Optional[float] = None):
-        super().__init__(target_or_channel, pool=pool, timeout_s=timeout_s)
+                 timeout_s: Optional[float] = None,
+                 security: Optional[DataPlaneSecurity] = None):
+        super().__init__(target_or_channel, pool=pool, timeout_s=timeout_s, security=security)
         self.width = int(target_vocab_size)
         self.stub = pb_grpc.DrafterStub(self.channel)
 
@@ -398,8 +426,9 @@ class GrpcTarget(_GrpcPort):
     """``TargetPort`` over ``hsd.v1.Target``."""
 
     def __init__(self, target_or_channel: Union[str, grpc.aio.Channel], *,
-                 pool: Optional[ChannelPool] = None, timeout_s: Optional[float] = None):
-        super().__init__(target_or_channel, pool=pool, timeout_s=timeout_s)
+                 pool: Optional[ChannelPool] = None, timeout_s: Optional[float] = None,
+                 security: Optional[DataPlaneSecurity] = None):
+        super().__init__(target_or_channel, pool=pool, timeout_s=timeout_s, security=security)
         self.stub = pb_grpc.TargetStub(self.channel)
 
     async def verify(self, rid: str, committed, candidates, rule: str, params: SamplingParams,

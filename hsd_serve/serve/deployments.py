@@ -8,6 +8,10 @@ requests for autoscaling and applies ``max_ongoing_requests``/``max_queued_reque
 backpressure; closing the lease frees the request's caches on the replica.  Data plane: the
 rounds go straight to those addresses over gRPC (DESIGN.md §5: ~0.5 ms per call vs ~2.7 ms per
 handle call).  Replica caches are caches: the coordinator's committed tokens are the truth.
+
+Security (docs/security.md): the data-plane servers refuse calls without the cluster's token
+(``DataPlaneSecurity``, made by ``build_deployments`` and handed to every deployment as an
+argument); the coordinator checks client API keys at both front doors.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ray import serve
 from hsd_serve.serve.config import AppConfig, load_config
 from hsd_serve.serve.lease import (DrafterAvailability, LeasedDrafter, LeasedTarget,
                                    UnavailableDrafter)
+from hsd_serve.serve.security import DataPlaneSecurity
 
 log = logging.getLogger("hsd_serve.serve")
 
@@ -41,7 +46,8 @@ class _ModelReplica:
 
     kind = "?"
 
-    def __init__(self) -> None:
+    def __init__(self, dataplane: Optional[DataPlaneSecurity] = None) -> None:
+        self.dataplane = dataplane  # the token (and TLS) its data-plane server demands
         self.worker = None  # the DrafterWorker / TargetWorker, set by ``_start``
         self.server = None  # the grpc.aio data-plane server
         self.servicer = None  # its servicer: runs calls on the worker's own thread
@@ -58,7 +64,8 @@ class _ModelReplica:
 
         self.worker = worker
         self.server, port = await start_dataplane_server(self.kind, worker,
-                                                         servicer_options=servicer_options)
+                                                         servicer_options=servicer_options,
+                                                         security=self.dataplane)
         self.servicer = self.server.hsd_servicer  # runs calls on the worker's own thread
         self.address = f"{ray.util.get_node_ip_address()}:{port}"
         log.info("%s replica serving its data plane on %s", self.kind, self.address)
@@ -152,8 +159,8 @@ class _ModelReplica:
 class DrafterDeployment(_ModelReplica):
     kind = "drafter"
 
-    async def __init__(self, cfg: dict):
-        super().__init__()
+    async def __init__(self, cfg: dict, dataplane: Optional[DataPlaneSecurity] = None):
+        super().__init__(dataplane)
         from hsd_serve.engine.drafter import DrafterWorker
         from hsd_serve.models.hf import LoadedModel, describe_model
 
@@ -173,8 +180,8 @@ class DrafterDeployment(_ModelReplica):
 class TargetDeployment(_ModelReplica):
     kind = "target"
 
-    async def __init__(self, cfg: dict):
-        super().__init__()
+    async def __init__(self, cfg: dict, dataplane: Optional[DataPlaneSecurity] = None):
+        super().__init__(dataplane)
         from hsd_serve.engine.target import TargetWorker
         from hsd_serve.models.hf import LoadedModel
 
@@ -185,7 +192,8 @@ class TargetDeployment(_ModelReplica):
 
             engine = VllmTarget(config.target.resolved_path(), config.vllm,
                                 threads=config.target_deployment.torch_threads or 1,
-                                load_aware_lookahead=config.load_aware_lookahead)
+                                load_aware_lookahead=config.load_aware_lookahead,
+                                dataplane=dataplane)  # its proposer calls the drafters
             await self._start(await engine.start())
             if engine.k > 0:  # hsd_draft_steps_total / hsd_stale_draft_tokens_total
                 from hsd_serve.metrics import DraftStepCounters, RaySink
@@ -202,14 +210,23 @@ class TargetDeployment(_ModelReplica):
 class CoordinatorDeployment:
     """Client-facing: gRPC ``hsd.v1.Generation`` (via Ray Serve's gRPC proxy), OpenAI HTTP."""
 
-    def __init__(self, cfg: dict, drafter_handle, target_handle):
+    def __init__(self, cfg: dict, drafter_handle, target_handle,
+                 dataplane: Optional[DataPlaneSecurity] = None):
         from hsd_serve.core.vocab import same_vocabulary
         from hsd_serve.engine.engine import Coordinator, TargetInfo
         from hsd_serve.metrics import RaySink
         from hsd_serve.models.hf import describe_model
         from hsd_serve.serve.dataplane import ChannelPool
+        from hsd_serve.serve.security import ApiKeys
 
         self.config: AppConfig = load_config(cfg)
+        # client keys (both front doors); a configured keys file that cannot be read stops here
+        self.api_keys = ApiKeys.from_config(self.config.security)
+        if self.api_keys.enabled:
+            log.info("client API keys on: %d key(s)", len(self.api_keys))
+        else:
+            log.warning("client API keys are OFF (security.api_keys_env / api_keys_file): anyone "
+                        "who reaches the HTTP or gRPC port can generate")
         self.drafter_handle = drafter_handle
         self.target_handle = target_handle
         target = describe_model(self.config.target.spec())
@@ -228,7 +245,7 @@ class CoordinatorDeployment:
         self.ongoing = 0  # requests in flight here (hsd_ongoing_requests{component="coordinator"})
         self.gauges = None  # started with the first request (needs the replica's event loop)
         self.limits = self.config.request_limits()  # both front doors (gRPC, HTTP)
-        self.channels = ChannelPool()
+        self.channels = ChannelPool(security=dataplane)
         self.lease_timeout_s = self.config.lease_timeout_s
         try:  # replicas watch this handle to free the leases of a coordinator that died
             import ray
@@ -256,7 +273,8 @@ class CoordinatorDeployment:
             lambda ch: GrpcDrafter(ch, target_vocab_size=self.tokenizer.vocab.size,
                                    timeout_s=self.config.draft_timeout_s),
             channels=self.channels, lease_timeout_s=self.lease_timeout_s,
-            caller=self.self_handle, availability=self.drafter_availability)
+            caller=self.self_handle, availability=self.drafter_availability,
+            first_wait_s=self.config.drafter_lease_wait_s)
 
     async def stream(self, req, rid: Optional[str] = None):
         """Chunks of one request; raises RequestError before anything starts for bad input."""
@@ -303,6 +321,12 @@ class CoordinatorDeployment:
             if drafter is not None:
                 drafter.close()
 
+    def refused(self) -> None:
+        """Count a call refused for want of a valid API key."""
+        from hsd_serve.engine.types import RequestStats
+
+        self.coordinator.report(RequestStats(method="other"), "unauthenticated")
+
     # ---- gRPC ingress: hsd.v1.Generation ------------------------------------------------------
     async def Generate(self, request, grpc_context=None):
         from hsd_serve.serve.grpc_api import generate_unary
@@ -329,11 +353,18 @@ class CoordinatorDeployment:
 
 
 def build_deployments(config: AppConfig):
-    """The application graph: Coordinator(Drafter, Target), each with its own options."""
+    """The application graph: Coordinator(Drafter, Target), each with its own options, and the
+    data plane's token (``security.resolve_dataplane_token``) handed to all three."""
+    from hsd_serve.serve.security import resolve_dataplane_token
+
     cfg = config.model_dump()
-    target = TargetDeployment.options(**config.target_deployment.serve_options()).bind(cfg)
+    dataplane = DataPlaneSecurity.from_config(resolve_dataplane_token(config.security),
+                                              config.security)
+    target = TargetDeployment.options(**config.target_deployment.serve_options()).bind(
+        cfg, dataplane)
     drafter = None
     if config.drafter is not None:
-        drafter = DrafterDeployment.options(**config.drafter_deployment.serve_options()).bind(cfg)
+        drafter = DrafterDeployment.options(**config.drafter_deployment.serve_options()).bind(
+            cfg, dataplane)
     return CoordinatorDeployment.options(**config.coordinator_deployment.serve_options()).bind(
-        cfg, drafter, target)
+        cfg, drafter, target, dataplane)

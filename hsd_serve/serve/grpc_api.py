@@ -2,6 +2,8 @@
 
 Bad input → ``INVALID_ARGUMENT`` naming the field; no capacity → ``RESOURCE_EXHAUSTED``; an
 unexpected failure → ``INTERNAL``.  Nothing is started for a request that fails validation.
+With API keys on, a call without ``authorization: Bearer <key>`` metadata → ``UNAUTHENTICATED``
+before its request is read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import grpc
 from hsd_serve.engine.types import RequestError
 from hsd_serve.pb import hsd_pb2
 from hsd_serve.serve.convert import chunk_to_proto, request_from_proto, result_to_proto
+from hsd_serve.serve.security import Unauthenticated
 
 log = logging.getLogger("hsd_serve.serve")
 
@@ -33,6 +36,8 @@ def _status_for(exc: BaseException) -> grpc.StatusCode:
     name = type(exc).__name__
     if isinstance(exc, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
     if "BackPressure" in name or "RejectedRequest" in name:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, (TimeoutError, ConnectionError)):
@@ -40,8 +45,19 @@ def _status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _authorize(dep, ctx) -> None:
+    keys = getattr(dep, "api_keys", None)
+    if keys is not None and keys.enabled:
+        try:
+            keys.check_metadata(ctx.invocation_metadata() if ctx is not None else ())
+        except Unauthenticated:
+            dep.refused()
+            raise
+
+
 async def generate_unary(dep, request, ctx) -> hsd_pb2.GenerateResponse:
     try:
+        _authorize(dep, ctx)
         req = request_from_proto(request, dep.limits)
         result = None
         async with contextlib.aclosing(dep.stream(req)) as chunks:
@@ -58,6 +74,7 @@ async def generate_unary(dep, request, ctx) -> hsd_pb2.GenerateResponse:
 
 async def generate_stream(dep, request, ctx):
     try:
+        _authorize(dep, ctx)
         req = request_from_proto(request, dep.limits)
         # closed here, not by the garbage collector, when the client cancels: the request's
         # caches and leases are freed at once

@@ -10,8 +10,14 @@ def build_http_app(dep):
     cfg = dep.config
     # ConnectionError: no target replica took a request over within target_failover_s → 503
     app = build_openai_app(CoordinatorBackend(dep, dep.tokenizer, cfg.model_name),
-                           limits=cfg.request_limits(), unavailable_exceptions=(ConnectionError,))
+                           limits=cfg.request_limits(), unavailable_exceptions=(ConnectionError,),
+                           api_keys=getattr(dep, "api_keys", None),
+                           on_unauthenticated=getattr(dep, "refused", None))
+    from fastapi import Depends
+
     from hsd_serve.metrics import mount_metrics_route
 
-    mount_metrics_route(app)  # GET /metrics: this node's Ray metrics export (ray_hsd_*, ray_serve_*)
+    guard = app.state.key_guard if cfg.security.metrics_requires_key else None
+    # GET /metrics: this node's Ray metrics export (ray_hsd_*, ray_serve_*)
+    mount_metrics_route(app, dependencies=[Depends(guard)] if guard is not None else None)
     return app

@@ -39,9 +39,38 @@ def read_config(path: str) -> dict[str, Any]:
     return cfg
 
 
+def exposure_warnings(cfg: dict[str, Any], http_host: str, grpc_port: Optional[int],
+                      environ=os.environ) -> list[str]:
+    """What listens beyond loopback while an hsd application has no API key configured (as far
+    as this process can tell: a keys file named, or the keys variable set here)."""
+    from hsd_serve.serve.config import load_config
+    from hsd_serve.serve.security import is_loopback
+
+    out = []
+    for app in cfg.get("applications", []):
+        if app.get("import_path") != "hsd_serve.serve.app:build_app":
+            continue
+        sec = load_config(app.get("args") or {}).security
+        if sec.api_keys_file or (sec.api_keys_env and environ.get(sec.api_keys_env, "").strip()):
+            continue
+        where = []
+        if not is_loopback(http_host):
+            where.append(f"HTTP on {http_host}")
+        if grpc_port:
+            where.append(f"gRPC on every interface, port {grpc_port} (Ray Serve's gRPC proxy "
+                         "cannot bind loopback)")
+        if where:
+            out.append(f"application {app.get('name')!r} has NO API KEY configured and listens "
+                       f"beyond loopback ({'; '.join(where)}): anyone who can reach this host "
+                       f"can generate. Set ${sec.api_keys_env or 'HSD_API_KEYS'} or "
+                       f"security.api_keys_file (docs/security.md).")
+    return out
+
+
 def deploy(cfg: dict[str, Any], *, http_port: Optional[int] = None,
-           grpc_port: Optional[int] = None) -> dict[str, Any]:
-    """``serve.start`` with the config's HTTP/gRPC options, then ``serve.run`` every app."""
+           grpc_port: Optional[int] = None, host: Optional[str] = None) -> dict[str, Any]:
+    """``serve.start`` with the config's HTTP/gRPC options (``host`` overrides
+    ``http_options.host``; absent: loopback), then ``serve.run`` every app."""
     from ray import serve
 
     http = dict(cfg.get("http_options") or {})
@@ -50,29 +79,37 @@ def deploy(cfg: dict[str, Any], *, http_port: Optional[int] = None,
         http["port"] = http_port
     if grpc_port is not None:
         grpc_opts["port"] = grpc_port
+    if host is not None:
+        http["host"] = host
     http.setdefault("port", 8000)
     http.setdefault("host", "127.0.0.1")
+    for warning in exposure_warnings(cfg, http["host"], grpc_opts.get("port")):
+        print(f"\n*** WARNING *** {warning}\n", file=sys.stderr, flush=True)
     serve.start(http_options=http, grpc_options=grpc_opts or None)
     for app in cfg.get("applications", []):
         builder = _import_attr(app["import_path"])
         serve.run(builder(app.get("args") or {}), name=app["name"],
                   route_prefix=app.get("route_prefix", "/"), blocking=False)
-    return {"http_port": http["port"], "grpc_port": grpc_opts.get("port"),
+    return {"http_port": http["port"], "grpc_port": grpc_opts.get("port"), "host": http["host"],
             "grpc_reflection": bool(grpc_opts.get("enable_reflection", True)),  # Serve's default
             "apps": [a["name"] for a in cfg.get("applications", [])]}
 
 
-def _http_once(port: int, prompt: str, max_tokens: int) -> dict:
+def _http_once(port: int, prompt: str, max_tokens: int, key: Optional[str] = None) -> dict:
+    from hsd_serve.serve.security import auth_header
+
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          **auth_header(key)})
     with urllib.request.urlopen(req, timeout=300) as resp:
         return json.loads(resp.read())
 
 
 def serve_from_config(config: str, *, address: Optional[str] = None,
                       num_cpus: Optional[float] = None, http_port: Optional[int] = None,
-                      grpc_port: Optional[int] = None, once: Optional[str] = None,
+                      grpc_port: Optional[int] = None, host: Optional[str] = None,
+                      once: Optional[str] = None,
                       once_max_tokens: int = 32, metrics_export_port: Optional[int] = 8080) -> int:
     """``metrics_export_port``: the local Ray node's Prometheus export port (8080 as on KubeRay;
     0/None: Ray picks one).  The coordinator's ``/metrics`` passes it through either way."""
@@ -93,7 +130,7 @@ def serve_from_config(config: str, *, address: Optional[str] = None,
             init_kwargs["_metrics_export_port"] = metrics_export_port
     ray.init(**init_kwargs)
     try:
-        info = deploy(cfg, http_port=http_port, grpc_port=grpc_port)
+        info = deploy(cfg, http_port=http_port, grpc_port=grpc_port, host=host)
         hp, gp = info["http_port"], info["grpc_port"]
         print(f"hsd-serve: applications {info['apps']} are running", flush=True)
         print(f"  HTTP (OpenAI):  http://127.0.0.1:{hp}/v1/completions  "
@@ -105,7 +142,7 @@ def serve_from_config(config: str, *, address: Optional[str] = None,
         print(f"  Metrics:        http://127.0.0.1:{hp}/metrics  (Prometheus text: ray_hsd_*, "
               f"ray_serve_*; Ray export port {_export_port(ray)})", flush=True)
         if once is not None:
-            return _run_once(once, hp, gp, once_max_tokens)
+            return _run_once(once, hp, gp, once_max_tokens, _once_key(cfg))
         print("  Ctrl-C to stop.", flush=True)
         stop = {"now": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -161,7 +198,23 @@ def shutdown_serve(timeout_s: float = 60.0) -> None:
     serve_context._disconnect()
 
 
-def _run_once(prompt: str, http_port: int, grpc_port: Optional[int], max_tokens: int) -> int:
+def _once_key(cfg: dict[str, Any]) -> Optional[str]:
+    """The key ``--once`` sends: ``$HSD_API_KEY``, else the first of the app's keys variable as
+    set here (a local run's coordinator inherits this environment)."""
+    from hsd_serve.serve.config import load_config
+    from hsd_serve.serve.security import client_key, parse_keys
+
+    key = client_key()
+    for app in cfg.get("applications", []):
+        if key is None and app.get("import_path") == "hsd_serve.serve.app:build_app":
+            env = load_config(app.get("args") or {}).security.api_keys_env
+            keys = parse_keys(os.environ.get(env, ""), f"${env}") if env else []
+            key = keys[0] if keys else None
+    return key
+
+
+def _run_once(prompt: str, http_port: int, grpc_port: Optional[int], max_tokens: int,
+              key: Optional[str] = None) -> int:
     import argparse
 
     from hsd_serve.serve.client import run_client
@@ -172,17 +225,17 @@ def _run_once(prompt: str, http_port: int, grpc_port: Optional[int], max_tokens:
         args = argparse.Namespace(address=f"127.0.0.1:{grpc_port}", application="hsd",
                                   method="", max_tokens=max_tokens, temperature=0.0, top_p=1.0,
                                   top_k=0, seed=0, lookahead=0, stop=[], no_stream=False,
-                                  json=False, timeout=300.0)
+                                  json=False, timeout=300.0, api_key=key)
         rc = run_client(args, prompt)
     print(f"--- HTTP /v1/completions ({prompt!r})", flush=True)
     try:
-        out = _http_once(http_port, prompt, max_tokens)
+        out = _http_once(http_port, prompt, max_tokens, key)
         print(out["choices"][0]["text"])
         print(json.dumps({"usage": out.get("usage"), "hsd": out.get("hsd")}), flush=True)
     except Exception as exc:  # noqa: BLE001 - reported as a failure of the run
         print(f"hsd-serve: HTTP request failed: {exc}", file=sys.stderr)
         rc = 1
-    _print_metrics_excerpt(http_port, expect=2 if grpc_port else 1)
+    _print_metrics_excerpt(http_port, expect=2 if grpc_port else 1, key=key)
     return rc
 
 
@@ -194,17 +247,20 @@ def _export_port(ray) -> str:
         return "?"
 
 
-def _print_metrics_excerpt(http_port: int, expect: int = 1, wait_s: float = 40.0) -> None:
+def _print_metrics_excerpt(http_port: int, expect: int = 1, wait_s: float = 40.0,
+                           key: Optional[str] = None) -> None:
     """Print the ``ray_hsd_*`` counters from ``/metrics`` once Ray has exported the requests
     just made (Ray exports every ~10 s)."""
     from hsd_serve.metrics import parse_scrape, total
+    from hsd_serve.serve.security import auth_header
 
     url = f"http://127.0.0.1:{http_port}/metrics"
     deadline = time.time() + wait_s
     text = ""
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=auth_header(key)),
+                                        timeout=10) as resp:
                 text = resp.read().decode("utf-8")
             if total(parse_scrape(text), "ray_hsd_requests_total") >= expect:
                 break

@@ -264,19 +264,24 @@ class LeasedDrafter(LeasedPort):
     """DrafterPort whose failures the coordinator turns into target-only rounds; the next
     ``open`` (the coordinator re-opens after its retry interval) leases a replica again.
 
-    Leasing runs as a background task: the first ``open`` of a request waits for it (within the
-    coordinator's ``draft_timeout_s``), later ones do not — while no drafter replica can be
-    leased (it died and Serve is replacing it, or every drafter is saturated) each retry fails at
-    once and the rounds go on target-only without stalling.  While the coordinator's last drafter
-    lease attempt failed (``availability.unavailable``, shared by its requests), new requests do
-    not wait for their first lease either."""
+    Leasing runs as a background task: the first ``open`` of a request waits for it at most
+    ``first_wait_s`` (a warm replica answers in milliseconds), later ones do not — while no
+    drafter replica can be leased (the deployment scaled to zero and Serve is starting one, a
+    replica died and is being replaced, or every drafter is saturated) each retry fails at once
+    and the rounds go on target-only without stalling; the lease goes on in the background (its
+    queued call is what makes Serve scale the drafters up) and the first retry after it arrives
+    drafts again.  While the coordinator's last drafter lease attempt failed
+    (``availability.unavailable``, shared by its requests), new requests do not wait for their
+    first lease at all."""
 
     def __init__(self, handle, rid: str, make_port: Callable[[Any], Any], *,
                  channels: Channels, lease_timeout_s: float, caller=None,
-                 availability: Optional[DrafterAvailability] = None):
+                 availability: Optional[DrafterAvailability] = None,
+                 first_wait_s: Optional[float] = None):
         super().__init__(handle, rid, make_port, channels=channels,
                          lease_timeout_s=lease_timeout_s, caller=caller)
         self.availability = availability if availability is not None else DrafterAvailability()
+        self.first_wait_s = first_wait_s  # None: as long as the caller waits
         self._connecting: Optional[asyncio.Task] = None
         self._failed_once = self.availability.unavailable
 
@@ -295,7 +300,11 @@ class LeasedDrafter(LeasedPort):
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
         if self._failed_once and not task.done():
             raise ConnectionError("no drafter replica leased yet")
-        await asyncio.shield(task)  # a timeout here cancels this wait, not the lease
+        try:  # a timeout here ends this wait, not the lease
+            await asyncio.wait_for(asyncio.shield(task), self.first_wait_s)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"no drafter replica leased yet (waited "
+                                  f"{self.first_wait_s:g}s; leasing goes on)") from None
 
     async def _call(self, name, *args, **kwargs):
         try:

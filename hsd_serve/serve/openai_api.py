@@ -10,6 +10,10 @@ Endpoints (see DESIGN.md section 6)
   (``max_completion_tokens`` is accepted as a synonym of ``max_tokens``).
 * ``GET /v1/models``, ``GET /health``.
 
+API keys (``api_keys``, ``security.ApiKeys``): when on, every endpoint but ``/health`` needs
+``Authorization: Bearer <key>``; otherwise 401 with ``WWW-Authenticate: Bearer`` and the OpenAI
+error body (``"code": "invalid_api_key"``), checked before the body is read.
+
 Responses have the OpenAI shapes (``id``, ``object``, ``created``, ``model``, ``choices``,
 ``usage``) plus an ``hsd`` block with the request's speculative-decoding statistics.  With
 ``stream=true`` the answer is ``text/event-stream``: one ``data: {chunk}`` per engine chunk that
@@ -63,9 +67,9 @@ the KV caches on both workers) always runs.  Between streamed chunks the handler
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -80,6 +84,7 @@ from hsd_serve.serve.openai_models import (ChatCompletionBody, CompletionBody, f
 from hsd_serve.serve.openai_requests import (chat_messages, chat_request, chat_request_checks,
                                              completion_request)
 from hsd_serve.serve.openai_stream import HSD_STAT_KEYS, Shape, answer
+from hsd_serve.serve.security import ApiKeys
 
 __all__ = [
     "GenerationBackend",
@@ -97,13 +102,18 @@ __all__ = [
 
 
 def build_openai_app(backend: GenerationBackend, *, limits: Optional[RequestLimits] = None,
-                     unavailable_exceptions: tuple[type[BaseException], ...] = ()) -> FastAPI:
+                     unavailable_exceptions: tuple[type[BaseException], ...] = (),
+                     api_keys: Optional[ApiKeys] = None,
+                     on_unauthenticated: Optional[Callable[[], None]] = None) -> FastAPI:
     """The FastAPI application serving the OpenAI-compatible API over ``backend``.
 
     ``limits``: what requests may ask for and the defaults (``None``: ``service_limits()``).
     ``unavailable_exceptions``: exception types (raised by the backend) answered with 503, e.g. an
     admission-control rejection; ``TimeoutError`` (``asyncio.TimeoutError``) and Ray Serve's
     ``BackPressureError`` and ``DeploymentUnavailableError`` are 503 without being listed.
+    ``api_keys``: the keys every endpoint but ``/health`` asks for (``None`` or disabled: open);
+    ``app.state.key_guard`` is the FastAPI dependency that checks them, for routes added later;
+    ``on_unauthenticated`` is called for every call it refuses (e.g. to count them).
     """
     limits = service_limits() if limits is None else limits
     app = FastAPI(title="hsd-serve", summary="OpenAI-compatible lossless speculative decoding")
@@ -113,11 +123,33 @@ def build_openai_app(backend: GenerationBackend, *, limits: Optional[RequestLimi
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(ApiError, _on_api_error)
     routes = _Routes(backend, limits, tuple(unavailable_exceptions))
-    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    guard = app.state.key_guard = key_guard(api_keys, on_unauthenticated)
+    keyed = [Depends(guard)] if guard is not None else None
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"],
+                      dependencies=keyed)
+    app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=keyed)
     app.add_api_route("/health", routes.health, methods=["GET"])
     return app
+
+
+def key_guard(api_keys: Optional[ApiKeys], on_denied: Optional[Callable[[], None]] = None):
+    """A FastAPI dependency that answers 401 unless the request carries a valid key (``None``
+    when keys are off); ``on_denied`` is called for each refusal."""
+    if api_keys is None or not api_keys.enabled:
+        return None
+
+    async def guard(request: Request) -> None:
+        value = request.headers.get("authorization")
+        if not api_keys.verify_authorization(value):
+            if on_denied is not None:
+                on_denied()
+            what = "invalid API key" if value else "missing API key"
+            raise ApiError(401, f"{what}: send 'Authorization: Bearer <key>'", None,
+                           "invalid_request_error", {"WWW-Authenticate": "Bearer"},
+                           code="invalid_api_key")
+
+    return guard
 
 
 async def _on_validation(_: Request, exc: RequestValidationError) -> Response:

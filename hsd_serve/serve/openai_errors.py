@@ -19,17 +19,19 @@ class ApiError(Exception):
     """An error answer: HTTP status, message, the offending field (``param``) and error type."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 type_: str = "invalid_request_error", headers: Optional[dict] = None):
+                 type_: str = "invalid_request_error", headers: Optional[dict] = None,
+                 code: Optional[str] = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.type = type_
         self.headers = headers
+        self.code = code
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": None}}
+                          "code": self.code}}
 
     def response(self) -> Response:
         return json_response(self.body(), self.status, headers=self.headers)

@@ -56,14 +56,17 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served(target_model, drafter_model, **drafter_kw):
+async def served(target_model, drafter_model, security=None, **drafter_kw):
     """Drafter and target workers behind their own grpc.aio servers, and a coordinator built
-    like ``engine.local.Engine`` builds one, but over gRPC ports."""
+    like ``engine.local.Engine`` builds one, but over gRPC ports (``security``: the data plane's
+    token and TLS, on both ends)."""
     tw = TargetWorker(target_model)
     dw = DrafterWorker(drafter_model, target_model.vocab, **drafter_kw)
-    tserver, tport = await start_dataplane_server("target", tw, host="127.0.0.1")
-    dserver, dport = await start_dataplane_server("drafter", dw, host="127.0.0.1")
-    pool = ChannelPool()
+    tserver, tport = await start_dataplane_server("target", tw, host="127.0.0.1",
+                                                  security=security)
+    dserver, dport = await start_dataplane_server("drafter", dw, host="127.0.0.1",
+                                                  security=security)
+    pool = ChannelPool(security=security)
     width = target_model.vocab.size
     t_addr, d_addr = f"127.0.0.1:{tport}", f"127.0.0.1:{dport}"
     coord = Coordinator(GrpcTarget(t_addr, pool=pool),

@@ -1,9 +1,13 @@
 """Offline checks of k8s/: every manifest parses; core kinds validate against the Kubernetes API
 schemas (kubernetes-validate, strict); the RayService and the PodMonitor validate against their
 CRDs' OpenAPI schemas (tests/data/k8s, jsonschema), with the RayService's pod templates checked
-as core PodTemplates; the embedded serve config is serve_config.yaml plus the GPU overrides;
-placement, Services and the PodMonitor point at what exists.  Each check also fails on a
-deliberately broken copy.  No cluster, no kubectl."""
+as core PodTemplates; the embedded serve config is serve_config.yaml plus sync.py's overrides;
+placement, Services and the PodMonitor point at what exists; the API keys Secret is mounted on
+every Ray pod where the serve config looks for it and holds no usable key in git; the
+NetworkPolicies select the Ray pods and let in what must get in; kustomization lists every
+manifest but the Secret template, and generates that Secret from the git-ignored k8s/api-keys
+under the name the pods mount.  Each check also fails on a deliberately broken copy.  No
+cluster, no kubectl."""
 
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ K8S = ROOT / "k8s"
 DATA = ROOT / "tests" / "data" / "k8s"
 KUBE_VERSION = "1.33"  # Kubernetes API schemas used for core kinds
 CRDS = ("ray.io_rayservices.subset.yaml", "monitoring.coreos.com_podmonitors.subset.yaml")
+KEYS_VOLUME = "hsd-api-keys"  # the API keys Secret's volume on every Ray pod
+# Templates that kustomization must NOT list: applied, their keyless placeholder would replace
+# the real Secret.  Still validated like the manifests.
+TEMPLATES = {"secret.yaml": "its keyless placeholder would overwrite the real hsd-api-keys"}
+KEYS_SECRET = "hsd-api-keys"  # what kustomization's secretGenerator makes
+KEYS_FILE = "k8s/api-keys"  # the generator's source, created by the operator, git-ignored
 
 
 def _load_sync():
@@ -121,7 +131,7 @@ def manifest_errors(doc: Any) -> list[str]:
 
 
 def serve_config_errors(doc: dict, serve_config: dict) -> list[str]:
-    """The RayService's serveConfigV2 is serve_config.yaml + GPU_OVERRIDES, and valid."""
+    """The RayService's serveConfigV2 is serve_config.yaml + sync.py's overrides, and valid."""
     from ray.serve.schema import ServeDeploySchema
 
     from hsd_serve.serve.config import load_config
@@ -133,7 +143,7 @@ def serve_config_errors(doc: dict, serve_config: dict) -> list[str]:
     errors = []
     want = sync.gpu_serve_config(serve_config)
     if embedded != want:
-        errors.append("serveConfigV2 differs from serve_config.yaml + GPU_OVERRIDES at "
+        errors.append("serveConfigV2 differs from serve_config.yaml + the overrides of sync.py at "
                       f"{sorted(_diff_paths(embedded, want))}; run `python k8s/sync.py`")
     try:
         ServeDeploySchema.parse_obj(embedded)
@@ -231,6 +241,173 @@ def selector_errors(docs: list[dict]) -> list[str]:
     return errors
 
 
+def _labels(template: dict) -> dict:
+    return (template.get("metadata") or {}).get("labels") or {}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A label selector (matchLabels only; matchExpressions is not used here) matches labels."""
+    return "matchExpressions" not in selector and \
+        (selector.get("matchLabels") or {}).items() <= labels.items()
+
+
+def security_errors(docs: list[dict]) -> list[str]:
+    """HTTP listens beyond loopback; every Ray pod mounts the API keys Secret read-only at
+    sync.API_KEYS_MOUNT, readable by the ray user; security.api_keys_file is a file of that
+    mount; the Secret exists, has the key the volume names, and holds no usable key in git."""
+    from hsd_serve.serve.security import parse_keys
+
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    cfg = sync.embedded_serve_config(rs)
+    errors = []
+    host = (cfg.get("http_options") or {}).get("host")
+    if host != "0.0.0.0":
+        errors.append(f"serveConfigV2 http_options.host is {host!r}: the Services cannot reach "
+                      "the proxies; want 0.0.0.0")
+    keys_file = (_app_args(cfg).get("security") or {}).get("api_keys_file")
+    if not keys_file:
+        errors.append("serveConfigV2: security.api_keys_file is unset (the APIs are open)")
+    for name, secret in secrets.items():
+        for key, value in (secret.get("stringData") or {}).items():
+            if parse_keys(value, f"Secret/{name} {key}"):
+                errors.append(f"Secret/{name}: {key} holds a usable key; keep real keys out of "
+                              "git and the placeholder a comment")
+        if secret.get("data"):
+            errors.append(f"Secret/{name}: data in git; keep real keys out of it")
+    for where, t in pod_templates(rs):
+        spec = t["spec"]
+        vol = next((v for v in spec.get("volumes") or [] if v.get("name") == KEYS_VOLUME), {})
+        src = vol.get("secret")
+        if not src:
+            errors.append(f"{where}: no volume {KEYS_VOLUME} from a Secret")
+            continue
+        name = src.get("secretName")
+        if name not in secrets:
+            errors.append(f"{where}: volume {KEYS_VOLUME} refers to Secret {name}, which k8s/ "
+                          "does not define")
+            continue
+        data = {**(secrets[name].get("data") or {}), **(secrets[name].get("stringData") or {})}
+        items = src.get("items") or [{"key": k, "path": k} for k in data]
+        errors += [f"{where}: Secret/{name} has no key {it.get('key')}"
+                   for it in items if it.get("key") not in data]
+        fs_group = (spec.get("securityContext") or {}).get("fsGroup")
+        for it in items:
+            mode = it.get("mode", src.get("defaultMode", 0o644))
+            if not (mode & 0o004 or (mode & 0o040 and fs_group is not None)):
+                errors.append(f"{where}: {KEYS_VOLUME} file mode {mode:o} (fsGroup {fs_group}): "
+                              "the ray user cannot read it")
+        files = {it.get("path") for it in items if it.get("key") in data}
+        for c in spec["containers"]:
+            mount = next((m for m in c.get("volumeMounts") or [] if m["name"] == KEYS_VOLUME),
+                         None)
+            if mount is None:
+                errors.append(f"{where} container {c['name']}: does not mount {KEYS_VOLUME}")
+                continue
+            if mount.get("mountPath") != sync.API_KEYS_MOUNT:
+                errors.append(f"{where} container {c['name']}: {KEYS_VOLUME} mounted at "
+                              f"{mount.get('mountPath')}, want {sync.API_KEYS_MOUNT}")
+            if not mount.get("readOnly"):
+                errors.append(f"{where} container {c['name']}: {KEYS_VOLUME} mounted writable")
+            if mount.get("subPath") or mount.get("subPathExpr"):
+                errors.append(f"{where} container {c['name']}: {KEYS_VOLUME} mounted by subPath "
+                              "(Kubernetes would not update the keys)")
+            paths = {f"{mount.get('mountPath', '').rstrip('/')}/{f}" for f in files}
+            if keys_file and keys_file not in paths:
+                errors.append(f"{where} container {c['name']}: security.api_keys_file "
+                              f"{keys_file} is none of the {KEYS_VOLUME} files {sorted(paths)}")
+    return errors
+
+
+def _port_allowed(rule: dict, number: int, name: str | None) -> bool:
+    ports = rule.get("ports") or []
+    if not ports:
+        return True
+    for p in ports:
+        if p.get("protocol", "TCP") != "TCP":
+            continue
+        port = p.get("port")
+        if port is None or port == number or (name is not None and port == name) or \
+                (isinstance(port, int) and isinstance(number, int) and
+                 port <= number <= p.get("endPort", port)):
+            return True
+    return False
+
+
+def networkpolicy_errors(docs: list[dict]) -> list[str]:
+    """The NetworkPolicies select Ray pods and, on each Ray pod, allow every port from the pods
+    of the same Ray cluster, the Services' ports from anywhere, the PodMonitor's port from a
+    namespace (Prometheus'), and the head's dashboard to the KubeRay operator."""
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    templates = pod_templates(rs)
+    pols = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    if not pols:
+        return ["no NetworkPolicy"]
+    errors = []
+    for pol in pols:
+        what = f"NetworkPolicy/{pol['metadata']['name']}"
+        if not any(_selects(pol["spec"]["podSelector"], _labels(t)) for _, t in templates):
+            errors.append(f"{what}: podSelector {pol['spec']['podSelector']} selects no Ray pod")
+        if "Ingress" not in (pol["spec"].get("policyTypes") or ["Ingress"]):
+            errors.append(f"{what}: policyTypes without Ingress")
+
+    def same_cluster(peer: dict) -> bool:  # this namespace, and every Ray pod
+        return set(peer) == {"podSelector"} and \
+            all(_selects(peer["podSelector"], _labels(t)) for _, t in templates)
+
+    common = set.intersection(*[set(_labels(t).items()) for _, t in templates])
+
+    def within_cluster(peer: dict) -> bool:  # this namespace, only pods with the Ray pods' label
+        return set(peer) == {"podSelector"} and bool(
+            common & set((peer["podSelector"].get("matchLabels") or {}).items()))
+
+    service_ports = []  # (Service selector, targetPort)
+    for d in docs:
+        if d["kind"] == "Service":
+            service_ports += [(d["spec"].get("selector") or {}, p.get("targetPort", p["port"]))
+                              for p in d["spec"]["ports"]]
+    monitor_ports = [ep.get("port") for d in docs if d["kind"] == "PodMonitor"
+                     for ep in d["spec"].get("podMetricsEndpoints", [])]
+    for where, t in templates:
+        rules = [r for pol in pols if _selects(pol["spec"]["podSelector"], _labels(t))
+                 for r in pol["spec"].get("ingress") or []]
+        if not rules:
+            errors.append(f"{where}: no NetworkPolicy selects it")
+            continue
+        cports = {p["name"]: p["containerPort"] for c in t["spec"]["containers"]
+                  for p in c.get("ports", []) if "name" in p}
+        numbers = {v: k for k, v in cports.items()}
+
+        def allowed(port, peer_ok) -> bool:
+            number = cports.get(port, port)
+            return any(_port_allowed(r, number, numbers.get(number)) and
+                       (peer_ok(r.get("from") or []))
+                       for r in rules)
+
+        if not any(not r.get("ports") and any(same_cluster(p) for p in r.get("from") or [])
+                   for r in rules):
+            errors.append(f"{where}: NetworkPolicy does not allow every port from the pods of "
+                          "its own Ray cluster (Ray's ports, the data plane)")
+        if any(not r.get("ports") and not all(within_cluster(p) for p in r.get("from") or [{}])
+               for r in rules):
+            errors.append(f"{where}: NetworkPolicy opens every port (Ray's, the data plane) "
+                          "beyond the pods of its own Ray cluster")
+        labels = {**_labels(t), "ray.io/serve": "true"}
+        for sel, port in service_ports:
+            if sel.items() <= labels.items() and not allowed(port, lambda peers: not peers):
+                errors.append(f"{where}: NetworkPolicy blocks client port {port} "
+                              f"({cports.get(port, port)})")
+        for port in monitor_ports:
+            if not allowed(port, lambda peers: not peers or
+                           any("namespaceSelector" in p for p in peers)):
+                errors.append(f"{where}: NetworkPolicy keeps Prometheus from port {port}")
+        if where == "headGroupSpec" and "dashboard" in cports and \
+                not allowed("dashboard", lambda peers: not peers or
+                            any("namespaceSelector" in p for p in peers)):
+            errors.append(f"{where}: NetworkPolicy keeps the KubeRay operator from the dashboard")
+    return errors
+
+
 def dashboard_errors(dash: dict) -> list[str]:
     errors = []
     panels = dash.get("panels") or []
@@ -260,9 +437,64 @@ def dashboard_errors(dash: dict) -> list[str]:
     return errors
 
 
+def _generator_keys(gen: dict) -> dict[str, str]:
+    """{key: source file} of a kustomize generator's ``files`` (``key=path`` or ``path``)."""
+    out = {}
+    for f in gen.get("files") or []:
+        key, _, src = f.partition("=") if "=" in f else (f.rsplit("/", 1)[-1], "", f)
+        out[key] = src
+    return out
+
+
+def secret_generator_errors(k: dict, rs: dict) -> list[str]:
+    """kustomization generates the API keys Secret from a file (so `kubectl apply -k` fails
+    without it and never applies a placeholder) under a fixed name, the one every Ray pod's
+    keys volume refers to, with every key the volumes take."""
+    gens = [g for g in k.get("secretGenerator") or [] if g.get("name") == KEYS_SECRET]
+    if len(gens) != 1:
+        return [f"kustomization.yaml: want one secretGenerator {KEYS_SECRET}, found {len(gens)}"]
+    gen, errors = gens[0], []
+    keys = _generator_keys(gen)
+    if (gen.get("type") or "Opaque") != "Opaque":
+        errors.append(f"kustomization.yaml: secretGenerator {KEYS_SECRET} type {gen['type']}, "
+                      "want Opaque")
+    if gen.get("literals") or gen.get("envs") or gen.get("env"):
+        errors.append(f"kustomization.yaml: secretGenerator {KEYS_SECRET} takes keys from "
+                      "literals or env files (keys in git); use files only")
+    if keys != {"keys": KEYS_FILE.split("/", 1)[1]}:
+        errors.append(f"kustomization.yaml: secretGenerator {KEYS_SECRET} files {keys}, want "
+                      f"key keys from {KEYS_FILE.split('/', 1)[1]}")
+    if (gen.get("options") or {}).get("disableNameSuffixHash") is not True:
+        errors.append(f"kustomization.yaml: secretGenerator {KEYS_SECRET} without "
+                      "options.disableNameSuffixHash: true (the RayService names it as is)")
+    for where, t in pod_templates(rs):
+        vol = next((v for v in t["spec"].get("volumes") or [] if v.get("name") == KEYS_VOLUME),
+                   {})
+        src = vol.get("secret") or {}
+        if src.get("secretName") != gen.get("name"):
+            errors.append(f"{where}: volume {KEYS_VOLUME} refers to Secret "
+                          f"{src.get('secretName')}, not the generated {gen.get('name')}")
+        errors += [f"{where}: volume {KEYS_VOLUME} takes key {it.get('key')}, which "
+                   f"secretGenerator {KEYS_SECRET} does not make"
+                   for it in src.get("items") or [] if it.get("key") not in keys]
+    return errors
+
+
+def gitignore_errors(gitignore_text: str) -> list[str]:
+    """The generator's source of real keys is git-ignored."""
+    lines = {ln.strip() for ln in gitignore_text.splitlines()}
+    if not {KEYS_FILE, "/" + KEYS_FILE} & lines:
+        return [f".gitignore does not list {KEYS_FILE} (real keys would end up in git)"]
+    return []
+
+
+def _is_object(doc: Any) -> bool:
+    return isinstance(doc, dict) and {"apiVersion", "kind"} <= set(doc)
+
+
 def all_errors(files: dict[str, str], serve_config_text: str) -> list[str]:
     """Every check over the k8s/ file contents (name -> text); empty when all pass."""
-    errors, docs = [], []
+    errors, docs, parsed = [], [], {}
     for name, text in sorted(files.items()):
         if name.endswith(".json"):
             try:
@@ -271,17 +503,23 @@ def all_errors(files: dict[str, str], serve_config_text: str) -> list[str]:
                 errors.append(f"{name}: does not parse: {exc}")
             continue
         try:
-            loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+            parsed[name] = [d for d in yaml.safe_load_all(text) if d is not None]
         except yaml.YAMLError as exc:
             errors.append(f"{name}: does not parse: {str(exc).splitlines()[0]}")
-            continue
-        if name == "kustomization.yaml":
-            k = loaded[0]
-            listed = list(k.get("resources", [])) + [f for g in k.get("configMapGenerator", [])
-                                                      for f in g.get("files", [])]
-            errors += [f"{name}: lists missing {f}" for f in listed if f not in files]
-            errors += [f"{name}: does not list {f}" for f in files
-                       if f.endswith(".yaml") and f != name and f not in listed]
+    k = (parsed.pop("kustomization.yaml", None) or [{}])[0]
+    listed = list(k.get("resources", [])) + [f for g in k.get("configMapGenerator", [])
+                                              for f in g.get("files", [])]
+    errors += [f"kustomization.yaml: lists missing {f}" for f in listed if f not in files]
+    errors += [f"kustomization.yaml: lists {f}, a template: {why}"
+               for f, why in TEMPLATES.items() if f in listed]
+    for name, loaded in parsed.items():
+        # a file of Kubernetes objects is a manifest: kustomization must apply it (templates
+        # excepted, checked all the same); any other YAML (a patch, values) is not checked here
+        # unless kustomization lists it as a resource
+        if name not in listed and name not in TEMPLATES and any(_is_object(d) for d in loaded):
+            errors.append(f"kustomization.yaml: does not list {name}")
+        if name not in listed and name not in TEMPLATES and \
+                not any(_is_object(d) for d in loaded):
             continue
         for d in loaded:
             errors += [f"{name}: {e}" for e in manifest_errors(d)]
@@ -292,9 +530,12 @@ def all_errors(files: dict[str, str], serve_config_text: str) -> list[str]:
     if len(rs) != 1:
         return [f"want one RayService, found {len(rs)}"]
     errors += serve_config_errors(rs[0], yaml.safe_load(serve_config_text))
+    errors += secret_generator_errors(k, rs[0])
     errors += placement_errors(rs[0])
     errors += selector_errors(docs)
-    for kind in ("Service", "PodMonitor"):
+    errors += security_errors(docs)
+    errors += networkpolicy_errors(docs)
+    for kind in ("Service", "PodMonitor", "Secret"):
         if not any(d["kind"] == kind for d in docs):
             errors.append(f"no {kind}")
     ports = {p["port"] for d in docs if d["kind"] == "Service" for p in d["spec"]["ports"]}
@@ -305,10 +546,11 @@ def all_errors(files: dict[str, str], serve_config_text: str) -> list[str]:
 
 def _files() -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(K8S.iterdir())
-            if p.suffix in (".yaml", ".json")}
+            if p.suffix in (".yaml", ".yml", ".json")}
 
 
 SERVE_CONFIG_TEXT = (ROOT / "serve_config.yaml").read_text()
+GITIGNORE_TEXT = (ROOT / ".gitignore").read_text()
 
 
 # ------------------------------------------------------------------ the real manifests
@@ -317,8 +559,14 @@ SERVE_CONFIG_TEXT = (ROOT / "serve_config.yaml").read_text()
 def test_k8s_manifests_pass_every_check():
     files = _files()
     assert {"rayservice.yaml", "services.yaml", "podmonitor.yaml", "grafana-dashboard.json",
-            "kustomization.yaml"} <= set(files)
+            "kustomization.yaml", "secret.yaml", "networkpolicy.yaml"} <= set(files)
     assert all_errors(files, SERVE_CONFIG_TEXT) == []
+
+
+def test_the_keys_file_is_git_ignored():
+    assert gitignore_errors(GITIGNORE_TEXT) == []
+    broken = "\n".join(ln for ln in GITIGNORE_TEXT.splitlines() if ln.strip() != KEYS_FILE)
+    assert any(KEYS_FILE in e for e in gitignore_errors(broken))
 
 
 def test_sync_script_reports_no_drift(capsys):
@@ -326,7 +574,7 @@ def test_sync_script_reports_no_drift(capsys):
     assert "matches" in capsys.readouterr().out
 
 
-def test_gpu_overrides_are_the_only_differences():
+def test_the_overrides_are_the_only_differences():
     rs = yaml.safe_load((K8S / "rayservice.yaml").read_text())
     embedded = sync.embedded_serve_config(rs)
     base = yaml.safe_load(SERVE_CONFIG_TEXT)
@@ -335,8 +583,11 @@ def test_gpu_overrides_are_the_only_differences():
                if a["import_path"] == sync.APP_IMPORT_PATH)
     allowed = {f".applications[{app}].args.{k}.{f}" for k, v in sync.GPU_OVERRIDES.items()
                for f in v}
+    allowed |= {f".{k}.{f}" for k, v in sync.TOP_LEVEL_OVERRIDES.items() for f in v}
     assert diff and diff <= allowed | {p for p in diff for a in allowed if p.startswith(a + ".")}
     args = _app_args(embedded)
+    assert embedded["http_options"]["host"] == "0.0.0.0"
+    assert args["security"]["api_keys_file"] == sync.API_KEYS_FILE
     assert args["target"]["device"] == args["drafter"]["device"] == "cuda"
     assert args["target"]["dtype"] == args["drafter"]["dtype"] == "bfloat16"
     assert args["target_deployment"]["resources"] == {"target_node": 1}
@@ -396,6 +647,71 @@ def _swap_group_resources(d):
     a["rayStartParams"]["resources"], b["rayStartParams"]["resources"] = \
         b["rayStartParams"]["resources"], a["rayStartParams"]["resources"]
     a["rayStartParams"]["resources"] = '"{}"'
+
+
+def _set_security(d, **kw):
+    cfg = yaml.safe_load(d["spec"]["serveConfigV2"])
+    _app_args(cfg)["security"].update(kw)
+    d["spec"]["serveConfigV2"] = yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _set_http_host(d, host):
+    cfg = yaml.safe_load(d["spec"]["serveConfigV2"])
+    cfg["http_options"]["host"] = host
+    d["spec"]["serveConfigV2"] = yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _template(d, group=None):
+    c = _cluster(d)
+    return c["headGroupSpec"]["template"] if group is None else \
+        next(g for g in c["workerGroupSpecs"] if g["groupName"] == group)["template"]
+
+
+def _keys_volume(d, group=None):
+    return next(v for v in _template(d, group)["spec"]["volumes"] if v["name"] == KEYS_VOLUME)
+
+
+def _drop_keys_mount(d, group=None):
+    c = _template(d, group)["spec"]["containers"][0]
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != KEYS_VOLUME]
+
+
+def _drop_keys_volume(d, group):
+    spec = _template(d, group)["spec"]
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] != KEYS_VOLUME]
+
+
+def _keys_mount(d, group=None):
+    c = _template(d, group)["spec"]["containers"][0]
+    return next(m for m in c["volumeMounts"] if m["name"] == KEYS_VOLUME)
+
+
+def _netpol(name, fn):
+    def edit(docs):
+        fn(next(d for d in docs if d["metadata"]["name"] == name)["spec"])
+    return _yaml_edit("networkpolicy.yaml", edit)
+
+
+def _drop_port(spec, port):
+    for r in spec["ingress"]:
+        if r.get("ports"):
+            r["ports"] = [p for p in r["ports"] if p.get("port") != port] or \
+                [{"protocol": "UDP", "port": 53}]
+
+
+def _with_secret_template(name, edit):
+    """edit, with a second Secret template named name (so only the generator check fails)."""
+    def apply(files: dict) -> dict:
+        extra = files["secret.yaml"].split("\napiVersion:", 1)[1].replace(
+            "name: hsd-api-keys", f"name: {name}")
+        return edit({**files, "secret.yaml": f"{files['secret.yaml']}---\napiVersion:{extra}"})
+    return apply
+
+
+def _take_key(d, key):
+    for _, t in pod_templates(d):
+        vol = next(v for v in t["spec"]["volumes"] if v["name"] == KEYS_VOLUME)
+        vol["secret"]["items"][0]["key"] = key
 
 
 BROKEN = {
@@ -458,6 +774,134 @@ BROKEN = {
         lambda f: {**f, "grafana-dashboard.json": f["grafana-dashboard.json"].replace(
             "Fallbacks to target-only", "Other")},
         "fallback"),
+    # ---- API keys: the Secret, its mounts, the serve config
+    "HTTP on loopback in the pods": (_rs(lambda d: _set_http_host(d, "127.0.0.1")),
+                                     "http_options.host is '127.0.0.1'"),
+    "keys file outside the mount": (
+        _rs(lambda d: _set_security(d, api_keys_file="/etc/hsd/keys")),
+        "security.api_keys_file /etc/hsd/keys is none of"),
+    "no keys file": (_rs(lambda d: _set_security(d, api_keys_file=None)),
+                     "api_keys_file is unset"),
+    "head without the keys mount": (_rs(_drop_keys_mount), "does not mount hsd-api-keys"),
+    "worker group without the keys volume": (
+        _rs(lambda d: _drop_keys_volume(d, "drafter-gpu")),
+        "workerGroupSpecs[drafter-gpu]: no volume hsd-api-keys"),
+    "keys mounted elsewhere": (
+        _rs(lambda d: _keys_mount(d, "target-gpu").update(mountPath="/keys")),
+        "mounted at /keys"),
+    "keys mounted writable": (_rs(lambda d: _keys_mount(d).pop("readOnly")), "mounted writable"),
+    "keys mounted by subPath": (
+        _rs(lambda d: _keys_mount(d).update(subPath="keys")), "subPath"),
+    "keys unreadable by ray": (
+        _rs(lambda d: _keys_volume(d)["secret"].update(defaultMode=0o400)),
+        "the ray user cannot read it"),
+    "keys volume names another Secret": (
+        _rs(lambda d: _keys_volume(d, "target-gpu")["secret"].update(secretName="api-keys")),
+        "refers to Secret api-keys"),
+    "Secret without the key": (
+        _yaml_edit("secret.yaml", lambda docs: docs[0].update(
+            stringData={"api-keys": docs[0]["stringData"]["keys"]})),
+        "has no key keys"),
+    "Secret in git holds a key": (
+        _yaml_edit("secret.yaml", lambda docs: docs[0]["stringData"].update(
+            keys="replace-me-with-a-long-random-key\n")),
+        "holds a usable key"),
+    "Secret in git with data": (
+        _yaml_edit("secret.yaml", lambda docs: docs[0].update(data={"old": "a2V5"})),
+        "data in git"),
+    "Secret with an unknown field": (
+        _yaml_edit("secret.yaml", lambda docs: docs[0].update(stringdata={})),
+        "Secret/hsd-api-keys"),
+    "no Secret template": (
+        lambda f: {k: v for k, v in f.items() if k != "secret.yaml"},
+        "which k8s/ does not define"),
+    # ---- NetworkPolicy
+    "NetworkPolicy with an unknown field": (
+        _netpol("hsd-ray", lambda spec: spec["ingress"][0].update(frm=[])),
+        "NetworkPolicy/hsd-ray"),
+    "NetworkPolicy port not a port": (
+        _netpol("hsd-head", lambda spec: spec["ingress"][0]["ports"][0].update(port=[8000])),
+        "NetworkPolicy/hsd-head"),
+    "NetworkPolicy for egress only": (
+        _netpol("hsd-ray", lambda spec: spec.update(policyTypes=["Egress"])),
+        "policyTypes without Ingress"),
+    "NetworkPolicy selects other pods": (
+        _netpol("hsd-ray", lambda spec: spec["podSelector"]["matchLabels"].update(
+            {"app.kubernetes.io/name": "hsd"})),
+        "selects no Ray pod"),
+    "NetworkPolicy without the same-cluster rule": (
+        _netpol("hsd-ray", lambda spec: spec["ingress"].pop(0)), "its own Ray cluster"),
+    "NetworkPolicy same-cluster rule for one group": (
+        _netpol("hsd-ray", lambda spec: spec["ingress"][0]["from"][0]["podSelector"][
+            "matchLabels"].update({"app.kubernetes.io/component": "head"})),
+        "its own Ray cluster"),
+    "NetworkPolicy opens every port to everyone": (
+        _netpol("hsd-head", lambda spec: spec["ingress"].append({})), "opens every port"),
+    "NetworkPolicy opens every port to a namespace": (
+        _netpol("hsd-ray", lambda spec: spec["ingress"][1].pop("ports")), "opens every port"),
+    "NetworkPolicy closes gRPC": (_netpol("hsd-head", lambda spec: _drop_port(spec, 9000)),
+                                  "client port grpc (9000)"),
+    "NetworkPolicy closes HTTP to outsiders": (
+        _netpol("hsd-head", lambda spec: spec["ingress"][0].update(
+            {"from": [{"podSelector": {}}]})),
+        "client port serve (8000)"),
+    "NetworkPolicy keeps Prometheus out": (
+        _netpol("hsd-ray", lambda spec: _drop_port(spec, 8080)), "Prometheus"),
+    "NetworkPolicy keeps the operator out": (
+        _netpol("hsd-head", lambda spec: _drop_port(spec, 8265)), "KubeRay operator"),
+    "no NetworkPolicy": (
+        lambda f: {**{k: v for k, v in f.items() if k != "networkpolicy.yaml"},
+                   "kustomization.yaml": f["kustomization.yaml"].replace(
+                       "  - networkpolicy.yaml\n", "")},
+        "no NetworkPolicy"),
+    # ---- kustomization
+    "kustomization omits a manifest": (
+        lambda f: {**f, "kustomization.yaml": f["kustomization.yaml"].replace(
+            "  - networkpolicy.yaml\n", "")},
+        "does not list networkpolicy.yaml"),
+    "kustomization omits a new manifest": (
+        lambda f: {**f, "extra.yml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"},
+        "does not list extra.yml"),
+    "kustomization lists the Secret template": (
+        _yaml_edit("kustomization.yaml", lambda docs: docs[0]["resources"].insert(
+            0, "secret.yaml")),
+        "lists secret.yaml, a template"),
+    "kustomization without the Secret generator": (
+        _yaml_edit("kustomization.yaml", lambda docs: docs[0].pop("secretGenerator")),
+        "want one secretGenerator hsd-api-keys"),
+    "Secret generator under another name": (
+        _yaml_edit("kustomization.yaml", lambda docs: docs[0]["secretGenerator"][0].update(
+            name="api-keys")),
+        "want one secretGenerator hsd-api-keys"),
+    "Secret generator with another file key": (
+        _yaml_edit("kustomization.yaml", lambda docs: docs[0]["secretGenerator"][0].update(
+            files=["api-keys"])),
+        "want key keys from api-keys"),
+    "Secret generator with a literal key": (
+        _yaml_edit("kustomization.yaml", lambda docs: docs[0]["secretGenerator"][0].update(
+            literals=["keys=0123456789abcdef"])),
+        "literals or env files"),
+    "Secret generator with a hash suffix": (
+        _yaml_edit("kustomization.yaml", lambda docs: docs[0]["secretGenerator"][0][
+            "options"].pop("disableNameSuffixHash")),
+        "disableNameSuffixHash"),
+    "Secret generator of another type": (
+        _yaml_edit("kustomization.yaml", lambda docs: docs[0]["secretGenerator"][0].update(
+            type="kubernetes.io/tls")),
+        "want Opaque"),
+    "worker group mounts a Secret the generator does not make": (
+        _with_secret_template("hsd-keys", _rs(lambda d: _keys_volume(d, "drafter-gpu")[
+            "secret"].update(secretName="hsd-keys"))),
+        "workerGroupSpecs[drafter-gpu]: volume hsd-api-keys refers to Secret hsd-keys, not the "
+        "generated hsd-api-keys"),
+    "head mounts a Secret the generator does not make": (
+        _with_secret_template("hsd-keys", _rs(lambda d: _keys_volume(d)["secret"].update(
+            secretName="hsd-keys"))),
+        "headGroupSpec: volume hsd-api-keys refers to Secret hsd-keys"),
+    "keys volume takes a key the generator does not make": (
+        lambda f: _rs(lambda d: _take_key(d, "token"))(_yaml_edit(
+            "secret.yaml", lambda docs: docs[0]["stringData"].update(token="# none\n"))(f)),
+        "which secretGenerator hsd-api-keys does not make"),
     "kustomization lists a missing file": (
         lambda f: {**f, "kustomization.yaml": f["kustomization.yaml"].replace(
             "podmonitor.yaml", "servicemonitor.yaml")},
@@ -474,6 +918,11 @@ def test_a_broken_copy_fails(case):
     errors = all_errors(broken, SERVE_CONFIG_TEXT)
     assert errors, case
     assert any(expect in e for e in errors), errors
+
+
+def test_yaml_that_is_no_manifest_need_not_be_listed():
+    files = {**_files(), "patch-values.yaml": "replicas: 2\n"}
+    assert all_errors(files, SERVE_CONFIG_TEXT) == []
 
 
 def test_openapi_conversion_rules():

@@ -30,7 +30,8 @@ class BackPressureError(Exception):
 
 class FakeReplica:
     """One replica behind the handle.  ``mode``: "ok" answers its address, "fail" raises
-    ``error``, "hang" never answers, "end" ends the stream without an address."""
+    ``error``, "hang" never answers, "end" ends the stream without an address, "cold" answers
+    once ``up`` is set (a deployment scaled to zero, starting a replica)."""
 
     def __init__(self, address: str, mode: str = "ok", error: Optional[BaseException] = None):
         self.address = address
@@ -38,6 +39,7 @@ class FakeReplica:
         self.error = error
         self.calls: list[FakeLeaseCall] = []
         self.frees: list[str] = []  # a request's caches freed here (its lease ended)
+        self.up = asyncio.Event()
 
     @property
     def active(self) -> int:
@@ -61,6 +63,8 @@ class FakeLeaseCall:
             raise self.replica.error
         if mode == "hang":
             await asyncio.Event().wait()
+        if mode == "cold":
+            await self.replica.up.wait()
         if mode == "end":
             raise StopAsyncIteration
         self.open = True
@@ -402,6 +406,48 @@ def test_drafter_lease_failure_marks_the_drafter_unavailable_for_the_next_reques
         assert d3.addresses == ["c:3"] and c.active == 1
         d3.close()
         assert c.frees == [RID]
+
+    run(main())
+
+
+def test_drafter_scaled_to_zero_serves_at_once_and_drafts_once_a_replica_is_up():
+    """No drafter replica running: the first call waits ``first_wait_s`` only, then fails (the
+    round goes target-only) while the lease goes on; the next request does not wait at all; once
+    a replica is up, the retries of both requests draft on it."""
+    async def main():
+        cold = FakeReplica("a:1", "cold")
+        handle, ports, avail = FakeHandle(cold), Ports(a_1=[None, "draft"]), \
+            DrafterAvailability()
+        d = LeasedDrafter(handle, RID, ports, channels=FakeChannels(), lease_timeout_s=30.0,
+                          caller=CALLER, availability=avail, first_wait_s=0.05)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(ConnectionError, match="leasing goes on"):
+            await d.open(RID, "slem", "p", None, [1])
+        assert 0.04 <= loop.time() - t0 < 5 and avail.unavailable
+        other = LeasedDrafter(handle, "req-2", ports, channels=FakeChannels(),
+                              lease_timeout_s=30.0, caller=CALLER, availability=avail,
+                              first_wait_s=10.0)
+        t0 = loop.time()
+        with pytest.raises(ConnectionError, match="no drafter replica leased yet"):
+            await other.open("req-2", "slem", "p", None, [1])
+        assert loop.time() - t0 < 1.0  # did not wait its 10 s
+        with pytest.raises(ConnectionError):  # a retry before the replica is up: at once
+            await d.draft(RID, 4, 0)
+        for _ in range(100):  # the second lease starts in the background
+            if len(handle.calls) == 2:
+                break
+            await asyncio.sleep(0)
+        assert [c.rid for c in handle.calls] == [RID, "req-2"]  # one lease each, still asked
+        cold.up.set()  # Serve started a replica
+        await asyncio.wait_for(asyncio.shield(d._connecting), 5)
+        assert not avail.unavailable
+        await d.open(RID, "slem", "p", None, [1])
+        assert await d.draft(RID, 4, 0) == "draft" and d.addresses == ["a:1"]
+        assert cold.active == 2  # both requests hold their lease
+        d.close()
+        other.close()
+        assert sorted(cold.frees) == [RID, "req-2"]
 
     run(main())
 

@@ -88,8 +88,9 @@ class VllmTarget:
     """The target model on one vLLM engine (built by ``start``)."""
 
     def __init__(self, model_path: str, options: Optional[VllmOptions] = None, *,
-                 threads: int = 1, load_aware_lookahead: bool = True):
+                 threads: int = 1, load_aware_lookahead: bool = True, dataplane=None):
         self.model_path = model_path
+        self.dataplane = dataplane  # security.DataPlaneSecurity: how the proposer calls drafters
         self.options = options or VllmOptions()
         self.k = self.options.num_speculative_tokens
         self.threads = threads  # CPU cores for the engine when cpu_threads_bind is "auto"
@@ -128,6 +129,12 @@ class VllmTarget:
         os.environ["HSD_VLLM_SAMPLED_DRAFTS"] = "1" if self.sampled_drafts else "0"
         os.environ["HSD_VLLM_OVERLAP"] = "1" if o.overlap else "0"
         os.environ["HSD_VLLM_OVERLAP_MAX_BATCH"] = str(o.overlap_max_batch)
+        from hsd_serve.serve.security import DATAPLANE_ENV
+
+        if self.dataplane is not None:  # the drafters' token (and TLS)
+            os.environ[DATAPLANE_ENV] = self.dataplane.to_env()
+        else:
+            os.environ.pop(DATAPLANE_ENV, None)
         kwargs = dict(model=self.model_path, dtype=o.dtype, enforce_eager=o.enforce_eager,
                       max_num_seqs=o.max_num_seqs, max_model_len=o.max_model_len,
                       tensor_parallel_size=o.tensor_parallel_size,

@@ -118,7 +118,10 @@ class DraftBroker:
         self.thread = threading.Thread(target=self.loop.run_forever, name="hsd-drafts",
                                        daemon=True)
         self.thread.start()
-        self.channels = ChannelPool()
+        from hsd_serve.serve.security import DataPlaneSecurity
+
+        # the drafters demand the cluster's data-plane token (set by VllmTarget.start)
+        self.channels = ChannelPool(security=DataPlaneSecurity.from_env())
         self.sessions: dict[str, _Drafting] = {}
         # ready: steps whose draft was there when the step came (drafted during the previous
         # verification); waited: steps that waited for theirs; stale: drafted-ahead ids dropped

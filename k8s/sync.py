@@ -39,9 +39,16 @@ API_KEYS_FILE = f"{API_KEYS_MOUNT}/keys"
 #
 # GPU_OVERRIDES, on the hsd application's args: models in bfloat16 on the GPU; drafter and target
 # each on one GPU of their own KubeRay worker group (the custom resources match the groups'
-# rayStartParams.resources); their replicas autoscale (the in-tree autoscaler adds GPU nodes for
-# them); client API keys from the mounted hsd-api-keys Secret, one per line, re-read when
-# Kubernetes updates it (api_keys_env stays as in serve_config.yaml: unset on the pods).
+# rayStartParams.resources); client API keys from the mounted hsd-api-keys Secret, one per line,
+# re-read when Kubernetes updates it (api_keys_env stays as in serve_config.yaml: unset on the
+# pods).  Replica autoscaling (Serve, on ongoing requests = open leases per replica; README
+# "Autoscaling", docs/autoscaling.md): targets and drafters scale apart, 8 leases per replica,
+# up to 4 each (each worker group's maxReplicas must allow that many one-GPU pods); the target
+# keeps at least one replica and adds more after 10 s of load; drafters scale from zero at once
+# (upscale_delay_s 0: until one is up, requests run target-only) and release their GPUs after
+# 15 idle minutes (downscale_to_zero_delay_s 900), then the Ray autoscaler removes the idle
+# drafter-gpu pods.  Decisions every 2 s over a 10 s window; the pods push the counts every 2 s
+# (the RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S env vars in rayservice.yaml).
 GPU_OVERRIDES: dict[str, Any] = {
     "target": {"dtype": "bfloat16", "device": "cuda"},
     "vllm": {"dtype": "bfloat16"},  # the target's vLLM engine, on its GPU
@@ -49,12 +56,17 @@ GPU_OVERRIDES: dict[str, Any] = {
     "target_deployment": {
         "num_gpus": 1, "resources": {"target_node": 1}, "num_replicas": None,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
-                               "target_ongoing_requests": 8},
+                               "target_ongoing_requests": 8,
+                               "upscale_delay_s": 10, "downscale_delay_s": 300,
+                               "metrics_interval_s": 2, "look_back_period_s": 10},
     },
     "drafter_deployment": {
         "num_gpus": 1, "resources": {"drafter_node": 1}, "num_replicas": None,
-        "autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
-                               "target_ongoing_requests": 8},
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 4,
+                               "target_ongoing_requests": 8,
+                               "upscale_delay_s": 0, "downscale_delay_s": 120,
+                               "downscale_to_zero_delay_s": 900,
+                               "metrics_interval_s": 2, "look_back_period_s": 10},
     },
     "security": {"api_keys_file": API_KEYS_FILE},
 }

@@ -88,6 +88,11 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--duration", type=float, default=None,
                    help="seconds of load per method and concurrency (endpoint only)")
     b.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (endpoint)")
+    b.add_argument("--ramp", type=_csv(int), default=None,
+                   help="endpoint only: a load ramp, client streams per step (e.g. 1,4,16,4,1) "
+                        "of the first drafting method of --methods; writes results.json and "
+                        "ramp.png (tokens/s, acceptance, replicas per deployment over time)")
+    b.add_argument("--step-s", type=float, default=30.0, help="seconds per --ramp step")
     b.add_argument("--out", default="bench/results/latest", help="output folder")
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true")
@@ -132,6 +137,8 @@ def cmd_bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) ->
     command = "hsd-serve bench " + " ".join(shlex.quote(a) for a in (
         argv if argv is not None else _bench_argv()))
     cfg = config_from_args(args, command)
+    if args.ramp:
+        return _ramp(cfg, args)
     if cfg.endpoint or cfg.executor == "vllm":
         from hsd_serve.bench.remote import run_endpoint
 
@@ -155,6 +162,25 @@ def cmd_bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) ->
                           for f in results["failures"]), file=sys.stderr)
         return 1
     return 0
+
+
+def _ramp(cfg, args: argparse.Namespace) -> int:
+    from hsd_serve.bench.ramp import run_ramp, write_ramp
+
+    results = run_ramp(cfg, list(args.ramp), args.step_s, progress=not args.no_progress)
+    paths = write_ramp(results, args.out, plots=not args.no_plots)
+    r = results["ramp"]
+    peak = {}
+    for x in results["timeline"]:
+        for name, n in (x["replicas"] or {}).items():
+            peak[name] = max(peak.get(name, 0), n)
+    print(f"ramp {r['schedule']} x {r['step_s']:g}s: {r['requests']} requests, "
+          f"{r['tokens_per_s']:.1f} tok/s overall, acceptance "
+          f"{(r['accepted'] / r['drafted']) if r['drafted'] else 0:.2f}, most replicas {peak}, "
+          f"failures {len(r['failures'])}, identical to AR: {r.get('identical_to_ar')}",
+          file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 1 if r["failures"] or r.get("identical_to_ar") is False else 0
 
 
 def _bench_argv() -> list[str]:

@@ -292,8 +292,19 @@ class RequestRun:
             log.warning("request %s: no drafter address (%s); plain decoding", self.rid, exc)
             self.stats.fallback_rounds += 1
             return None
-        return DraftSpec(self.rid, self.method.name, address, self.req.prompt, self.req.lookahead,
+        return self._draft_spec(address, self.req.prompt)
+
+    def _draft_spec(self, address: str, prompt: str) -> DraftSpec:
+        return DraftSpec(self.rid, self.method.name, address, prompt, self.req.lookahead,
                          self.policy.same_vocab)
+
+    def _late_drafter(self) -> Optional[str]:
+        """A request decoding plainly for want of a drafter: the address of one leased since
+        (``ready_address`` of a leased drafter port; None: none yet, or no such port)."""
+        ready = getattr(self.drafter, "ready_address", None)
+        if ready is None or not self.method.needs_drafter:
+            return None
+        return ready()
 
     async def follow(self, spec=None, max_resumes: int = 3) -> AsyncIterator[Chunk]:
         """The request's chunks from a target that decodes it to the end itself
@@ -301,9 +312,13 @@ class RequestRun:
         ``DraftSpec`` or None — tells its proposer to fetch).  Every step's tokens go through
         ``commit``, so EOS, stop strings and the limits end it at exactly AR's token; the stream
         is closed (the request aborted in vLLM) as soon as they do.  A target replica lost
-        mid-stream: the request resumes from what was committed (``max_resumes`` times)."""
+        mid-stream: the request resumes from what was committed (``max_resumes`` times).  A
+        request that started without a drafter (none leasable: e.g. the drafters scaled to zero)
+        checks between steps whether one has been leased since; then it resumes from what was
+        committed with drafts (vLLM re-reads the committed prefix, from its prefix cache)."""
         stats = self.stats
         resumes = 0
+        wants_drafter = spec is None and self.method.needs_drafter and self.drafter is not None
         while self.finish is None:
             done = len(self.committed) - self.prompt_len
             steps = self.target.generate(self.rid, list(self.committed), self.params,
@@ -327,15 +342,25 @@ class RequestRun:
                             self.finish = "stop" if step.finish_reason == "stop" else "length"
                         if self.finish is not None:
                             return
+                        address = self._late_drafter() if wants_drafter else None
+                        if address is not None:
+                            spec, wants_drafter = self._draft_spec(address, ""), False
+                            log.info("request %s: a drafter is up; drafting from now on",
+                                     self.rid)
+                            break
                         t0 = time.perf_counter()
+                    else:
+                        broke = ConnectionError("the target's stream ended early")
             except ConnectionError as exc:
                 broke = exc
-            resumes += 1  # the stream broke off: go on from the committed tokens
-            if resumes > max_resumes:
-                raise ConnectionError(f"the target's stream broke off {resumes} times") from broke
             if spec is not None:  # the drafts continue prompt + output, the new prompt
                 spec = dataclasses.replace(spec, prompt=self.committed_bytes().decode(
                     "utf-8", errors="replace"))
+            if broke is None:  # left to start drafting: not a failure
+                continue
+            resumes += 1  # the stream broke off: go on from the committed tokens
+            if resumes > max_resumes:
+                raise ConnectionError(f"the target's stream broke off {resumes} times") from broke
             log.warning("request %s: target stream ended early; resuming", self.rid)
 
     def commit(self, tokens: list[int]) -> Optional[Chunk]:

@@ -334,6 +334,20 @@ class LeasedDrafter(LeasedPort):
     async def slrs_step(self, *args, **kwargs):
         return await self._call("slrs_step", *args, **kwargs)
 
+    def ready_address(self) -> Optional[str]:
+        """The leased replica's address if a lease is open now, else None — keeping a lease
+        attempt going in the background (a request that started without a drafter asks between
+        steps; when a replica is up it starts drafting)."""
+        if self.closed:
+            return None
+        task = self._connecting
+        if self.lease is not None and self.port is not None:
+            return self.lease.address
+        if task is None or task.done():
+            self._connecting = asyncio.ensure_future(self.connect())
+            self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return None
+
     async def address(self) -> str:
         """The leased drafter replica's data-plane address (a vLLM target's proposer calls it)."""
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -18,6 +19,12 @@ def ray_serve():
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    # autoscaling decisions in seconds, not tens of seconds (test_autoscaling.py): how often
+    # handles and replicas push their ongoing-request counts to Serve's controller (read by
+    # every Ray worker started below, which inherits this environment)
+    for name in ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                 "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+        os.environ.setdefault(name, "0.5")
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="hsd-tests",
              log_to_driver=False)
     http_port, grpc_port = _free_port(), _free_port()

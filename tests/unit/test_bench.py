@@ -321,3 +321,34 @@ def test_overlap_both_ways_against_a_service_needs_one_grpc_application_each(end
                       application=apps, methods=["slem"])
     with pytest.raises(ValueError, match="--application"):
         run_endpoint(cfg, progress=False, calibrate_locally=False)
+
+
+def test_ramp_against_a_live_endpoint_writes_the_timeline_and_plot(live_endpoints, tmp_path):
+    """``--ramp``: streams follow the schedule, every interval is sampled, greedy outputs are
+    checked against AR through the same endpoint, and ramp.png is written."""
+    from hsd_serve.bench.cli import configure_parser
+    from hsd_serve.bench.ramp import ramp_spec, run_ramp, write_ramp
+
+    if "humaneval" not in available_datasets():
+        pytest.skip("HumanEval not in the shared assets")
+    import argparse
+
+    args = configure_parser(argparse.ArgumentParser()).parse_args(
+        ["--ramp", "1,3,0", "--step-s", "2", "--endpoint", "x:1"])
+    assert args.ramp == [1, 3, 0] and args.step_s == 2.0
+    cfg = BenchConfig(datasets=["humaneval"], limit=2, methods=["ar", "slem"], lookaheads=[2],
+                      max_new_tokens=6, endpoint=live_endpoints["grpc"])
+    assert ramp_spec(cfg).method == "slem"
+    counts = iter(range(1000))
+    results = run_ramp(cfg, [1, 3, 0], 1.5, interval_s=0.5, progress=False,
+                       replicas=lambda: {"Drafter": next(counts) % 3, "Target": 1})
+    r, tl = results["ramp"], results["timeline"]
+    assert r["failures"] == [] and r["requests"] > 0 and r["identical_to_ar"] is True
+    assert r["tokens"] == sum(x["tokens"] for x in tl) > 0
+    assert max(x["streams"] for x in tl) == 3 and tl[-1]["streams"] == 0
+    assert all(x["replicas"]["Target"] == 1 for x in tl) and len(tl) >= 8
+    paths = write_ramp(results, str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text())["ramp"]["schedule"] == [1, 3, 0]
+    assert (tmp_path / "ramp.png").stat().st_size > 10_000 and len(paths) == 2
+    with pytest.raises(ValueError, match="--endpoint"):
+        run_ramp(BenchConfig(), [1], 1.0, progress=False, replicas=None)

@@ -137,6 +137,42 @@ def test_no_drafter_address_means_plain_decoding(tok):
     assert res.token_ids == script[:5] and res.stats.fallback_rounds == 1
 
 
+def test_a_drafter_that_appears_mid_request_starts_drafting_there(tok):
+    """No drafter at the start (the drafters scaled to zero): the request decodes plainly and
+    asks between steps; once one is leased it resumes from the committed tokens with drafts (not
+    counted as a broken stream), and the output is AR's."""
+    class ScaledToZero(DrafterAt):
+        def __init__(self, after):
+            super().__init__("")
+            self.asked, self.after = 0, after
+
+        async def address(self):
+            raise ConnectionError("no drafter replica leased yet")
+
+        def ready_address(self):
+            self.asked += 1
+            return "10.0.0.9:4200" if self.asked > self.after else None
+
+    script = _script(tok, "0123456789abcdef")
+    want = _ar(tok, script, max_new=12)
+    drafter = ScaledToZero(after=2)
+    target = ScriptedGeneratingTarget(script, (2,))
+    res = asyncio.run(_coordinator(tok, target, drafter).generate(_req(max_new=12)))
+    assert res.token_ids == want.token_ids == script[:12] and res.finish_reason == "length"
+    assert len(target.calls) == 2 and drafter.asked == 3
+    assert target.calls[0]["spec"] is None
+    spec = target.calls[1]["spec"]
+    assert spec.drafter == "10.0.0.9:4200" and spec.method == "slem"
+    assert target.calls[1]["prompt_ids"] == target.calls[0]["prompt_ids"] + script[:6]
+    assert spec.prompt == PROMPT + tok.decode_text(script[:6])  # the drafts continue that
+    assert res.stats.drafted == 4  # the drafting stream's totals
+    # a drafter that never appears: plain to the end, asked every step
+    never = ScaledToZero(after=10**9)
+    target = ScriptedGeneratingTarget(script, (2,))
+    res = asyncio.run(_coordinator(tok, target, never).generate(_req(max_new=12)))
+    assert res.token_ids == want.token_ids and len(target.calls) == 1 and never.asked == 5
+
+
 def test_a_broken_stream_resumes_from_the_committed_tokens(tok):
     script = _script(tok, "0123456789abcdef")
     target = ScriptedGeneratingTarget(script, (2,), break_after=3)

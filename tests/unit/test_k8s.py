@@ -6,7 +6,9 @@ placement, Services and the PodMonitor point at what exists; the API keys Secret
 every Ray pod where the serve config looks for it and holds no usable key in git; the
 NetworkPolicies select the Ray pods and let in what must get in; kustomization lists every
 manifest but the Secret template, and generates that Secret from the git-ignored k8s/api-keys
-under the name the pods mount.  Each check also fails on a deliberately broken copy.  No
+under the name the pods mount; replica autoscaling (Serve) fits node autoscaling (the worker
+groups' min/max pods) and every Ray pod pushes autoscaling metrics often enough.  Each check also
+fails on a deliberately broken copy.  No
 cluster, no kubectl."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +38,15 @@ KEYS_VOLUME = "hsd-api-keys"  # the API keys Secret's volume on every Ray pod
 TEMPLATES = {"secret.yaml": "its keyless placeholder would overwrite the real hsd-api-keys"}
 KEYS_SECRET = "hsd-api-keys"  # what kustomization's secretGenerator makes
 KEYS_FILE = "k8s/api-keys"  # the generator's source, created by the operator, git-ignored
+MODEL_DEPLOYMENTS = ("target_deployment", "drafter_deployment")
+# Only these may autoscale to zero replicas (hsd_serve.serve.config refuses it for the others).
+MAY_SCALE_TO_ZERO = {"drafter_deployment"}
+# How often handles and replicas push ongoing-request counts to the Serve controller (Ray's
+# default 10 s); every Ray pod sets both, to one value <= every metrics_interval_s.
+PUSH_INTERVAL_ENVS = ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                      "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
+HANDLE_PUSH, REPLICA_PUSH = PUSH_INTERVAL_ENVS
+RAY_METRICS_INTERVAL_S = 10.0  # Ray Serve's default autoscaling_config.metrics_interval_s
 
 
 def _load_sync():
@@ -171,9 +183,21 @@ def _app_args(serve_cfg: dict) -> dict:
                 if a["import_path"] == sync.APP_IMPORT_PATH)["args"]
 
 
+def _group_resources(group: dict) -> dict[str, float]:
+    """A worker group's custom resources (rayStartParams.resources: a quoted JSON object)."""
+    raw = (group.get("rayStartParams") or {}).get("resources", '"{}"')
+    return json.loads(json.loads(raw))
+
+
+def _group_gpus(group: dict) -> int:
+    """GPUs per pod of a worker group (its containers' nvidia.com/gpu limits)."""
+    return max(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+               for c in group["template"]["spec"]["containers"])
+
+
 def placement_errors(doc: dict) -> list[str]:
     """Each model deployment's custom resource is advertised by exactly one worker group with
-    enough GPUs; the head advertises none; autoscaling can reach the replicas' maximum."""
+    enough GPUs; the head advertises none (autoscaling_errors: the group's size)."""
     errors = []
     args = _app_args(sync.embedded_serve_config(doc))
     cluster = doc["spec"]["rayClusterConfig"]
@@ -182,30 +206,104 @@ def placement_errors(doc: dict) -> list[str]:
     head = cluster["headGroupSpec"].get("rayStartParams") or {}
     if "resources" in head or head.get("num-gpus", "0") != "0":
         errors.append("the head group advertises model resources")
-    groups = {}
-    for g in cluster.get("workerGroupSpecs") or []:
-        raw = (g.get("rayStartParams") or {}).get("resources", '"{}"')
-        groups[g["groupName"]] = (json.loads(json.loads(raw)), g)
-    for dep in ("target_deployment", "drafter_deployment"):
+    groups = {g["groupName"]: (_group_resources(g), g)
+              for g in cluster.get("workerGroupSpecs") or []}
+    for dep in MODEL_DEPLOYMENTS:
         opts = args[dep]
         for res, amount in (opts.get("resources") or {}).items():
             having = [n for n, (r, _) in groups.items() if r.get(res, 0) >= amount]
             if len(having) != 1:
                 errors.append(f"{dep}: resource {res} is offered by groups {having}, want one")
                 continue
-            g = groups[having[0]][1]
-            gpus = max(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
-                       for c in g["template"]["spec"]["containers"])
+            gpus = _group_gpus(groups[having[0]][1])
             if gpus < opts.get("num_gpus", 0):
                 errors.append(f"{dep}: needs {opts.get('num_gpus')} GPU, group {having[0]} "
                               f"has {gpus}")
-            auto = opts.get("autoscaling_config") or {}
-            room = g["maxReplicas"] * int(groups[having[0]][0][res] // amount)
-            if auto.get("max_replicas", opts.get("num_replicas", 1)) > room:
-                errors.append(f"{dep}: up to {auto.get('max_replicas')} replicas, but group "
-                              f"{having[0]} has room for {room}")
         if not opts.get("resources"):
             errors.append(f"{dep}: no custom resource pins it to a worker group")
+    return errors
+
+
+def _replica_bounds(opts: dict) -> tuple[int, int]:
+    """(min, max) replicas of a deployment: its autoscaling bounds, else num_replicas."""
+    auto = opts.get("autoscaling_config")
+    if auto:
+        return auto.get("min_replicas", 1), auto.get("max_replicas", 1)
+    n = opts.get("num_replicas", 1)
+    return n, n
+
+
+def autoscaling_errors(doc: dict) -> list[str]:
+    """Replica autoscaling (Serve) fits node autoscaling (the Ray autoscaler, in the worker
+    groups): the group that advertises a model deployment's custom resource has room for its
+    max_replicas (pods needed = ceil(max_replicas / replicas per pod), a pod holding
+    floor(GPUs / num_gpus) and floor(resource / amount) replicas); it keeps no pod (minReplicas
+    0) exactly when the deployment may have no replica (min_replicas 0, so that the GPUs are
+    freed), and only the drafter may; every Ray pod's Ray container (the first, as KubeRay
+    takes it) sets both metric push intervals, to one value <= every metrics_interval_s (the
+    controller would decide on stale counts)."""
+    args = _app_args(sync.embedded_serve_config(doc))
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = cluster.get("workerGroupSpecs") or []
+    errors, intervals = [], {}
+    for dep in MODEL_DEPLOYMENTS:
+        opts = args.get(dep) or {}
+        lo, hi = _replica_bounds(opts)
+        if opts.get("autoscaling_config"):
+            intervals[dep] = opts["autoscaling_config"].get("metrics_interval_s",
+                                                           RAY_METRICS_INTERVAL_S)
+        if lo < 1 and dep not in MAY_SCALE_TO_ZERO:
+            errors.append(f"{dep}: autoscaling min_replicas {lo}; only "
+                          f"{sorted(MAY_SCALE_TO_ZERO)} may scale to zero")
+        res = opts.get("resources") or {}
+        having = [g for g in groups if res and
+                  all(_group_resources(g).get(r, 0) >= a for r, a in res.items())]
+        if len(having) != 1:
+            continue  # placement_errors says so
+        g, name = having[0], having[0]["groupName"]
+        per_pod = [int(_group_resources(g)[r] // a) for r, a in res.items()]
+        if opts.get("num_gpus"):
+            per_pod.append(int(_group_gpus(g) // opts["num_gpus"]))
+        if min(per_pod) < 1:
+            continue  # placement_errors: not enough GPUs on a pod
+        need = math.ceil(hi / min(per_pod))
+        if g.get("maxReplicas", 0) < need:
+            errors.append(f"{dep}: up to {hi} replicas ({min(per_pod)} a pod) need {need} pods "
+                          f"of group {name}, whose maxReplicas is {g.get('maxReplicas')}")
+        keeps = g.get("minReplicas", 0)
+        if lo == 0 and keeps > 0:
+            errors.append(f"{dep}: scales to zero replicas but group {name} keeps minReplicas "
+                          f"{keeps} pods: their GPUs are never freed; want minReplicas 0")
+        if lo > 0 and keeps == 0:
+            errors.append(f"{dep}: keeps min_replicas {lo} but group {name} has minReplicas 0: "
+                          f"want minReplicas >= 1 (only a deployment that scales to zero may "
+                          f"leave its group empty)")
+    values = {}
+    for where, t in pod_templates(doc):
+        c = t["spec"]["containers"][0]
+        env = {e.get("name"): e.get("value") for e in c.get("env") or []}
+        for var in PUSH_INTERVAL_ENVS:
+            if var not in env:
+                errors.append(f"{where} container {c['name']}: no {var} (Ray's default 10 s "
+                              "is slower than the autoscaling decisions)")
+                continue
+            try:
+                values[(where, var)] = float(env[var])
+            except (TypeError, ValueError):
+                errors.append(f"{where} container {c['name']}: {var} {env[var]!r} is not a "
+                              "number of seconds")
+    if len(set(values.values())) > 1:
+        by_value: dict[float, list[str]] = {}
+        for (where, var), x in values.items():
+            by_value.setdefault(x, []).append(f"{where} {var.split('_')[2]}")
+        errors.append("autoscaling metric push intervals differ: " + "; ".join(
+            f"{x:g} s on {len(w)}" + (f" ({', '.join(w)})" if len(w) < len(values) / 2 else "")
+            for x, w in sorted(by_value.items())))
+    for dep, every in intervals.items():
+        slow = sorted({x for x in values.values() if x > every})
+        if slow:
+            errors.append(f"{dep}: metrics_interval_s {every:g} < metric push interval "
+                          f"{slow[-1]:g} s (decisions on stale counts)")
     return errors
 
 
@@ -532,6 +630,7 @@ def all_errors(files: dict[str, str], serve_config_text: str) -> list[str]:
     errors += serve_config_errors(rs[0], yaml.safe_load(serve_config_text))
     errors += secret_generator_errors(k, rs[0])
     errors += placement_errors(rs[0])
+    errors += autoscaling_errors(rs[0])
     errors += selector_errors(docs)
     errors += security_errors(docs)
     errors += networkpolicy_errors(docs)
@@ -708,6 +807,30 @@ def _with_secret_template(name, edit):
     return apply
 
 
+def _group(d, name):
+    return next(g for g in _cluster(d)["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def _set_autoscaling(d, dep, **kw):
+    cfg = yaml.safe_load(d["spec"]["serveConfigV2"])
+    _app_args(cfg)[dep]["autoscaling_config"].update(kw)
+    d["spec"]["serveConfigV2"] = yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _ray_env(d, group=None):
+    return _template(d, group)["spec"]["containers"][0]["env"]
+
+
+def _drop_env(d, var, group=None):
+    c = _template(d, group)["spec"]["containers"][0]
+    c["env"] = [e for e in c["env"] if e["name"] != var]
+
+
+def _set_env(d, var, value, groups=(None, "target-gpu", "drafter-gpu")):
+    for g in groups:
+        next(e for e in _ray_env(d, g) if e["name"] == var)["value"] = value
+
+
 def _take_key(d, key):
     for _, t in pod_templates(d):
         vol = next(v for v in t["spec"]["volumes"] if v["name"] == KEYS_VOLUME)
@@ -743,6 +866,42 @@ BROKEN = {
     "model resource on no group": (_rs(_swap_group_resources), "want one"),
     "autoscaling off": (_rs(lambda d: _cluster(d).update(enableInTreeAutoscaling=False)),
                         "enableInTreeAutoscaling"),
+    # ---- autoscaling: Serve's replicas within the worker groups' pods
+    "target group too small for max_replicas": (
+        _rs(lambda d: _group(d, "target-gpu").update(maxReplicas=3)),
+        "target_deployment: up to 4 replicas (1 a pod) need 4 pods of group target-gpu, whose "
+        "maxReplicas is 3"),
+    "drafter max_replicas beyond its group": (
+        _rs(lambda d: _set_autoscaling(d, "drafter_deployment", max_replicas=6)),
+        "drafter_deployment: up to 6 replicas (1 a pod) need 6 pods"),
+    "drafter group keeps a pod while drafters scale to zero": (
+        _rs(lambda d: _group(d, "drafter-gpu").update(minReplicas=1, replicas=1)),
+        "group drafter-gpu keeps minReplicas 1 pods: their GPUs are never freed"),
+    "drafters keep a replica in an empty group": (
+        _rs(lambda d: _set_autoscaling(d, "drafter_deployment", min_replicas=1)),
+        "drafter_deployment: keeps min_replicas 1 but group drafter-gpu has minReplicas 0"),
+    "target group may be empty": (
+        _rs(lambda d: _group(d, "target-gpu").update(minReplicas=0, replicas=0)),
+        "target_deployment: keeps min_replicas 1 but group target-gpu has minReplicas 0"),
+    "target scales to zero": (
+        _rs(lambda d: (_set_autoscaling(d, "target_deployment", min_replicas=0),
+                       _group(d, "target-gpu").update(minReplicas=0, replicas=0))),
+        "target_deployment: autoscaling min_replicas 0; only ['drafter_deployment'] may"),
+    "handle push interval missing on a worker group": (
+        _rs(lambda d: _drop_env(d, HANDLE_PUSH, "drafter-gpu")),
+        f"workerGroupSpecs[drafter-gpu] container ray-worker: no {HANDLE_PUSH}"),
+    "replica push interval missing on the head": (
+        _rs(lambda d: _drop_env(d, REPLICA_PUSH)),
+        f"headGroupSpec container ray-head: no {REPLICA_PUSH}"),
+    "push intervals differ": (
+        _rs(lambda d: _set_env(d, REPLICA_PUSH, "1", groups=("target-gpu",))),
+        "autoscaling metric push intervals differ"),
+    "push interval slower than the decisions": (
+        _rs(lambda d: [_set_env(d, v, "5") for v in PUSH_INTERVAL_ENVS]),
+        "metrics_interval_s 2 < metric push interval 5 s"),
+    "push interval not a number": (
+        _rs(lambda d: [_set_env(d, v, "2s") for v in PUSH_INTERVAL_ENVS]),
+        "'2s' is not a number of seconds"),
     "Service port not a number": (
         _yaml_edit("services.yaml", lambda docs: docs[1]["spec"]["ports"][0].update(port="grpc")),
         "is not of type 'integer'"),
@@ -918,6 +1077,43 @@ def test_a_broken_copy_fails(case):
     errors = all_errors(broken, SERVE_CONFIG_TEXT)
     assert errors, case
     assert any(expect in e for e in errors), errors
+
+
+def test_autoscaling_values():
+    """The intended scaling: targets 1-4 and drafters 0-4, each group sized to match."""
+    rs = yaml.safe_load((K8S / "rayservice.yaml").read_text())
+    args = _app_args(sync.embedded_serve_config(rs))
+    drafter = args["drafter_deployment"]["autoscaling_config"]
+    target = args["target_deployment"]["autoscaling_config"]
+    assert (drafter["min_replicas"], drafter["max_replicas"]) == (0, 4)
+    assert (target["min_replicas"], target["max_replicas"]) == (1, 4)
+    assert drafter["upscale_delay_s"] == 0 and drafter["downscale_to_zero_delay_s"] == 900
+    assert drafter["target_ongoing_requests"] == target["target_ongoing_requests"] == 8
+    assert (_group(rs, "drafter-gpu")["minReplicas"], _group(rs, "drafter-gpu")["replicas"]) == \
+        (0, 0)
+    assert _group(rs, "target-gpu")["minReplicas"] == 1
+    assert _cluster(rs)["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+
+
+def test_pods_needed_counts_replicas_per_pod():
+    """Two-GPU drafter pods (advertising drafter_node 2) hold two one-GPU replicas each: 4
+    replicas fit in 2 pods, not in 1."""
+    def two_gpu_pods(max_pods):
+        def edit(d):
+            g = _group(d, "drafter-gpu")
+            g["rayStartParams"]["resources"] = '"{\\"drafter_node\\": 2}"'
+            g["maxReplicas"] = max_pods
+            for c in g["template"]["spec"]["containers"]:
+                for k in ("requests", "limits"):
+                    c["resources"][k]["nvidia.com/gpu"] = "2"
+        return _rs(edit)(_files())
+
+    rs = yaml.safe_load(two_gpu_pods(2)["rayservice.yaml"])
+    assert autoscaling_errors(rs) == [] and placement_errors(rs) == []
+    rs = yaml.safe_load(two_gpu_pods(1)["rayservice.yaml"])
+    assert autoscaling_errors(rs) == [
+        "drafter_deployment: up to 4 replicas (2 a pod) need 2 pods of group drafter-gpu, whose "
+        "maxReplicas is 1"]
 
 
 def test_yaml_that_is_no_manifest_need_not_be_listed():

@@ -452,6 +452,28 @@ def test_drafter_scaled_to_zero_serves_at_once_and_drafts_once_a_replica_is_up()
     run(main())
 
 
+def test_ready_address_keeps_leasing_in_the_background_and_never_waits():
+    """A vLLM-path request that started without a drafter asks between steps: None (at once)
+    until a replica is leased, then its address; a closed port answers None and leases nothing."""
+    async def main():
+        cold = FakeReplica("a:1", "cold")
+        handle = FakeHandle(cold)
+        d = drafter(handle, Ports())
+        assert d.ready_address() is None and d.ready_address() is None
+        for _ in range(100):
+            if handle.calls:
+                break
+            await asyncio.sleep(0)
+        assert len(handle.calls) == 1  # one lease attempt, not one per question
+        cold.up.set()
+        await asyncio.wait_for(asyncio.shield(d._connecting), 5)
+        assert d.ready_address() == "a:1" and cold.active == 1
+        d.close()
+        assert d.ready_address() is None and len(handle.calls) == 1 and cold.frees == [RID]
+
+    run(main())
+
+
 def test_drafter_transport_failure_drops_the_lease_and_the_retry_leases_again():
     async def main():
         a, b = FakeReplica("a:1"), FakeReplica("b:2")

@@ -67,8 +67,8 @@ class SLRSOutcome:
 @dataclass
 class Step:
     """A target that runs whole requests itself (the vLLM executor) yields one per engine output:
-    the target ids it added, and the request's draft counts (its totals; vLLM reports them with
-    the last step), also per position in a step's draft."""
+    the target ids it added, the request's draft counts (its totals; vLLM reports them with the
+    last step), also per position in a step's draft, and where the round's time went."""
 
     token_ids: list[int]
     finished: bool = False
@@ -77,6 +77,10 @@ class Step:
     accepted: int = 0
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
+    # this output's round on the target's side: seconds since its previous output (0: not
+    # measured) and the part of them the engine spent getting drafts
+    step_s: float = 0.0
+    draft_s: float = 0.0
 
 
 SPEC_KEY = "hsd"  # SamplingParams.extra_args[SPEC_KEY]: the request's DraftSpec as a dict

@@ -328,7 +328,7 @@ class RequestRun:
             try:
                 async with contextlib.aclosing(steps):
                     async for step in steps:
-                        stats.verify_s += time.perf_counter() - t0
+                        self._time_step(step, time.perf_counter() - t0)
                         stats.rounds += 1
                         stats.target_forwards += 1
                         stats.drafted, stats.accepted = step.drafted, step.accepted
@@ -362,6 +362,24 @@ class RequestRun:
             if resumes > max_resumes:
                 raise ConnectionError(f"the target's stream broke off {resumes} times") from broke
             log.warning("request %s: target stream ended early; resuming", self.rid)
+
+    def _time_step(self, step, wall: float) -> None:
+        """One engine output's round: ``wall`` seconds here; the target's ``step_s`` of them on
+        its side, of which ``draft_s`` getting drafts and the rest verifying; what remains of
+        ``wall`` is transport (as ``record_round`` splits an HF round)."""
+        stats = self.stats
+        if not step.step_s:  # not measured by the target: all of it is the target's
+            stats.verify_s += wall
+            return
+        draft = min(step.draft_s, step.step_s)
+        verify = step.step_s - draft
+        transport = max(0.0, wall - step.step_s)
+        stats.draft_s += draft
+        stats.verify_s += verify
+        stats.transport_s += transport
+        stats.round_draft_s.append(draft)
+        stats.round_verify_s.append(verify)
+        stats.round_transport_s.append(transport)
 
     def commit(self, tokens: list[int]) -> Optional[Chunk]:
         """Append the target's tokens one at a time, stopping exactly where AR would."""

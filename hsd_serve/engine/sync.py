@@ -13,6 +13,7 @@ decides how good the next drafts are.
 from __future__ import annotations
 
 from hsd_serve.core.detok import valid_utf8_prefix_len
+from hsd_serve.core.prefix import common_prefix_len
 from hsd_serve.models.tokenizer import TokenizerAdapter
 
 WINDOW_CHARS = 48
@@ -97,10 +98,7 @@ class DrafterText:
         """Drop the ids whose bytes ``generated`` no longer starts with: the text went back or
         elsewhere (a drafted-ahead continuation the target did not take, ``serve.vllm``'s
         overlapped drafting), so the ids again spell a prefix of it."""
-        same = 0
-        limit = min(self.synced, len(generated))
-        while same < limit and generated[same] == self.seen[same]:
-            same += 1
+        same = common_prefix_len(generated, self.seen, limit=self.synced)
         while self.synced > same:
             self._pop()
         while len(self.ids) > self.base and self.consumed[-1] == 0:  # a lossy chunk's head

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from hsd_serve.core.prefix import common_prefix_len
 from hsd_serve.models.kv import append_rows, batch_cache, new_cache
 from hsd_serve.models.tokenizer import TokenizerAdapter, load_tokenizer
 
@@ -181,12 +182,7 @@ class Session:
             del self.ids[n:]
 
     def common_prefix(self, context: list[int]) -> int:
-        n = min(len(self.ids), len(context))
-        i = 0
-        ids = self.ids
-        while i < n and ids[i] == context[i]:
-            i += 1
-        return i
+        return common_prefix_len(self.ids, context)
 
     def _prepare(self, context: list[int], extra: list[int]) -> list[int]:
         """Crop the cache to what ``context + extra`` can reuse; return the tokens to compute."""

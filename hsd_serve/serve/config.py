@@ -79,25 +79,37 @@ class VllmOptions(_Strict):
     engine_args: dict[str, Any] = Field(default_factory=dict)  # more vLLM engine args, as given
 
 
-class TlsConfig(_Strict):
+class _TlsFiles(_Strict):
+    cert_file: str  # PEM certificate chain
+    key_file: str  # PEM private key
+    ca_file: Optional[str] = None  # PEM CA that signed the peers' certificates (None: system roots)
+    require_client_cert: bool = False  # mTLS: refuse callers without a certificate from ca_file
+
+    @model_validator(mode="after")
+    def _mtls(self) -> "_TlsFiles":
+        if self.require_client_cert and not self.ca_file:
+            raise ValueError("require_client_cert needs ca_file (the CA that signed the "
+                             "clients' certificates)")
+        return self
+
+
+class TlsConfig(_TlsFiles):
     """TLS for the data plane (files on every node, e.g. a mounted Secret).  One certificate for
     the cluster: replicas present it as servers and, with ``require_client_cert``, callers (the
     coordinator, vLLM target replicas) present it as clients (mTLS)."""
 
-    cert_file: str  # PEM certificate chain
-    key_file: str  # PEM private key
-    ca_file: Optional[str] = None  # PEM CA that signed the peers' certificates (None: system roots)
-    require_client_cert: bool = False  # mTLS: replicas refuse callers without a cert from ca_file
     # the name the servers' certificate carries; replicas are dialled by IP, so a cluster
     # certificate issued for one DNS name (e.g. "hsd-dataplane") needs it here
     server_name: Optional[str] = None
 
-    @model_validator(mode="after")
-    def _mtls(self) -> "TlsConfig":
-        if self.require_client_cert and not self.ca_file:
-            raise ValueError("dataplane_tls.require_client_cert needs ca_file (the CA that "
-                             "signed the clients' certificates)")
-        return self
+
+class ClientGrpcTls(_TlsFiles):
+    """``hsd.v1.Generation`` over TLS (and mTLS) for clients, served by each coordinator replica
+    on ``host:port`` (Ray Serve's own gRPC proxy serves plaintext only); the same API keys,
+    request limits and errors as the proxy's port."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(9443, ge=1, le=65535)
 
 
 class SecurityConfig(_Strict):
@@ -117,6 +129,11 @@ class SecurityConfig(_Strict):
     # the replicas through the deployments, never through requests
     dataplane_token_env: str = "HSD_DATAPLANE_TOKEN"
     dataplane_tls: Optional[TlsConfig] = None
+    # clients' gRPC over TLS on a port of its own, served by the coordinator replicas
+    client_grpc_tls: Optional[ClientGrpcTls] = None
+    # clients' gRPC in plaintext on 127.0.0.1:PORT, served by the coordinator replicas: what a
+    # local `hsd-serve serve` uses instead of Ray Serve's gRPC proxy, which cannot bind loopback
+    client_grpc_local_port: Optional[int] = Field(None, ge=1, le=65535)
 
 
 class AutoscalingConfig(_Strict):

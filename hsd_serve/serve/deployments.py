@@ -210,7 +210,7 @@ class TargetDeployment(_ModelReplica):
 class CoordinatorDeployment:
     """Client-facing: gRPC ``hsd.v1.Generation`` (via Ray Serve's gRPC proxy), OpenAI HTTP."""
 
-    def __init__(self, cfg: dict, drafter_handle, target_handle,
+    async def __init__(self, cfg: dict, drafter_handle, target_handle,
                  dataplane: Optional[DataPlaneSecurity] = None):
         from hsd_serve.core.vocab import same_vocabulary
         from hsd_serve.engine.engine import Coordinator, TargetInfo
@@ -254,6 +254,26 @@ class CoordinatorDeployment:
         except Exception:  # noqa: BLE001 - not running as an actor (local testing)
             self.self_handle = None
         self.drafter_availability = DrafterAvailability()  # shared by this replica's requests
+        # clients' gRPC served here: over TLS (security.client_grpc_tls), and/or in plaintext on
+        # loopback (client_grpc_local_port: a local `hsd-serve serve`)
+        self.grpc_servers: list = []
+        sec, opts = self.config.security, self.config.coordinator_deployment
+        capacity = opts.max_ongoing_requests + max(0, opts.max_queued_requests)
+        from hsd_serve.serve.grpc_api import start_client_grpc_server
+
+        if sec.client_grpc_tls is not None:
+            tls = sec.client_grpc_tls
+            self.grpc_servers.append(
+                (await start_client_grpc_server(self, tls.host, tls.port, capacity, tls))[0])
+        if sec.client_grpc_local_port is not None:
+            self.grpc_servers.append((await start_client_grpc_server(
+                self, "127.0.0.1", sec.client_grpc_local_port, capacity))[0])
+
+    async def __del__(self):
+        """Serve's graceful shutdown: stop the gRPC ports served here (5 s for calls in
+        flight)."""
+        for server in getattr(self, "grpc_servers", ()):
+            await server.stop(5)
 
     # ---- one request through leased replicas ------------------------------------------------
     def _lease_target(self, rid: str) -> LeasedTarget:

@@ -14,7 +14,7 @@ import logging
 import grpc
 
 from hsd_serve.engine.types import RequestError
-from hsd_serve.pb import hsd_pb2
+from hsd_serve.pb import hsd_pb2, hsd_pb2_grpc
 from hsd_serve.serve.convert import chunk_to_proto, request_from_proto, result_to_proto
 from hsd_serve.serve.security import Unauthenticated
 
@@ -89,3 +89,67 @@ async def generate_stream(dep, request, ctx):
         # A stream that yielded nothing only carries the status if the handler raises after
         # setting it (Ray Serve's proxy then keeps the user's code instead of INTERNAL).
         raise
+
+
+# ---- clients' gRPC served by the coordinator itself (TLS; loopback for local runs) -------------
+class DirectGeneration(hsd_pb2_grpc.GenerationServicer):
+    """``hsd.v1.Generation`` on a coordinator's own gRPC server (``security.client_grpc_tls``,
+    ``security.client_grpc_local_port``): the same keys, limits and status codes as through Ray
+    Serve's gRPC proxy (the ``application`` metadata is not needed: this is the application).  Calls beyond the
+    coordinator's ``max_ongoing_requests + max_queued_requests`` get ``RESOURCE_EXHAUSTED``
+    (Serve's backpressure does not see this port)."""
+
+    def __init__(self, dep, capacity: int):
+        self.dep, self.capacity = dep, capacity
+
+    def _full(self) -> bool:
+        return self.dep.ongoing >= self.capacity
+
+    async def Generate(self, request, context):
+        if self._full():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "coordinator at capacity")
+        return await generate_unary(self.dep, request, context)
+
+    async def GenerateStream(self, request, context):
+        if self._full():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "coordinator at capacity")
+        try:
+            async for chunk in generate_stream(self.dep, request, context):
+                yield chunk
+        except Exception:  # noqa: BLE001 - generate_stream set the status; send it
+            code = context.code() or grpc.StatusCode.INTERNAL
+            await context.abort(code, context.details() or "")
+
+
+async def start_client_grpc_server(dep, host: str, port: int, capacity: int, tls=None):
+    """Serve ``hsd.v1.Generation`` (plus health and reflection) for ``dep`` on ``host:port``:
+    over TLS with ``tls`` (``ClientGrpcTls``), else plaintext (``SO_REUSEPORT``: coordinator
+    replicas on one node share the port, the kernel spreads connections); returns
+    ``(server, port)``."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from hsd_serve.serve.security import server_credentials
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    hsd_pb2_grpc.add_GenerationServicer_to_server(DirectGeneration(dep, capacity), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    name = hsd_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+    reflection.enable_server_reflection(
+        (name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    if tls is not None:
+        bound = server.add_secure_port(address, server_credentials(
+            tls.model_dump(), "security.client_grpc_tls"))
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise RuntimeError(f"could not bind the clients' gRPC port {address}")
+    await server.start()
+    for service in ("", name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    how = "plaintext" if tls is None else "TLS" + (" (mTLS)" if tls.require_client_cert else "")
+    log.info("hsd.v1.Generation (%s) on %s:%d", how, host, bound)
+    return server, bound

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -67,11 +68,34 @@ def exposure_warnings(cfg: dict[str, Any], http_host: str, grpc_port: Optional[i
     return out
 
 
+def loopback_grpc(cfg: dict[str, Any], grpc_opts: dict[str, Any]) -> tuple[dict, dict]:
+    """A local run on loopback: Ray Serve's gRPC proxy cannot bind loopback (it listens on every
+    interface), so the hsd applications' coordinators serve ``hsd.v1.Generation`` on
+    ``127.0.0.1:<grpc port>`` themselves (``security.client_grpc_local_port``) and the proxy's
+    gRPC is off.  Returns (the config to deploy, the gRPC options for ``serve.start``)."""
+    port = grpc_opts.get("port")
+    apps = [a for a in cfg.get("applications", [])
+            if a.get("import_path") == "hsd_serve.serve.app:build_app"]
+    if not port or not grpc_opts.get("grpc_servicer_functions") or len(apps) != 1:
+        return cfg, grpc_opts  # none, or several apps (one port each would be needed)
+    cfg = copy.deepcopy(cfg)
+    app = next(a for a in cfg["applications"]
+               if a.get("import_path") == "hsd_serve.serve.app:build_app")
+    args = app.setdefault("args", {}) or {}
+    app["args"] = args
+    args.setdefault("security", {})["client_grpc_local_port"] = int(port)
+    return cfg, {}
+
+
 def deploy(cfg: dict[str, Any], *, http_port: Optional[int] = None,
-           grpc_port: Optional[int] = None, host: Optional[str] = None) -> dict[str, Any]:
+           grpc_port: Optional[int] = None, host: Optional[str] = None,
+           local: bool = False) -> dict[str, Any]:
     """``serve.start`` with the config's HTTP/gRPC options (``host`` overrides
-    ``http_options.host``; absent: loopback), then ``serve.run`` every app."""
+    ``http_options.host``; absent: loopback), then ``serve.run`` every app.  ``local`` (a Ray
+    instance started here) with HTTP on loopback: gRPC on loopback too (``loopback_grpc``)."""
     from ray import serve
+
+    from hsd_serve.serve.security import is_loopback
 
     http = dict(cfg.get("http_options") or {})
     grpc_opts = dict(cfg.get("grpc_options") or {})
@@ -83,14 +107,23 @@ def deploy(cfg: dict[str, Any], *, http_port: Optional[int] = None,
         http["host"] = host
     http.setdefault("port", 8000)
     http.setdefault("host", "127.0.0.1")
-    for warning in exposure_warnings(cfg, http["host"], grpc_opts.get("port")):
+    grpc_at = "every interface"
+    if local and is_loopback(http["host"]):
+        cfg, proxy_grpc = loopback_grpc(cfg, grpc_opts)
+        if not proxy_grpc and grpc_opts.get("port"):
+            grpc_at = "127.0.0.1"
+        grpc_opts_for_serve = proxy_grpc
+    else:
+        grpc_opts_for_serve = grpc_opts
+    for warning in exposure_warnings(cfg, http["host"], grpc_opts_for_serve.get("port")):
         print(f"\n*** WARNING *** {warning}\n", file=sys.stderr, flush=True)
-    serve.start(http_options=http, grpc_options=grpc_opts or None)
+    serve.start(http_options=http, grpc_options=grpc_opts_for_serve or None)
     for app in cfg.get("applications", []):
         builder = _import_attr(app["import_path"])
         serve.run(builder(app.get("args") or {}), name=app["name"],
                   route_prefix=app.get("route_prefix", "/"), blocking=False)
     return {"http_port": http["port"], "grpc_port": grpc_opts.get("port"), "host": http["host"],
+            "grpc_at": grpc_at,
             "grpc_reflection": bool(grpc_opts.get("enable_reflection", True)),  # Serve's default
             "apps": [a["name"] for a in cfg.get("applications", [])]}
 
@@ -130,14 +163,16 @@ def serve_from_config(config: str, *, address: Optional[str] = None,
             init_kwargs["_metrics_export_port"] = metrics_export_port
     ray.init(**init_kwargs)
     try:
-        info = deploy(cfg, http_port=http_port, grpc_port=grpc_port, host=host)
+        info = deploy(cfg, http_port=http_port, grpc_port=grpc_port, host=host,
+                      local=address is None)
         hp, gp = info["http_port"], info["grpc_port"]
         print(f"hsd-serve: applications {info['apps']} are running", flush=True)
         print(f"  HTTP (OpenAI):  http://127.0.0.1:{hp}/v1/completions  "
               f"(/v1/chat/completions, /v1/models, /health, /metrics)", flush=True)
         if gp:
             refl = ", reflection" if info["grpc_reflection"] else ""
-            print(f"  gRPC:           127.0.0.1:{gp}  (hsd.v1.Generation, grpc.health.v1{refl})  "
+            print(f"  gRPC:           127.0.0.1:{gp}  (hsd.v1.Generation, grpc.health.v1{refl}; "
+                  f"listening on {info['grpc_at']})  "
                   f"e.g. hsd-serve client --address 127.0.0.1:{gp} 'def fib(n):'", flush=True)
         print(f"  Metrics:        http://127.0.0.1:{hp}/metrics  (Prometheus text: ray_hsd_*, "
               f"ray_serve_*; Ray export port {_export_port(ray)})", flush=True)

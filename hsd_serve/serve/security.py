@@ -224,12 +224,7 @@ class DataPlaneSecurity:
         """Bind ``server`` to ``address``: TLS (and client certificates) when configured."""
         if not self.tls:
             return server.add_insecure_port(address)
-        t = self.tls
-        creds = grpc.ssl_server_credentials(
-            [(_read(t["key_file"]), _read(t["cert_file"]))],
-            root_certificates=_read(t["ca_file"]) if t.get("ca_file") else None,
-            require_client_auth=bool(t.get("require_client_cert")))
-        return server.add_secure_port(address, creds)
+        return server.add_secure_port(address, server_credentials(self.tls))
 
     # ---- callers ------------------------------------------------------------------------------
     def channel(self, address: str, options: list) -> grpc.aio.Channel:
@@ -270,12 +265,20 @@ class DataPlaneSecurity:
         return cls(token, tls.model_dump() if tls is not None else None)
 
 
-def _read(path: str) -> bytes:
+def server_credentials(tls: Mapping, what: str = "security.dataplane_tls"):
+    """gRPC server credentials from TLS settings (``cert_file``, ``key_file``, ``ca_file``,
+    ``require_client_cert``); an unreadable file is a ValueError naming ``what``."""
+    return grpc.ssl_server_credentials(
+        [(_read(tls["key_file"], what), _read(tls["cert_file"], what))],
+        root_certificates=_read(tls["ca_file"], what) if tls.get("ca_file") else None,
+        require_client_auth=bool(tls.get("require_client_cert")))
+
+
+def _read(path: str, what: str = "security.dataplane_tls") -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"security.dataplane_tls: cannot read {path}: "
-                         f"{type(exc).__name__}") from None
+        raise ValueError(f"{what}: cannot read {path}: {type(exc).__name__}") from None
 
 
 TOKEN_KV_KEY = b"hsd_serve/dataplane_token"

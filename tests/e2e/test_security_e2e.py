@@ -16,6 +16,7 @@ from hsd_serve.pb import hsd_pb2 as pb
 from hsd_serve.pb import hsd_pb2_grpc as pb_grpc
 from hsd_serve.serve.convert import method_to_proto
 from tests.e2e.faultkit import deploy, tiny_args, undeploy
+from tests.support.certs import make_tls_files
 
 APP, ROUTE = "hsd-keys", "/keys"
 KEY = "sk-e2e-0123456789abcdef0123456789"
@@ -27,9 +28,23 @@ UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 def keyed(service, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text(f"# two keys: rotation\n{KEY}\n{OTHER}\n")
-    deploy(APP, tiny_args(service, security={"api_keys_file": str(keys)}), ROUTE)
-    yield dict(service, base=f"http://127.0.0.1:{service['http']}")
+    certs = make_tls_files(tmp_path_factory.mktemp("certs"))
+    tls_port = _free_port()
+    security = {"api_keys_file": str(keys),
+                "client_grpc_tls": {"cert_file": certs["cert"], "key_file": certs["key"],
+                                    "host": "127.0.0.1", "port": tls_port}}
+    deploy(APP, tiny_args(service, security=security), ROUTE)
+    yield dict(service, base=f"http://127.0.0.1:{service['http']}", tls_port=tls_port,
+               certs=certs)
     undeploy(APP)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _request(prompt="def fib(n):", n=8):
@@ -128,3 +143,28 @@ def test_replica_data_planes_refuse_callers_without_the_clusters_token(keyed):
             reply = free(pb.FreeRequest(request_id="stranger"),
                          metadata=(("authorization", f"Bearer {token}"),), timeout=60)
             assert reply.freed is False
+
+
+def test_grpc_over_tls_on_the_coordinators_own_port(keyed):
+    """Ray Serve's gRPC proxy is plaintext; ``security.client_grpc_tls`` serves the same API
+    over TLS from the coordinator: same keys, same output, plaintext refused."""
+    with open(keyed["certs"]["ca"], "rb") as f:
+        creds = grpc.ssl_channel_credentials(f.read())
+    addr = f"127.0.0.1:{keyed['tls_port']}"
+    with grpc.insecure_channel(f"127.0.0.1:{keyed['grpc']}") as ch:
+        want = hsd_pb2_grpc.GenerationStub(ch).Generate(
+            _request(), metadata=(("application", keyed["app"]),), timeout=300)
+    with grpc.secure_channel(addr, creds) as ch:
+        stub = hsd_pb2_grpc.GenerationStub(ch)
+        got = stub.Generate(_request(), metadata=_auth(KEY), timeout=300)
+        assert list(got.token_ids) == list(want.token_ids) and got.text == want.text
+        chunks = list(stub.GenerateStream(_request(), metadata=_auth(OTHER), timeout=300))
+        assert [t for c in chunks for t in c.token_ids] == list(want.token_ids)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(_request(), metadata=_auth("wrong"), timeout=60)
+        assert info.value.code() == UNAUTH
+    with grpc.insecure_channel(addr) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            hsd_pb2_grpc.GenerationStub(ch).Generate(_request(), metadata=_auth(KEY),
+                                                     timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -82,8 +82,16 @@ def test_bundled_pair_every_method_is_vllm_alone(bundled):
                 assert sum(got.stats.drafted_per_position) == got.stats.drafted
                 assert sum(got.stats.accepted_per_position) == got.stats.accepted
                 assert got.stats.drafted_per_position[0] >= got.stats.drafted_per_position[-1]
+                # every engine output's round split as an HF round is: draft, verify, transport
+                st = got.stats
+                assert len(st.round_draft_s) == len(st.round_verify_s) == st.rounds > 0
+                assert sum(st.round_draft_s) > 0 and sum(st.round_verify_s) > 0
+                assert abs(st.draft_s - sum(st.round_draft_s)) <= 1e-9 * max(1.0, st.draft_s)
+                assert min(st.round_verify_s) >= 0 and min(st.round_transport_s) >= 0
                 accepted += got.stats.accepted
     assert accepted > 0
+    assert all(sum(r.stats.round_draft_s) == 0 and r.stats.rounds == len(r.stats.round_verify_s)
+               for r in ar)  # no drafts: no time in the drafter
     stats = bundled.draft_stats()  # overlap (the default): some drafts were drafted ahead
     assert stats["ready"] > 0 and stats["stale"] > 0 and stats["failed"] == 0
 

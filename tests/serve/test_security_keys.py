@@ -235,3 +235,21 @@ def test_exposure_warnings_name_the_open_door_and_keys_silence_them(tmp_path):
             os.environ.pop(k, None)
             if v is not None:
                 os.environ[k] = v
+
+
+def test_a_local_loopback_run_serves_grpc_on_loopback_from_the_coordinator():
+    """Ray Serve's gRPC proxy listens on every interface: for a local run on loopback the hsd
+    app's coordinator serves gRPC on 127.0.0.1 instead and the proxy's gRPC is off."""
+    from hsd_serve.serve.app import AppConfig
+    from hsd_serve.serve.launch import loopback_grpc, read_config
+
+    cfg = read_config("serve_config.yaml")
+    before = repr(cfg)
+    out, proxy = loopback_grpc(cfg, dict(cfg["grpc_options"], port=9123))
+    assert proxy == {} and repr(cfg) == before  # the caller's config is left alone
+    args = out["applications"][0]["args"]
+    assert AppConfig(**args).security.client_grpc_local_port == 9123
+    # no gRPC port, or several hsd applications: the proxy as configured
+    assert loopback_grpc(cfg, {})[1] == {}
+    two = dict(cfg, applications=cfg["applications"] * 2)
+    assert loopback_grpc(two, dict(cfg["grpc_options"]))[1] == dict(cfg["grpc_options"])

@@ -231,3 +231,29 @@ def test_sampling_params_reject_bad_values():
                 dict(top_p=1.5), dict(top_k=-2), dict(seed=-1)]:
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_common_prefix_len_against_a_slow_reference():
+    """``core.prefix.common_prefix_len`` (caches, drafted-ahead chains, drafter text) equals the
+    plain definition on random lists and bytes, with ``start`` and ``limit``."""
+    import random
+
+    from hsd_serve.core.prefix import common_prefix_len
+
+    def slow(a, b, start=0, limit=None):
+        n = min(len(a), len(b), limit if limit is not None else 10**9)
+        i = 0
+        while i < n and (i < start or a[i] == b[i]):
+            i += 1
+        return i
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = [rng.randrange(3) for _ in range(rng.randrange(8))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(5))]
+        start = rng.randrange(0, 4)
+        limit = rng.choice([None, rng.randrange(0, 9)])
+        shared = slow(a, b, 0, limit)
+        start = min(start, shared)  # the caller's promise: the first `start` items are equal
+        assert common_prefix_len(a, b, start, limit) == slow(a, b, start, limit) == shared
+        assert common_prefix_len(bytes(a), bytearray(b), start, limit) == shared

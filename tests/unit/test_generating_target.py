@@ -173,6 +173,37 @@ def test_a_drafter_that_appears_mid_request_starts_drafting_there(tok):
     assert res.token_ids == want.token_ids and len(target.calls) == 1 and never.asked == 5
 
 
+def test_each_step_splits_its_round_into_draft_verify_and_transport(tok):
+    """What the target measured (``step_s``, of it ``draft_s``) splits each round as an HF round
+    is split: draft, verify = the rest of the target's time, transport = the coordinator's wall
+    time beyond it; unmeasured steps count whole as verify time."""
+    import time
+
+    class Timed(ScriptedGeneratingTarget):
+        async def generate(self, *args, **kwargs):
+            async for step in super().generate(*args, **kwargs):
+                await asyncio.sleep(0.01)  # the wire: the coordinator waits longer than step_s
+                yield Step(step.token_ids, step.finished, step.finish_reason, step.drafted,
+                           step.accepted, step.drafted_per_position,
+                           step.accepted_per_position, step_s=0.004, draft_s=0.001)
+
+    script = _script(tok, "0123456789")
+    t0 = time.perf_counter()
+    res = asyncio.run(_coordinator(tok, Timed(script, (2,)), DrafterAt("d:1")).generate(
+        _req(max_new=8)))
+    wall = time.perf_counter() - t0
+    st = res.stats
+    assert res.token_ids == script[:8] and len(st.round_draft_s) == 4 == st.rounds
+    assert st.round_draft_s == [0.001] * 4 and st.round_verify_s == [0.003] * 4
+    assert all(0.005 <= t <= wall for t in st.round_transport_s)
+    assert abs(st.draft_s - 0.004) < 1e-9 and abs(st.verify_s - 0.012) < 1e-9
+    assert abs(st.transport_s - sum(st.round_transport_s)) < 1e-9
+    # a target that does not measure: whole steps are verify time, no per-round split
+    plain = asyncio.run(_coordinator(tok, ScriptedGeneratingTarget(script, (2,)),
+                                     DrafterAt("d:1")).generate(_req(max_new=8)))
+    assert plain.stats.round_draft_s == [] and plain.stats.verify_s > 0
+
+
 def test_a_broken_stream_resumes_from_the_committed_tokens(tok):
     script = _script(tok, "0123456789abcdef")
     target = ScriptedGeneratingTarget(script, (2,), break_after=3)
@@ -205,9 +236,10 @@ def test_wire_round_trip_and_refusals():
     assert wire.generate_args(back) == dict(rid="r1", prompt_ids=[5, 6, 7], params=params,
                                             max_new_tokens=9, spec=spec)
     assert wire.generate_args(wire.generate_request("r1", [1], params, 1, None))["spec"] is None
-    step = Step([3, 4], True, "stop", 7, 5)
-    assert wire.step_from_proto(pb.TargetStep.FromString(
-        wire.step_to_proto(step).SerializeToString())) == step
+    for step in (Step([3, 4], True, "stop", 7, 5),
+                 Step([3], False, None, 0, 0, [], [], step_s=0.0125, draft_s=0.004)):
+        assert wire.step_from_proto(pb.TargetStep.FromString(
+            wire.step_to_proto(step).SerializeToString())) == step
     for bad, field in ((wire.generate_request("r1", [], params, 9, spec), "prompt_ids"),
                        (wire.generate_request("r1", [1], params, 0, spec), "max_new_tokens"),
                        (wire.generate_request("r1", [1], params, 9,
@@ -221,3 +253,38 @@ def test_draft_spec_survives_vllm_extra_args():
     spec = DraftSpec("r9", "sd", "h:2", "déf f():", 4, True)
     assert DraftSpec.from_extra_args(spec.to_extra_args()) == spec
     assert DraftSpec.from_extra_args(None) is None and DraftSpec.from_extra_args({}) is None
+
+
+def test_draft_clock_is_shared_between_mappings_and_removed_on_close():
+    """The proposer (vLLM's worker process) adds to the counter, the replica reads it: two
+    mappings of one shared-memory file see the same value."""
+    import multiprocessing as mp
+    import os
+
+    from hsd_serve.serve.vllm.clock import ENV, DraftClock
+
+    clock = DraftClock.create()
+    try:
+        ctx = mp.get_context("spawn")  # a process of its own, as vLLM's worker is
+        p = ctx.Process(target=_add_to_clock, args=(clock.path, 0.25, 4))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0 and abs(clock.value() - 1.0) < 1e-12
+        os.environ[ENV] = clock.path
+        writer = DraftClock.from_env()
+        writer.add(0.5)
+        writer.close()
+        assert abs(clock.value() - 1.5) < 1e-12
+    finally:
+        os.environ.pop(ENV, None)
+        clock.close(remove=True)
+    assert not os.path.exists(clock.path) and DraftClock.from_env() is None
+
+
+def _add_to_clock(path, seconds, times):
+    from hsd_serve.serve.vllm.clock import DraftClock
+
+    c = DraftClock(path)
+    for _ in range(times):
+        c.add(seconds)
+    c.close()

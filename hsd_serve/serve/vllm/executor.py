@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import AsyncIterator, Optional
 
 from hsd_serve.core.sampling import SamplingParams
@@ -106,6 +107,7 @@ class VllmTarget:
         self.max_cached_tokens = None
         self.metrics_server = None
         self.metrics_port: Optional[int] = None  # where vLLM's own metrics are served
+        self.clock = None  # DraftClock: seconds vLLM's proposer spent getting drafts
 
     def cached_tokens(self) -> int:
         return 0  # in vLLM's paged cache (its own metrics report it)
@@ -129,6 +131,11 @@ class VllmTarget:
         os.environ["HSD_VLLM_SAMPLED_DRAFTS"] = "1" if self.sampled_drafts else "0"
         os.environ["HSD_VLLM_OVERLAP"] = "1" if o.overlap else "0"
         os.environ["HSD_VLLM_OVERLAP_MAX_BATCH"] = str(o.overlap_max_batch)
+        if self.k > 0:  # the proposer adds the time it spends getting drafts here
+            from hsd_serve.serve.vllm.clock import ENV, DraftClock
+
+            self.clock = DraftClock.create()
+            os.environ[ENV] = self.clock.path
         from hsd_serve.serve.security import DATAPLANE_ENV
 
         if self.dataplane is not None:  # the drafters' token (and TLS)
@@ -172,6 +179,9 @@ class VllmTarget:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if self.clock is not None:
+            self.clock.close(remove=True)
+            self.clock = None
 
     async def draft_stats(self) -> dict:
         """The proposers' counters (draft calls, late, failed, drafted), summed over workers."""
@@ -202,9 +212,18 @@ class VllmTarget:
         finished = False
         self.verifies += 1
         self.sessions[rid] = 0
+        clock = self.clock
+        drafting = clock.value() if clock is not None else 0.0
+        t_prev = time.perf_counter()
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
                                                   sp, rid):
+                # this output's round: its time here, and the part of it spent getting drafts
+                step_s = time.perf_counter() - t_prev
+                draft_s = 0.0
+                if clock is not None and spec is not None:
+                    drafting, before = clock.value(), drafting
+                    draft_s = min(step_s, max(0.0, drafting - before))
                 c = out.outputs[0]
                 self.tokens += len(c.token_ids)
                 self.sessions[rid] += len(c.token_ids)
@@ -214,7 +233,8 @@ class VllmTarget:
                 yield Step(list(c.token_ids), finished, c.finish_reason,
                            drafted=int(getattr(m, "num_draft_tokens", 0) or 0),
                            accepted=int(_accepted(m)), drafted_per_position=drafted_pp,
-                           accepted_per_position=accepted_pp)
+                           accepted_per_position=accepted_pp, draft_s=draft_s, step_s=step_s)
+                t_prev = time.perf_counter()  # the caller's time with a step is not the engine's
         finally:
             self.sessions.pop(rid, None)
             if not finished and self.engine is not None:

@@ -61,10 +61,12 @@ def step_to_proto(step: Step) -> pb.TargetStep:
     return pb.TargetStep(token_ids=step.token_ids, finished=step.finished, finish_reason=reason,
                          drafted=step.drafted, accepted=step.accepted,
                          drafted_per_position=step.drafted_per_position,
-                         accepted_per_position=step.accepted_per_position)
+                         accepted_per_position=step.accepted_per_position,
+                         step_s=step.step_s, draft_s=step.draft_s)
 
 
 def step_from_proto(msg: pb.TargetStep) -> Step:
     reason = FINISH_REASON.from_proto(msg.finish_reason) if msg.finished else None
     return Step(list(msg.token_ids), msg.finished, reason, msg.drafted, msg.accepted,
-                list(msg.drafted_per_position), list(msg.accepted_per_position))
+                list(msg.drafted_per_position), list(msg.accepted_per_position),
+                step_s=msg.step_s, draft_s=msg.draft_s)

@@ -16,13 +16,28 @@ import pytest
 META_KEY = "application"
 
 
-def deploy(app: str, args: dict, route_prefix: str):
-    """``serve.run`` a uniquely named hsd application; returns its Coordinator handle."""
+def deploy(app: str, args: dict, route_prefix: str, http_port: Optional[int] = None):
+    """``serve.run`` a uniquely named hsd application; returns its Coordinator handle.  With
+    ``http_port``: also wait until the HTTP proxy routes ``route_prefix`` (its route table is
+    updated asynchronously after ``serve.run`` returns; until then the prefix answers 404)."""
     from ray import serve
 
     from hsd_serve.serve.app import build_app
 
-    return serve.run(build_app(args), name=app, route_prefix=route_prefix)
+    handle = serve.run(build_app(args), name=app, route_prefix=route_prefix)
+    if http_port is not None:
+        import httpx
+
+        url = f"http://127.0.0.1:{http_port}{route_prefix.rstrip('/')}/health"
+
+        def routed() -> bool:
+            try:
+                return httpx.get(url, timeout=10).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(routed, 60, interval_s=0.2, what=f"the HTTP route {route_prefix}")
+    return handle
 
 
 def undeploy(app: str) -> None:

@@ -22,7 +22,7 @@ PROMPT = "def fib(n):\n    "
 
 @pytest.fixture(scope="module")
 def cancel_app(service):
-    handle = deploy(APP, tiny_args(service), "/cancel")
+    handle = deploy(APP, tiny_args(service), "/cancel", http_port=service["http"])
     yield {"handle": handle, "grpc": service["grpc"], "http": service["http"]}
     undeploy(APP)
 

@@ -33,7 +33,7 @@ def keyed(service, tmp_path_factory):
     security = {"api_keys_file": str(keys),
                 "client_grpc_tls": {"cert_file": certs["cert"], "key_file": certs["key"],
                                     "host": "127.0.0.1", "port": tls_port}}
-    deploy(APP, tiny_args(service, security=security), ROUTE)
+    deploy(APP, tiny_args(service, security=security), ROUTE, http_port=service["http"])
     yield dict(service, base=f"http://127.0.0.1:{service['http']}", tls_port=tls_port,
                certs=certs)
     undeploy(APP)

@@ -302,9 +302,7 @@ class RequestRun:
         """A request decoding plainly for want of a drafter: the address of one leased since
         (``ready_address`` of a leased drafter port; None: none yet, or no such port)."""
         ready = getattr(self.drafter, "ready_address", None)
-        if ready is None or not self.method.needs_drafter:
-            return None
-        return ready()
+        return ready() if ready is not None else None
 
     async def follow(self, spec=None, max_resumes: int = 3) -> AsyncIterator[Chunk]:
         """The request's chunks from a target that decodes it to the end itself

@@ -23,6 +23,14 @@ def _import_attr(path: str):
     return getattr(importlib.import_module(module), attr)
 
 
+APP_IMPORT_PATH = "hsd_serve.serve.app:build_app"
+
+
+def hsd_apps(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config's applications that are hsd's (``import_path`` = ``APP_IMPORT_PATH``)."""
+    return [a for a in cfg.get("applications", []) if a.get("import_path") == APP_IMPORT_PATH]
+
+
 def read_config(path: str) -> dict[str, Any]:
     """Parse and validate a Serve config (Ray's schema + our strict ``AppConfig`` for args)."""
     from ray.serve.schema import ServeDeploySchema
@@ -34,9 +42,8 @@ def read_config(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"serve config not found: {path}")
     cfg = yaml.safe_load(p.read_text()) or {}
     ServeDeploySchema.parse_obj(cfg)
-    for app in cfg.get("applications", []):
-        if app.get("import_path") == "hsd_serve.serve.app:build_app":
-            load_config(app.get("args") or {})  # unknown keys are errors here
+    for app in hsd_apps(cfg):
+        load_config(app.get("args") or {})  # unknown keys are errors here
     return cfg
 
 
@@ -48,9 +55,7 @@ def exposure_warnings(cfg: dict[str, Any], http_host: str, grpc_port: Optional[i
     from hsd_serve.serve.security import is_loopback
 
     out = []
-    for app in cfg.get("applications", []):
-        if app.get("import_path") != "hsd_serve.serve.app:build_app":
-            continue
+    for app in hsd_apps(cfg):
         sec = load_config(app.get("args") or {}).security
         if sec.api_keys_file or (sec.api_keys_env and environ.get(sec.api_keys_env, "").strip()):
             continue
@@ -74,15 +79,11 @@ def loopback_grpc(cfg: dict[str, Any], grpc_opts: dict[str, Any]) -> tuple[dict,
     ``127.0.0.1:<grpc port>`` themselves (``security.client_grpc_local_port``) and the proxy's
     gRPC is off.  Returns (the config to deploy, the gRPC options for ``serve.start``)."""
     port = grpc_opts.get("port")
-    apps = [a for a in cfg.get("applications", [])
-            if a.get("import_path") == "hsd_serve.serve.app:build_app"]
-    if not port or not grpc_opts.get("grpc_servicer_functions") or len(apps) != 1:
+    if not port or not grpc_opts.get("grpc_servicer_functions") or len(hsd_apps(cfg)) != 1:
         return cfg, grpc_opts  # none, or several apps (one port each would be needed)
     cfg = copy.deepcopy(cfg)
-    app = next(a for a in cfg["applications"]
-               if a.get("import_path") == "hsd_serve.serve.app:build_app")
-    args = app.setdefault("args", {}) or {}
-    app["args"] = args
+    app = hsd_apps(cfg)[0]
+    args = app["args"] = app.get("args") or {}
     args.setdefault("security", {})["client_grpc_local_port"] = int(port)
     return cfg, {}
 
@@ -240,8 +241,8 @@ def _once_key(cfg: dict[str, Any]) -> Optional[str]:
     from hsd_serve.serve.security import client_key, parse_keys
 
     key = client_key()
-    for app in cfg.get("applications", []):
-        if key is None and app.get("import_path") == "hsd_serve.serve.app:build_app":
+    for app in hsd_apps(cfg):
+        if key is None:
             env = load_config(app.get("args") or {}).security.api_keys_env
             keys = parse_keys(os.environ.get(env, ""), f"${env}") if env else []
             key = keys[0] if keys else None

@@ -77,6 +77,10 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="vLLM executor: drafting ahead while the target verifies (vllm.overlap): "
                         "on, off, or on,off to measure both side by side in one run (in-process; "
                         "with --endpoint: what the service runs, recorded in results.json)")
+    b.add_argument("--drafter-executor", type=_csv(str), default=["hf"],
+                   help="in-process, --executor hf: what executes our drafter: hf, vllm, or "
+                        "hf,vllm to measure both side by side (drafter_executor; per drafted "
+                        "token: drafter_step_ms_in_run)")
     b.add_argument("--endpoint", default=None,
                    help="measure a running service instead: grpc://HOST:PORT (or HOST:PORT) or "
                         "http://HOST:PORT")
@@ -124,6 +128,7 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
                        executor=args.executor,
                        vllm={"enforce_eager": True} if args.vllm_eager else None,
                        overlap=tuple(_on_off(v) for v in args.overlap),
+                       drafter_executors=tuple(args.drafter_executor),
                        timeout_s=args.timeout, command=command)
 
 

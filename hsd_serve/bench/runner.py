@@ -42,6 +42,8 @@ PLAIN = ("ar", HF_AR, VLLM_AR)  # no drafting
 
 
 OVERLAP_VARIANTS = {"overlap": True, "no overlap": False}
+# in-process HF target, the drafter on each backend measured side by side (--drafter-executor)
+DRAFTER_VARIANTS = {"drafter hf": "hf", "drafter vllm": "vllm"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class RunSpec:
     temperature: float
     lookahead: int  # 0 for AR; hf-uag "default": its own num_assistant_tokens
     variant: str = ""  # hf-uag: "default" (its settings) | "matched" (its lookahead = ours);
-    # ours on the vLLM executor, both measured: "overlap" | "no overlap"
+    # ours on the vLLM executor, both measured: "overlap" | "no overlap"; ours with the drafter
+    # on each backend: "drafter hf" | "drafter vllm"
 
     @property
     def label(self) -> str:
@@ -60,7 +63,7 @@ class RunSpec:
             return self.method
         if self.method == HF and self.variant == "default":
             return f"{HF} (default, k={self.lookahead})"
-        if self.variant in OVERLAP_VARIANTS:
+        if self.variant in OVERLAP_VARIANTS or self.variant in DRAFTER_VARIANTS:
             return f"{self.method} k={self.lookahead} ({self.variant})"
         return f"{self.method} k={self.lookahead}"
 
@@ -166,6 +169,8 @@ class BenchConfig:
     # vLLM executor: drafting ahead (vllm.overlap) on, off or both side by side (in-process: one
     # engine each; with --endpoint: what the service runs, recorded as given)
     overlap: tuple = (False,)
+    # in-process HF target: what executes the drafter, one or both side by side ("hf", "vllm")
+    drafter_executors: tuple = ("hf",)
     # endpoint mode
     endpoint: Optional[str] = None
     application: str = "hsd"
@@ -197,6 +202,11 @@ class BenchConfig:
                                                                    self.concurrency):
             raise ValueError("--concurrency needs --endpoint or --executor vllm (the in-process "
                              "HF engine runs one request at a time)")
+        if set(self.drafter_executors) - {"hf", "vllm"} or not self.drafter_executors:
+            raise ValueError("--drafter-executor must be hf, vllm or hf,vllm")
+        if self.drafter_executors != ("hf",) and (self.endpoint or self.executor != "hf"):
+            raise ValueError("--drafter-executor runs in-process with --executor hf (a service "
+                             "runs its config's drafter_executor)")
         if self.executor == "hf" and self.endpoint is None and set(self.methods) & set(
                 VLLM_BASELINES):
             raise ValueError("vllm-ar and vllm-hetero need --executor vllm or --endpoint")
@@ -386,6 +396,7 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
         "dataset": dataset, "method": spec.method, "label": spec.label,
         "variant": spec.variant or None, "temperature": spec.temperature,
         "overlap": OVERLAP_VARIANTS.get(spec.variant),
+        "drafter_executor": DRAFTER_VARIANTS.get(spec.variant, "hf") if drafting else None,
         "lookahead": k, "prompts": len(samples), "tokens": n_tok, "wall_s": wall,
         "tokens_per_s": tps,
         "tpot_ms": mean(tpot), "tpot_ms_p50": percentile(tpot, 50),
@@ -636,11 +647,21 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
     machine = machine_info()
     if target is None:
         target, drafter = load_pair(cfg)
-    engine = Engine(target, drafter)
     clock = _Clock()
-    engine.coordinator.target = _TimedPort(engine.coordinator.target, clock, "target")
-    if engine.coordinator.drafter is not None:
-        engine.coordinator.drafter = _TimedPort(engine.coordinator.drafter, clock, "drafter")
+    engines = {}  # drafter backend -> Engine (the same target model)
+    for backend in dict.fromkeys(cfg.drafter_executors if drafter is not None else ("hf",)):
+        d = drafter
+        if backend == "vllm":
+            from hsd_serve.serve.config import VllmDrafterOptions
+            from hsd_serve.serve.vllm.drafter import VllmDraftModel
+
+            d = VllmDraftModel(drafter.spec.path, VllmDrafterOptions(**(cfg.vllm or {})),
+                               threads=cfg.threads or 1)
+        engines[backend] = e = Engine(target, d)
+        e.coordinator.target = _TimedPort(e.coordinator.target, clock, "target")
+        if e.coordinator.drafter is not None:
+            e.coordinator.drafter = _TimedPort(e.coordinator.drafter, clock, "drafter")
+    engine = next(iter(engines.values()))
     hf = None
     hf_default_k = None
     if (HF in cfg.methods and drafter is not None) or HF_AR in cfg.methods:
@@ -652,6 +673,11 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
     methods = [m for m in cfg.methods if drafter is not None or m in ("ar", HF_AR)]
     specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads,
                             hf_default_lookahead=hf_default_k)
+    if len(engines) > 1:  # each drafting method once per drafter backend
+        specs_all = [RunSpec(s.method, s.temperature, s.lookahead, f"drafter {b}")
+                     if s.method not in PLAIN + BASELINES else s
+                     for s in specs_all for b in (engines if s.method not in PLAIN + BASELINES
+                                                  else [None])]
     skipped: list[dict] = []
     if drafter is None and len(methods) < len(cfg.methods):
         skipped.append({"method": ",".join(m for m in cfg.methods if m not in methods),
@@ -676,7 +702,7 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
                                 params=SamplingParams(temperature=spec.temperature, seed=seed),
                                 method=spec.method, lookahead=max(1, spec.lookahead))
         clock.reset()
-        result = engine.generate(req)
+        result = engines.get(DRAFTER_VARIANTS.get(spec.variant), engine).generate(req)
         sample = Sample.from_result(dataset, prompt.id, spec, result, seed)
         sample.drafter_call_s, sample.target_call_s = clock.reset()
         return sample
@@ -751,6 +777,8 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
         all_samples += samples
         info["measured"] = len({smp.prompt_id for smp in samples})
         results_runs += aggregate_dataset(dataset, specs, samples, merge_calibrations(calibrations[-2:]))
+    for e in engines.values():  # a drafter on vLLM: stop its engine
+        getattr(e.drafter, "close", lambda: None)()
     calibration = merge_calibrations(calibrations)
     failures, baseline = check_identity(results_runs)
     try:

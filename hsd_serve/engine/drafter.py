@@ -58,6 +58,8 @@ class DrafterState:
 
 
 class DrafterWorker(SessionBounds):
+    returns_rows = True  # its drafts carry the drafter's rows where a method sends them
+
     def __init__(self, model: LoadedModel, target_vocab: Vocab, *, proposal_top_m: int = 64,
                  slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
                  slrs_drafter_top_k: Optional[int] = None, max_sessions: int = 256,
@@ -147,7 +149,7 @@ class DrafterWorker(SessionBounds):
         fails gets its exception back; a request id appearing twice drafts its later call alone.
         """
         results: list = [None] * len(calls)
-        active: dict[int, list] = {}  # index -> [generator, state, context, forwards0, time0]
+        active: dict[int, list] = {}  # index -> [generator, state, context, forwards0, time0, k]
         seen: set[str] = set()
         later = []
 
@@ -170,11 +172,21 @@ class DrafterWorker(SessionBounds):
                     results[i] = Draft()
                     continue
                 gen = self.proposer(METHODS[st.method]).draft(st, c.k, c.position, c.attempt)
-                active[i] = [gen, st, next(gen), f0, t0]
+                active[i] = [gen, st, next(gen), f0, t0, c.k]
             except StopIteration as stop:
                 finish(i, st, stop.value, f0, t0)
             except Exception as exc:  # noqa: BLE001 - reported to that caller only
                 results[i] = exc
+        self._drive(active, finish, results)
+        self._make_room({c.rid for c in calls})  # not while the batch still uses its caches
+        for i in later:
+            results[i] = self.draft_batch([calls[i]])[0]
+        return results
+
+    def _drive(self, active: dict, finish, results: list) -> None:
+        """Run the proposers in ``active`` (index -> [generator, state, context, ...]) to their
+        end, one batched forward per step: send each the row after the context it asked for;
+        ``finish(i, st, draft, ...)`` takes a finished draft, ``results[i]`` a failure."""
         while active:
             items = list(active.items())
             t_step = time.perf_counter()
@@ -182,21 +194,25 @@ class DrafterWorker(SessionBounds):
                                  [[] for _ in items])
             dt = time.perf_counter() - t_step
             for (i, a), logits in zip(items, rows):
-                gen, st = a[0], a[1]
-                st.forwards += 1
-                st.draft_s += dt
-                try:
-                    a[2] = gen.send(logits[-1])
-                except StopIteration as stop:
-                    del active[i]
-                    finish(i, st, stop.value, a[3], a[4])
-                except Exception as exc:  # noqa: BLE001
-                    del active[i]
-                    results[i] = exc
-        self._make_room({c.rid for c in calls})  # not while the batch still uses its caches
-        for i in later:
-            results[i] = self.draft_batch([calls[i]])[0]
-        return results
+                self._advance(active, i, logits[-1], dt, finish, results)
+
+    @staticmethod
+    def _advance(active: dict, i: int, row: torch.Tensor, dt: float, finish,
+                 results: list) -> None:
+        """Send request ``i``'s proposer the row after its context (one forward of ``dt``
+        seconds); a proposer that finishes or fails leaves ``active``."""
+        a = active[i]
+        gen, st = a[0], a[1]
+        st.forwards += 1
+        st.draft_s += dt
+        try:
+            a[2] = gen.send(row)
+        except StopIteration as stop:
+            del active[i]
+            finish(i, st, stop.value, a[3], a[4])
+        except Exception as exc:  # noqa: BLE001
+            del active[i]
+            results[i] = exc
 
     def slrs_step(self, rid: str, generated: bytes, row: torch.Tensor,
                   position: int) -> SLRSOutcome:

@@ -74,11 +74,14 @@ class Coordinator:
     def __init__(self, target: TargetPort, info: TargetInfo, drafter: Optional[DrafterPort] = None,
                  *, same_vocab: bool = False, draft_timeout_s: Optional[float] = None,
                  drafter_retry_rounds: int = 8, sink=None, load_aware_lookahead: bool = False,
-                 target_generates: bool = False):
+                 target_generates: bool = False, drafter_rows: bool = True):
         """``target_generates``: the target runs whole requests itself (``target.generate``: the
-        vLLM executor, ``RequestRun.follow``) instead of verifying the coordinator's rounds."""
+        vLLM executor, ``RequestRun.follow``) instead of verifying the coordinator's rounds.
+        ``drafter_rows``: the drafter returns its distribution (False: tokens only, vLLM's;
+        methods whose drafts are not argmaxes are refused, ``auto`` picks slem)."""
         self.target = target
         self.target_generates = target_generates
+        self.drafter_rows = drafter_rows
         self.info = info
         self.drafter = drafter
         self.policy = RunPolicy(same_vocab=same_vocab, draft_timeout_s=draft_timeout_s,
@@ -99,9 +102,9 @@ class Coordinator:
         if method == "auto":
             if self.drafter is None:
                 return "ar"
-            if self.policy.same_vocab:
-                return "sd"
-            return "slem" if params.greedy else "tli"
+            if params.greedy or self.drafter_rows:
+                return "sd" if self.policy.same_vocab else ("slem" if params.greedy else "tli")
+            return "slem"  # sampled drafts need rows this drafter does not return
         m = METHODS[method]
         if self.target_generates and m.needs_drafter and method not in GENERATING_METHODS:
             raise RequestError("method", f"method {method!r} runs on the hf target executor; this "
@@ -109,6 +112,12 @@ class Coordinator:
                                          f"{', '.join(GENERATING_METHODS)} or auto)")
         if m.needs_drafter and self.drafter is None:
             raise RequestError("method", f"method {method!r} needs a drafter; none is configured")
+        if m.needs_drafter and not self.drafter_rows and not m.drafts_argmax(params):
+            when = "" if method == "slrs" else " at temperature > 0"
+            raise RequestError("method", f"method {method!r}{when} needs the drafter's "
+                                         "distribution; this service's drafter runs on vLLM "
+                                         "(drafter_executor: vllm), which returns tokens only: "
+                                         "use slem or auto")
         try:
             m.check_pair(self.policy.same_vocab)
         except ValueError as exc:

@@ -55,13 +55,15 @@ class Engine:
                  slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
                  proposal_top_m: int = 64, sink=None):
         """``sink``: a :class:`hsd_serve.metrics.MetricsSink` (e.g. ``PrometheusSink()``) that
-        receives every request's stats when it ends."""
+        receives every request's stats when it ends.  ``drafter`` may also be a model that names
+        its own ``worker_class`` (``serve.vllm.drafter.VllmDraftModel``: the drafter on vLLM)."""
         self.target = target
         self.drafter = drafter
         self.target_worker = TargetWorker(target)
         self.drafter_worker = None
         if drafter is not None:
-            self.drafter_worker = DrafterWorker(drafter, target.vocab,
+            worker_class = getattr(drafter, "worker_class", DrafterWorker)
+            self.drafter_worker = worker_class(drafter, target.vocab,
                                                 proposal_top_m=proposal_top_m,
                                                 slrs_max_forwards=slrs_max_forwards,
                                                 slrs_max_target_bytes=slrs_max_target_bytes)
@@ -69,7 +71,8 @@ class Engine:
             LocalTarget(self.target_worker),
             TargetInfo(target.tokenizer, target.eos_ids, target.max_context),
             LocalDrafter(self.drafter_worker) if self.drafter_worker else None,
-            same_vocab=bool(self.drafter_worker and self.drafter_worker.same_vocab), sink=sink)
+            same_vocab=bool(self.drafter_worker and self.drafter_worker.same_vocab), sink=sink,
+            drafter_rows=self.drafter_worker is None or self.drafter_worker.returns_rows)
 
     def resolve_method(self, method: str, params) -> str:
         return self.coordinator.resolve_method(method, params)

@@ -44,10 +44,9 @@ class ModelConfig(_Strict):
                          trust_remote_code=self.trust_remote_code, head_ids=self.head_ids)
 
 
-class VllmOptions(_Strict):
-    """How a target replica builds its vLLM engine (``target_executor: vllm``)."""
+class VllmEngineOptions(_Strict):
+    """How a replica builds a vLLM engine for its model."""
 
-    num_speculative_tokens: int = Field(4, ge=0, le=64)  # most drafts per step (0: no drafts)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     enforce_eager: bool = False  # True: starts in ~15 s instead of ~60 s on CPU, slower steps
     max_num_seqs: int = Field(64, ge=1)
@@ -57,6 +56,19 @@ class VllmOptions(_Strict):
     pipeline_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_gib: int = Field(2, ge=1)  # CPU nodes: VLLM_CPU_KVCACHE_SPACE
     cpu_threads_bind: str = "auto"  # CPU nodes: VLLM_CPU_OMP_THREADS_BIND; auto: the replica's cores
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # more vLLM engine args, as given
+
+
+class VllmDrafterOptions(VllmEngineOptions):
+    """How a drafter replica builds its vLLM engine (``drafter_executor: vllm``)."""
+
+    cpu_kvcache_gib: int = Field(1, ge=1)  # a drafter's cache is small
+
+
+class VllmOptions(VllmEngineOptions):
+    """How a target replica builds its vLLM engine (``target_executor: vllm``)."""
+
+    num_speculative_tokens: int = Field(4, ge=0, le=64)  # most drafts per step (0: no drafts)
     # CPU nodes: run vLLM's engine-core process on those cores too (it busy-polls the worker; next
     # to it, it stops taking a core from the drafter and the front end)
     cpu_pin_engine_core: bool = True
@@ -76,7 +88,6 @@ class VllmOptions(_Strict):
     # serve vLLM's own Prometheus metrics (vllm:*) from each target replica on this port
     # (0: any free port, reported in the replica's stats; None: not served)
     metrics_port: Optional[int] = Field(None, ge=0, le=65535)
-    engine_args: dict[str, Any] = Field(default_factory=dict)  # more vLLM engine args, as given
 
 
 class _TlsFiles(_Strict):
@@ -207,6 +218,11 @@ class AppConfig(_Strict):
     # inside vLLM: greedy with any drafting method, see docs/vllm.md)
     target_executor: Literal["hf", "vllm"] = "hf"
     vllm: VllmOptions = VllmOptions()
+    # what executes the drafter: "hf" (every method; measured faster per drafted token on CPU,
+    # bench/README.md) or "vllm" (its forwards in an in-process vLLM engine: slem, and tli/sd
+    # when greedy — the methods whose drafts are argmaxes; docs/vllm.md "Drafter on vLLM")
+    drafter_executor: Literal["hf", "vllm"] = "hf"
+    drafter_vllm: VllmDrafterOptions = VllmDrafterOptions()
     # request limits and defaults, checked as one RequestLimits (request_limits())
     default_method: str = "auto"
     default_lookahead: int = 4
@@ -254,6 +270,13 @@ class AppConfig(_Strict):
             raise ValueError("head_ids prunes a drafter's output head; the target's distribution "
                              "must stay whole (lossless), so target.head_ids must be 0")
         return v
+
+    @model_validator(mode="after")
+    def _drafter_on_vllm(self) -> "AppConfig":
+        if self.drafter_executor == "vllm" and self.drafter is not None and self.drafter.head_ids:
+            raise ValueError("drafter.head_ids prunes the HF drafter's output head; with "
+                             "drafter_executor: vllm leave it 0")
+        return self
 
     @model_validator(mode="after")
     def _limits(self) -> "AppConfig":

@@ -165,10 +165,19 @@ class DrafterDeployment(_ModelReplica):
         from hsd_serve.models.hf import LoadedModel, describe_model
 
         config = load_config(cfg)
-        _set_threads(config.drafter_deployment.torch_threads)
-        model = LoadedModel(config.drafter.spec())
+        threads = config.drafter_deployment.torch_threads
+        _set_threads(threads)
+        if config.drafter_executor == "vllm":  # its forwards in an in-process vLLM engine
+            from hsd_serve.serve.vllm.drafter import VllmDraftModel
+
+            spec = config.drafter
+            model = await asyncio.get_running_loop().run_in_executor(None, lambda: VllmDraftModel(
+                spec.resolved_path(), config.drafter_vllm, threads=threads or 1,
+                trust_remote_code=spec.trust_remote_code))
+        else:
+            model = LoadedModel(config.drafter.spec())
         target_vocab = describe_model(config.target.spec()).tokenizer.vocab
-        await self._start(DrafterWorker(
+        await self._start(getattr(model, "worker_class", DrafterWorker)(
             model, target_vocab, proposal_top_m=config.proposal_top_m,
             slrs_max_forwards=config.slrs_max_forwards,
             slrs_max_target_bytes=config.slrs_max_target_bytes,
@@ -241,7 +250,8 @@ class CoordinatorDeployment:
             same_vocab=same_vocab, draft_timeout_s=self.config.draft_timeout_s,
             drafter_retry_rounds=self.config.drafter_retry_rounds,
             load_aware_lookahead=self.config.load_aware_lookahead, sink=RaySink(),
-            target_generates=self.config.target_executor == "vllm")
+            target_generates=self.config.target_executor == "vllm",
+            drafter_rows=self.config.drafter_executor == "hf")
         self.ongoing = 0  # requests in flight here (hsd_ongoing_requests{component="coordinator"})
         self.gauges = None  # started with the first request (needs the replica's event loop)
         self.limits = self.config.request_limits()  # both front doors (gRPC, HTTP)

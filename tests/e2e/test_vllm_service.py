@@ -56,26 +56,33 @@ def _greedy(prompt, n, method):
                                    lookahead=3, sampling=hsd_pb2.SamplingParams(temperature=0))
 
 
+def greedy_is_ar(ports, app: str, http, engine, prompts, methods, n: int = 32) -> list:
+    """Each prompt × method, greedy, over gRPC streaming (``app``'s metadata) and ``http``:
+    asserts both give ``engine``'s AR; returns the gRPC streams' final stats."""
+    out = []
+    with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+        stub = hsd_pb2_grpc.GenerationStub(channel)
+        for prompt in prompts:
+            ar = engine.generate(GenerationRequest(prompt, max_new_tokens=n, method="ar"))
+            for method in methods:
+                chunks = list(stub.GenerateStream(_greedy(prompt, n, method),
+                                                  metadata=(("application", app),), timeout=300))
+                assert [t for c in chunks for t in c.token_ids] == ar.token_ids, method
+                assert chunks[-1].stats.method == method
+                out.append(chunks[-1].stats)
+                r = http.post("/v1/completions", json={
+                    "prompt": prompt, "max_tokens": n, "temperature": 0, "method": method})
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == ar.text, method
+    return out
+
+
 def test_greedy_over_grpc_and_http_is_the_target_alone(vllm_app):
     ports, engine = vllm_app
     http = httpx.Client(base_url=f"http://127.0.0.1:{ports['http']}/vllm", timeout=300)
-    drafted = 0
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
-            stub = hsd_pb2_grpc.GenerationStub(channel)
-            for prompt in PROMPTS[:2]:
-                ar = engine.generate(GenerationRequest(prompt, max_new_tokens=32, method="ar"))
-                for method in ("ar", "slem", "tli"):
-                    chunks = list(stub.GenerateStream(_greedy(prompt, 32, method), metadata=META,
-                                                      timeout=300))
-                    assert [t for c in chunks for t in c.token_ids] == ar.token_ids, method
-                    assert chunks[-1].stats.method == method
-                    drafted += chunks[-1].stats.drafted
-                    r = http.post("/v1/completions", json={
-                        "prompt": prompt, "max_tokens": 32, "temperature": 0, "method": method})
-                    assert r.status_code == 200, r.text
-                    assert r.json()["choices"][0]["text"] == ar.text, method
-        assert drafted > 0, "no drafts reached vLLM"
+        stats = greedy_is_ar(ports, APP, http, engine, PROMPTS[:2], ("ar", "slem", "tli"))
+        assert sum(s.drafted for s in stats) > 0, "no drafts reached vLLM"
         r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "method": "slrs"})
         assert r.status_code == 400 and "method" in r.text, r.text
         metrics = http.get("/metrics").text
@@ -84,17 +91,24 @@ def test_greedy_over_grpc_and_http_is_the_target_alone(vllm_app):
         http.close()
 
 
-def test_drafter_killed_mid_stream_costs_no_token(vllm_app):
-    ports, engine = vllm_app
-    before = live_replica_names(APP, "Drafter")
+def kill_drafter_mid_stream(ports, app: str, engine, prompts, n: int) -> set:
+    """Greedy SLEM streams of ``prompts``; the one drafter replica is killed once every stream
+    has its first chunk: asserts each output is ``engine``'s AR.  Returns the replicas before."""
+    before = live_replica_names(app, "Drafter")
     assert len(before) == 1, before
-    out, _, killed_at = asyncio.run(_grpc_streams(
-        ports["grpc"], APP, [_greedy(p, LONG, "slem") for p in PROMPTS],
+    out, _, _ = asyncio.run(_grpc_streams(
+        ports["grpc"], app, [_greedy(p, n, "slem") for p in prompts],
         on_first_chunks=lambda: kill_replica(next(iter(before)))))
-    for prompt, (ids, last, _) in zip(PROMPTS, out):
-        want = engine.generate(GenerationRequest(prompt, max_new_tokens=LONG, method="ar"))
+    for prompt, (ids, last, _) in zip(prompts, out):
+        want = engine.generate(GenerationRequest(prompt, max_new_tokens=n, method="ar"))
         assert ids == want.token_ids, prompt
         assert last.finish_reason in (hsd_pb2.FINISH_REASON_STOP, hsd_pb2.FINISH_REASON_LENGTH)
+    return before
+
+
+def test_drafter_killed_mid_stream_costs_no_token(vllm_app):
+    ports, engine = vllm_app
+    before = kill_drafter_mid_stream(ports, APP, engine, PROMPTS, LONG)
     wait_for(lambda: live_replica_names(APP, "Drafter") - before, 120,
              what="a replacement drafter replica")
     with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:

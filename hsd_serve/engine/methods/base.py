@@ -60,6 +60,12 @@ class Method:
     def check_pair(self, same_vocab: bool) -> None:
         """Raise ValueError when this drafter/target pair cannot run the method."""
 
+    def drafts_argmax(self, params) -> bool:
+        """Whether every token this method drafts for ``params`` is an argmax of the drafter's
+        (restricted) row and nothing else of the row is sent: a drafter that returns tokens
+        only (vLLM's) can draft it."""
+        return False
+
     def proposer(self, worker):
         """This method's drafter side for ``worker`` (a ``DrafterWorker``)."""
         raise ValueError(f"method {self.name!r} does not use a drafter")

@@ -29,6 +29,9 @@ class SD(Method):
     def proposer(self, worker) -> "SDProposer":
         return SDProposer(worker.target_vocab.size, worker.proposal_top_m)
 
+    def drafts_argmax(self, params) -> bool:
+        return params.greedy  # sampled drafts come with their proposal rows
+
 
 class SDProposer:
     def __init__(self, v_target: int, top_m: int):

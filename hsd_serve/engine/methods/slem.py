@@ -28,6 +28,9 @@ class SLEM(Method):
     def uses_ids(self, same_vocab: bool) -> bool:
         return same_vocab  # a shared vocabulary needs no re-encoding
 
+    def drafts_argmax(self, params) -> bool:
+        return True  # greedy drafts at any temperature: verification keeps the target's choices
+
     def proposer(self, worker) -> "SLEMProposer":
         return SLEMProposer(worker.model.vocab.token_bytes)
 

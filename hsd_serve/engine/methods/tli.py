@@ -25,6 +25,9 @@ class TLI(Method):
         return TLIProposer(worker.id_map, worker.model.logit_size, worker.target_vocab.size,
                            worker.proposal_top_m)
 
+    def drafts_argmax(self, params) -> bool:
+        return params.greedy  # sampled drafts come with their proposal rows
+
 
 class TLIProposer:
     def __init__(self, id_map: torch.Tensor, v_draft: int, v_target: int, top_m: int):

@@ -44,12 +44,13 @@ class DrafterAt:
 
 
 class VllmEngine:
-    """Target on vLLM, drafter (optional) on our HF executor, one process."""
+    """Target on vLLM, drafter (optional) on our HF executor or on vLLM, one process."""
 
     def __init__(self, target_path: str, drafter=None, *,
                  options: Optional[VllmOptions] = None, threads: int = 1,
                  proposal_top_m: int = 64, sink=None):
-        """``drafter``: a ``models.hf.LoadedModel`` (or None: AR only)."""
+        """``drafter``: a ``models.hf.LoadedModel``, a ``serve.vllm.drafter.VllmDraftModel`` (the
+        drafter on vLLM too) or None (AR only)."""
         self.target_path = target_path
         self.options = options or VllmOptions()
         self.loop = asyncio.new_event_loop()
@@ -74,16 +75,17 @@ class VllmEngine:
 
         d = describe_model(ModelSpec(self.target_path))
         port = None
-        same_vocab = False
+        same_vocab, rows = False, True
         if drafter is not None:
-            worker = DrafterWorker(drafter, d.tokenizer.vocab, proposal_top_m=proposal_top_m)
-            same_vocab = worker.same_vocab
+            worker = getattr(drafter, "worker_class", DrafterWorker)(
+                drafter, d.tokenizer.vocab, proposal_top_m=proposal_top_m)
+            same_vocab, rows = worker.same_vocab, worker.returns_rows
             self.server, bound = await start_dataplane_server("drafter", worker, "127.0.0.1", 0)
             port = DrafterAt(f"127.0.0.1:{bound}")
         self.target = await VllmTarget(self.target_path, self.options, threads=threads).start()
         self.coordinator = Coordinator(
             LocalGeneratingTarget(self.target), TargetInfo(d.tokenizer, d.eos_ids, d.max_context),
-            port, same_vocab=same_vocab, sink=sink, target_generates=True)
+            port, same_vocab=same_vocab, sink=sink, target_generates=True, drafter_rows=rows)
 
     def resolve_method(self, method: str, params) -> str:
         return self.coordinator.resolve_method(method, params)

@@ -167,22 +167,26 @@ class DrafterDeployment(_ModelReplica):
         config = load_config(cfg)
         threads = config.drafter_deployment.torch_threads
         _set_threads(threads)
-        if config.drafter_executor == "vllm":  # its forwards in an in-process vLLM engine
-            from hsd_serve.serve.vllm.drafter import VllmDraftModel
-
-            spec = config.drafter
-            model = await asyncio.get_running_loop().run_in_executor(None, lambda: VllmDraftModel(
-                spec.resolved_path(), config.drafter_vllm, threads=threads or 1,
-                trust_remote_code=spec.trust_remote_code))
-        else:
-            model = LoadedModel(config.drafter.spec())
         target_vocab = describe_model(config.target.spec()).tokenizer.vocab
-        await self._start(getattr(model, "worker_class", DrafterWorker)(
-            model, target_vocab, proposal_top_m=config.proposal_top_m,
-            slrs_max_forwards=config.slrs_max_forwards,
-            slrs_max_target_bytes=config.slrs_max_target_bytes,
-            max_sessions=config.max_sessions_per_replica,
-            max_cached_tokens=config.max_cached_tokens_per_replica))
+
+        def build():
+            if config.drafter_executor == "vllm":  # its forwards in a vLLM engine
+                from hsd_serve.serve.vllm.drafter import VllmDraftModel
+
+                spec = config.drafter
+                model = VllmDraftModel(spec.resolved_path(), config.drafter_vllm,
+                                       threads=threads or 1,
+                                       trust_remote_code=spec.trust_remote_code)
+            else:
+                model = LoadedModel(config.drafter.spec())
+            return getattr(model, "worker_class", DrafterWorker)(
+                model, target_vocab, proposal_top_m=config.proposal_top_m,
+                slrs_max_forwards=config.slrs_max_forwards,
+                slrs_max_target_bytes=config.slrs_max_target_bytes,
+                max_sessions=config.max_sessions_per_replica,
+                max_cached_tokens=config.max_cached_tokens_per_replica)
+
+        await self._start(await asyncio.get_running_loop().run_in_executor(None, build))
 
 
 @serve.deployment(name="Target")

@@ -8,8 +8,9 @@ rounds), and after every step each proposer gets the token vLLM chose, as a row 
 logit is that token.
 
 That row is all a proposer that drafts greedily needs: vLLM takes the argmax over the ids the
-proposer may pick (``allowed_token_ids``), and the proposer's own argmax over the row is then that
-token.  So the vLLM backend drafts for every method whose drafts are argmaxes — SLEM (at any
+proposer may pick (TLI: the vocabulary intersection, SD: the target's ids; a mask loaded once in
+the engine, ``drafter_mask.AllowedIdsOnly``), and the proposer's own argmax over the row is then
+that token.  So the vLLM backend drafts for every method whose drafts are argmaxes — SLEM (at any
 temperature: it always drafts greedily and verification keeps the target's own choices), and
 greedy TLI (argmax inside the vocabulary intersection) and greedy SD.  Sampled TLI/SD send the
 drafter's proposal rows with their drafts and SLRS reads the drafter's whole distribution: vLLM
@@ -39,6 +40,9 @@ from hsd_serve.serve.config import VllmDrafterOptions, VllmEngineOptions
 
 log = logging.getLogger(__name__)
 
+MASK_ENV = "HSD_VLLM_DRAFTER_MASK"  # a file of the drafter ids its requests may draft (TLI, SD)
+MASKED = "hsd_masked"  # SamplingParams.extra_args key: the request drafts inside that mask
+
 TOKENS_ONLY = ("method {method!r} needs the drafter's distribution (sampled tli/sd send "
                "proposal rows, slrs reads the whole row); this drafter runs on vLLM "
                "(drafter_executor: vllm), which returns tokens: it drafts slem, and tli/sd when "
@@ -57,12 +61,14 @@ class _VllmCached:
 
 class VllmDraftModel:
     """What the drafter worker knows of a drafter that runs on vLLM: its tokenizer and sizes
-    (read from its files, no weights in this process) and the engine."""
+    (read from its files, no weights in this process) and the engine, built by ``start`` (the
+    first ``VllmDrafterWorker`` on it starts it with the ids its TLI/SD drafts may take)."""
 
     def __init__(self, path: str, options: Optional[VllmEngineOptions] = None, *,
                  threads: int = 1, trust_remote_code: bool = False):
         from hsd_serve.models.hf import ModelSpec, describe_model
 
+        self.path, self.threads, self.trust_remote_code = path, threads, trust_remote_code
         d = describe_model(ModelSpec(path, trust_remote_code=trust_remote_code))
         self.tokenizer = d.tokenizer
         self.logit_size = d.logit_size
@@ -72,9 +78,23 @@ class VllmDraftModel:
         # the engine is built and stepped on this one thread, whoever calls the drafter worker
         # (a single-process GPU engine binds its device and streams to its thread)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="hsd-vllm-drafter")
+        self.mask_file = None
+        self.engine = None
+
+    def start(self, allowed: Optional[torch.Tensor]) -> None:
+        """Build the engine; ``allowed`` ([logit size] bool, or None) is what masked requests
+        may draft (``AllowedIdsOnly``, in the engine's process)."""
+        import tempfile
+
+        if allowed is not None:
+            f = tempfile.NamedTemporaryFile(prefix="hsd-drafter-mask-", suffix=".pt",
+                                            delete=False)
+            torch.save(allowed.to(torch.bool).cpu(), f.name)
+            self.mask_file = f.name
         self.engine = self.thread.submit(
-            build_engine, path, self.options, threads=threads,
-            trust_remote_code=trust_remote_code, max_model_len=self.max_context).result()
+            build_engine, self.path, self.options, threads=self.threads,
+            trust_remote_code=self.trust_remote_code, max_model_len=self.max_context,
+            mask_file=self.mask_file).result()
 
     def close(self) -> None:
         """Drop the engine (its memory is freed with it) and stop its thread."""
@@ -82,6 +102,9 @@ class VllmDraftModel:
         if engine is not None:
             self.thread.submit(lambda: engine.engine_core.shutdown()).result()
         self.thread.shutdown(wait=True)
+        if self.mask_file is not None:
+            os.unlink(self.mask_file)
+            self.mask_file = None
 
     @property
     def vocab(self):
@@ -92,7 +115,7 @@ class VllmDraftModel:
 
 
 def build_engine(path: str, o: VllmEngineOptions, *, threads: int, trust_remote_code: bool,
-                 max_model_len: Optional[int]):
+                 max_model_len: Optional[int], mask_file: Optional[str] = None):
     """A vLLM ``LLMEngine`` for the drafter with its engine core in this process (no core
     process between the drafter worker and the model: a step is scheduled on the calling thread).
     On GPU a single-device model runs in this process too; on CPU vLLM runs it in one worker
@@ -103,10 +126,10 @@ def build_engine(path: str, o: VllmEngineOptions, *, threads: int, trust_remote_
 
     from hsd_serve.serve.vllm.executor import _cores, _cpu_only
 
-    env = {}
+    env = {MASK_ENV: mask_file or ""}
     if _cpu_only():
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(o.cpu_kvcache_gib),
-               "VLLM_CPU_OMP_THREADS_BIND": _cores(o.cpu_threads_bind, threads)}
+        env.update({"VLLM_CPU_KVCACHE_SPACE": str(o.cpu_kvcache_gib),
+                    "VLLM_CPU_OMP_THREADS_BIND": _cores(o.cpu_threads_bind, threads)})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # read while the engine is built; a target engine here keeps its own
     try:
@@ -117,7 +140,8 @@ def build_engine(path: str, o: VllmEngineOptions, *, threads: int, trust_remote_
                       pipeline_parallel_size=o.pipeline_parallel_size,
                       trust_remote_code=trust_remote_code, skip_tokenizer_init=True,
                       distributed_executor_backend="uni" if o.tensor_parallel_size
-                      * o.pipeline_parallel_size == 1 else None)
+                      * o.pipeline_parallel_size == 1 else None,
+                      logits_processors=[ALLOWED_IDS_ONLY] if mask_file else None)
         kwargs.update(o.engine_args)
         cfg = EngineArgs(**kwargs).create_engine_config()
         return LLMEngine(vllm_config=cfg, executor_class=Executor.get_class(cfg),
@@ -137,6 +161,11 @@ class VllmDrafterWorker(DrafterWorker):
 
     def __init__(self, model: VllmDraftModel, target_vocab, **kwargs):
         super().__init__(model, target_vocab, **kwargs)
+        if model.engine is None:  # TLI drafts inside the intersection, SD inside the target's ids
+            allowed = self.proposer(METHODS["tli"]).in_i.clone() if not self.same_vocab else \
+                torch.arange(model.logit_size) < target_vocab.size
+            model.start(allowed if not bool(allowed.all()) else None)
+        self.masked = model.mask_file is not None
         self.engine = model.engine
         self._ids = itertools.count()
         self.steps = 0  # vLLM engine steps run for drafts
@@ -154,14 +183,12 @@ class VllmDrafterWorker(DrafterWorker):
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        allowed = None
-        if method == "tli":  # the drafter's argmax inside the vocabulary intersection
-            allowed = self.proposer(METHODS["tli"]).in_i.nonzero().flatten().tolist()
-        elif method == "sd" and self.model.logit_size > self.target_vocab.size:
-            allowed = list(range(self.target_vocab.size))  # SD cuts rows to the target's size
+        # TLI: the argmax inside the vocabulary intersection; SD: inside the target's ids
+        masked = self.masked and method in ("tli", "sd")
         return VSamplingParams(temperature=0.0, max_tokens=max(1, min(MAX_DRAFT_PER_K * k, room)),
                                ignore_eos=True, detokenize=False, skip_special_tokens=False,
-                               allowed_token_ids=allowed, output_kind=RequestOutputKind.DELTA)
+                               extra_args={MASKED: True} if masked else None,
+                               output_kind=RequestOutputKind.DELTA)
 
     def _drive(self, active: dict, finish, results: list) -> None:
         self.model.thread.submit(self._drive_here, active, finish, results).result()
@@ -227,3 +254,4 @@ class VllmDrafterWorker(DrafterWorker):
 
 
 VllmDraftModel.worker_class = VllmDrafterWorker  # what ``Engine`` builds for such a drafter
+ALLOWED_IDS_ONLY = "hsd_serve.serve.vllm.drafter_mask:AllowedIdsOnly"

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
 from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, PLAIN, BenchConfig, RunSpec, Sample, _config_dict, _progress,
                                     aggregate_dataset, build_specs, calibrate, check_identity,
-                                    machine_info, merge_calibrations)
+                                    machine_info, merge_calibrations, per_drafter_backend)
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str]:
@@ -184,6 +184,8 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                          "--application per value, the same service deployed both ways "
                          "(e.g. --application hsd_overlap,hsd_no_overlap: "
                          "bench/service_config_vllm_overlap_ab.yaml)")
+    if not cfg.endpoint:  # in-process vLLM executor: our drafter on each backend asked for
+        specs_all = per_drafter_backend(specs_all, cfg.drafter_executors)
     if both:
         specs_all = [RunSpec(s.method, s.temperature, s.lookahead, v)
                      for s in specs_all for v in (

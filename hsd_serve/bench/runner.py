@@ -204,9 +204,11 @@ class BenchConfig:
                              "HF engine runs one request at a time)")
         if set(self.drafter_executors) - {"hf", "vllm"} or not self.drafter_executors:
             raise ValueError("--drafter-executor must be hf, vllm or hf,vllm")
-        if self.drafter_executors != ("hf",) and (self.endpoint or self.executor != "hf"):
-            raise ValueError("--drafter-executor runs in-process with --executor hf (a service "
-                             "runs its config's drafter_executor)")
+        if self.drafter_executors != ("hf",) and self.endpoint:
+            raise ValueError("--drafter-executor runs in-process (a service runs its config's "
+                             "drafter_executor)")
+        if self.drafter_executors != ("hf",) and len(set(self.overlap)) > 1:
+            raise ValueError("--drafter-executor with --overlap on,off: measure one at a time")
         if self.executor == "hf" and self.endpoint is None and set(self.methods) & set(
                 VLLM_BASELINES):
             raise ValueError("vllm-ar and vllm-hetero need --executor vllm or --endpoint")
@@ -215,6 +217,16 @@ class BenchConfig:
     def reference(self) -> str:
         """The method every other run is compared with (speedup, identical output)."""
         return VLLM_AR if self.executor == "vllm" else "ar"
+
+
+def per_drafter_backend(specs: list[RunSpec], backends: Sequence[str]) -> list[RunSpec]:
+    """Each drafting spec once per drafter backend (variant "drafter hf" / "drafter vllm"),
+    unless only the HF drafter is measured."""
+    if tuple(backends) == ("hf",):
+        return list(specs)
+    return [RunSpec(s.method, s.temperature, s.lookahead, f"drafter {b}")
+            if s.method not in PLAIN + BASELINES else s
+            for s in specs for b in (backends if s.method not in PLAIN + BASELINES else [None])]
 
 
 def build_specs(methods: Sequence[str], temperatures: Sequence[float], lookaheads: Sequence[int],
@@ -673,11 +685,7 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
     methods = [m for m in cfg.methods if drafter is not None or m in ("ar", HF_AR)]
     specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads,
                             hf_default_lookahead=hf_default_k)
-    if len(engines) > 1:  # each drafting method once per drafter backend
-        specs_all = [RunSpec(s.method, s.temperature, s.lookahead, f"drafter {b}")
-                     if s.method not in PLAIN + BASELINES else s
-                     for s in specs_all for b in (engines if s.method not in PLAIN + BASELINES
-                                                  else [None])]
+    specs_all = per_drafter_backend(specs_all, tuple(engines))
     skipped: list[dict] = []
     if drafter is None and len(methods) < len(cfg.methods):
         skipped.append({"method": ",".join(m for m in cfg.methods if m not in methods),

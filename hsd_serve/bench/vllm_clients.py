@@ -25,9 +25,10 @@ from hsd_serve.bench.runner import VLLM_AR, VLLM_HETERO, BenchConfig, RunSpec, S
 class EngineClient:
     """One ``VllmEngine``; ``method``: what it is asked to run (None: the spec's method)."""
 
-    def __init__(self, engine, method: Optional[str] = None):
+    def __init__(self, engine, method: Optional[str] = None, owned=None):
         self.engine = engine
         self.method = method
+        self.owned = owned  # closed with it
 
     def generate(self, dataset: str, prompt: Prompt, spec: RunSpec, max_new: int, seed: int,
                  concurrency: int = 1) -> Sample:
@@ -47,6 +48,8 @@ class EngineClient:
 
     def close(self) -> None:
         self.engine.close()
+        if self.owned is not None:  # a drafter on vLLM: its engine
+            self.owned.close()
 
 
 def _options(cfg: BenchConfig, **kw):
@@ -77,12 +80,24 @@ def local_clients(cfg: BenchConfig, specs, *, ours: bool) -> dict:
         clients[VLLM_HETERO, k] = EngineClient(VllmEngine(target, None, options=_options(
             cfg, num_speculative_tokens=0, engine_args={"speculative_config": spec_cfg})),
             method="ar")
-    if ours:  # one engine per overlap setting measured (vllm.overlap)
+    if ours:  # one engine per overlap setting measured (vllm.overlap), or per drafter backend
         _, drafter = load_pair(cfg, target=False)
         k_max = max([s.lookahead for s in specs] + [1])
-        for overlap in dict.fromkeys(bool(v) for v in cfg.overlap):
-            clients[None, overlap] = EngineClient(VllmEngine(target, drafter, options=_options(
-                cfg, num_speculative_tokens=k_max, overlap=overlap), threads=cfg.threads or 1))
+        backends = cfg.drafter_executors if drafter is not None else ("hf",)
+        for backend in backends:
+            d = drafter
+            if backend == "vllm":
+                from hsd_serve.serve.config import VllmDrafterOptions
+                from hsd_serve.serve.vllm.drafter import VllmDraftModel
+
+                d = VllmDraftModel(drafter.spec.path, VllmDrafterOptions(**{
+                    k: v for k, v in (cfg.vllm or {}).items() if k != "num_speculative_tokens"}),
+                    threads=cfg.threads or 1)
+            for overlap in dict.fromkeys(bool(v) for v in cfg.overlap):
+                engine = VllmEngine(target, d, options=_options(
+                    cfg, num_speculative_tokens=k_max, overlap=overlap), threads=cfg.threads or 1)
+                key = overlap if backends == ("hf",) else f"drafter {backend}"
+                clients[None, key] = EngineClient(engine, owned=d if d is not drafter else None)
     return clients
 
 
@@ -93,6 +108,6 @@ def client_for(clients: dict, default):
 
     def pick(spec: RunSpec):
         return (clients.get((spec.method, spec.lookahead)) or clients.get(spec.method)
-                or default or clients.get((None, OVERLAP_VARIANTS.get(spec.variant, True)))
-                or ours[0])
+                or default or clients.get((None, spec.variant))
+                or clients.get((None, OVERLAP_VARIANTS.get(spec.variant, True))) or ours[0])
     return pick

@@ -212,6 +212,31 @@ def test_cli_parses_bench_arguments():
         cfg.validate()  # concurrency needs an endpoint
 
 
+def test_drafter_backends_side_by_side():
+    """--drafter-executor hf,vllm: each drafting spec once per backend, the baselines once;
+    refused against an endpoint, with both overlap settings, or for an unknown backend."""
+    from hsd_serve.bench.cli import config_from_args
+    from hsd_serve.bench.runner import per_drafter_backend
+    from hsd_serve.cli import build_parser
+
+    specs = build_specs(["slem", "tli"], [0.0], [2])
+    both = per_drafter_backend(specs, ("hf", "vllm"))
+    assert [s.label for s in both] == ["ar", "slem k=2 (drafter hf)", "slem k=2 (drafter vllm)",
+                                       "tli k=2 (drafter hf)", "tli k=2 (drafter vllm)"]
+    assert per_drafter_backend(specs, ("hf",)) == specs
+    assert [s.variant for s in per_drafter_backend(specs, ("vllm",))][1:] == ["drafter vllm"] * 2
+    parse = build_parser().parse_args
+    cfg = config_from_args(parse(["bench", "--drafter-executor", "hf,vllm"]))
+    assert cfg.drafter_executors == ("hf", "vllm")
+    cfg.validate()
+    config_from_args(parse(["bench", "--executor", "vllm", "--drafter-executor", "vllm"])).validate()
+    for bad in (["--endpoint", "grpc://127.0.0.1:1"], ["--executor", "vllm", "--overlap", "on,off"]):
+        with pytest.raises(ValueError, match="drafter-executor"):
+            config_from_args(parse(["bench", "--drafter-executor", "hf,vllm", *bad])).validate()
+    with pytest.raises(ValueError, match="hf, vllm"):
+        config_from_args(parse(["bench", "--drafter-executor", "tgi"])).validate()
+
+
 # ---------------------------------------------------------------------------- endpoint mode
 
 

@@ -100,12 +100,13 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
               "Round wall time not spent drafting, verifying or bridging (network, "
               "serialization, scheduling); every round.", _M, ROUND_LATENCY_BUCKETS),
     MetricDef("draft_steps", "counter",
-              "vLLM executor: engine steps of requests with drafts, by whether the step's draft "
-              "was ready on arrival (drafted while the target verified the previous one), "
-              "waited for, or late (the step decoded plainly).", ("result",)),
+              "Drafting ahead (overlap): rounds (HF executor) or engine steps (vLLM executor) "
+              "with drafts, by whether the draft was ready on arrival (drafted while the target "
+              "verified the previous one), waited for, or late (vLLM: the step decoded "
+              "plainly).", ("result",)),
     MetricDef("stale_draft_tokens", "counter",
-              "vLLM executor: drafted-ahead ids dropped because the target took another path.",
-              ()),
+              "Drafting ahead (overlap): drafted-ahead tokens dropped because the target took "
+              "another path.", ()),
     MetricDef("ongoing_requests", "gauge",
               "Requests in flight on this replica (coordinator: requests; drafter/target: "
               "open leases).", ("component",)),
@@ -163,6 +164,11 @@ def request_samples(stats: RequestStats, outcome: str) -> list[Sample]:
             out.append(Sample("drafted_tokens_by_position", labels, d))
         if a:
             out.append(Sample("accepted_tokens_by_position", labels, a))
+    for result, value in (("ready", stats.ahead_ready), ("waited", stats.ahead_waited)):
+        if value:  # HF executor drafting ahead (the vLLM executor's come from its replicas)
+            out.append(Sample("draft_steps", (("result", result),), float(value)))
+    if stats.ahead_stale:
+        out.append(Sample("stale_draft_tokens", (), float(stats.ahead_stale)))
     if outcome == "ok":
         out.append(Sample("ttft_seconds", lm, _seconds(stats.ttft_s)))
         out.append(Sample("e2e_latency_seconds", lm, _seconds(stats.wall_s)))

@@ -74,9 +74,10 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--vllm-eager", action="store_true",
                    help="in-process vLLM engines in eager mode (start in ~15 s, slower steps)")
     b.add_argument("--overlap", type=_csv(str), default=["off"],
-                   help="vLLM executor: drafting ahead while the target verifies (vllm.overlap): "
-                        "on, off, or on,off to measure both side by side in one run (in-process; "
-                        "with --endpoint: what the service runs, recorded in results.json)")
+                   help="drafting ahead while the target verifies (overlap / vllm.overlap): on, "
+                        "off, or on,off to measure both side by side in one run (in-process on "
+                        "the vLLM executor; with --endpoint, one --application per value: what "
+                        "the service runs, recorded in results.json)")
     b.add_argument("--drafter-executor", type=_csv(str), default=["hf"],
                    help="in-process, --executor hf: what executes our drafter: hf, vllm, or "
                         "hf,vllm to measure both side by side (drafter_executor; per drafted "

@@ -176,13 +176,14 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                for m in cfg.methods if m in (HF, HF_AR)]
     specs_all = build_specs(methods, cfg.temperatures, cfg.lookaheads, reference=cfg.reference)
     apps = [a.strip() for a in cfg.application.split(",") if a.strip()] or ["hsd"]
-    both = cfg.executor == "vllm" and len(set(cfg.overlap)) > 1
+    both = len(set(cfg.overlap)) > 1
     if cfg.endpoint and (len(apps) > 1 or both) and (
             len(apps) != len(cfg.overlap) or not both
             or parse_endpoint(cfg.endpoint)[0] != "grpc"):
         raise ValueError("--overlap on,off against a service needs a gRPC --endpoint and one "
                          "--application per value, the same service deployed both ways "
                          "(e.g. --application hsd_overlap,hsd_no_overlap: "
+                         "bench/service_config_overlap_ab.yaml, HF executor, or "
                          "bench/service_config_vllm_overlap_ab.yaml)")
     if not cfg.endpoint:  # in-process vLLM executor: our drafter on each backend asked for
         specs_all = per_drafter_backend(specs_all, cfg.drafter_executors)
@@ -271,7 +272,8 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                     r["endpoint_kind"] = kind if served else "in-process"
                     key = RunSpec(r["method"], r["temperature"], r["lookahead"], r["variant"] or "")
                     r["aggregate_tokens_per_s"] = aggregate_tps.get(key, r["tokens_per_s"])
-                    if r.get("overlap") is None and cfg.executor == "vllm" and r["drafted"]:
+                    if r.get("overlap") is None and r["drafted"] and (
+                            cfg.endpoint or cfg.executor == "vllm"):
                         r["overlap"] = bool(cfg.overlap[0])
                 runs += sub
                 all_samples += samples

@@ -166,8 +166,8 @@ class BenchConfig:
     # reference is vllm-ar, vLLM alone; in-process, our methods run on serve.vllm.VllmEngine)
     executor: str = "hf"
     vllm: Optional[dict] = None  # VllmOptions fields for the in-process vLLM engines
-    # vLLM executor: drafting ahead (vllm.overlap) on, off or both side by side (in-process: one
-    # engine each; with --endpoint: what the service runs, recorded as given)
+    # drafting ahead (overlap; vllm.overlap) on, off or both side by side (vLLM executor
+    # in-process: one engine each; with --endpoint: what the service runs, recorded as given)
     overlap: tuple = (False,)
     # in-process HF target: what executes the drafter, one or both side by side ("hf", "vllm")
     drafter_executors: tuple = ("hf",)
@@ -207,6 +207,10 @@ class BenchConfig:
         if self.drafter_executors != ("hf",) and self.endpoint:
             raise ValueError("--drafter-executor runs in-process (a service runs its config's "
                              "drafter_executor)")
+        if self.executor == "hf" and self.endpoint is None and any(self.overlap):
+            raise ValueError("--overlap on with the in-process HF executor: drafting ahead needs "
+                             "the drafter in another process; measure it against a service "
+                             "(--endpoint, bench/service_config_overlap_ab.yaml)")
         if self.drafter_executors != ("hf",) and len(set(self.overlap)) > 1:
             raise ValueError("--drafter-executor with --overlap on,off: measure one at a time")
         if self.executor == "hf" and self.endpoint is None and set(self.methods) & set(

@@ -74,11 +74,13 @@ class Coordinator:
     def __init__(self, target: TargetPort, info: TargetInfo, drafter: Optional[DrafterPort] = None,
                  *, same_vocab: bool = False, draft_timeout_s: Optional[float] = None,
                  drafter_retry_rounds: int = 8, sink=None, load_aware_lookahead: bool = False,
-                 target_generates: bool = False, drafter_rows: bool = True):
+                 target_generates: bool = False, drafter_rows: bool = True,
+                 overlap: bool = False):
         """``target_generates``: the target runs whole requests itself (``target.generate``: the
         vLLM executor, ``RequestRun.follow``) instead of verifying the coordinator's rounds.
         ``drafter_rows``: the drafter returns its distribution (False: tokens only, vLLM's;
-        methods whose drafts are not argmaxes are refused, ``auto`` picks slem)."""
+        methods whose drafts are not argmaxes are refused, ``auto`` picks slem).  ``overlap``:
+        the drafter drafts the next round while the target verifies (``RunPolicy.overlap``)."""
         self.target = target
         self.target_generates = target_generates
         self.drafter_rows = drafter_rows
@@ -86,7 +88,7 @@ class Coordinator:
         self.drafter = drafter
         self.policy = RunPolicy(same_vocab=same_vocab, draft_timeout_s=draft_timeout_s,
                                 drafter_retry_rounds=drafter_retry_rounds,
-                                load_aware_lookahead=load_aware_lookahead)
+                                load_aware_lookahead=load_aware_lookahead, overlap=overlap)
         self.sink = sink  # hsd_serve.metrics.MetricsSink: gets each request's stats once, at its end
 
     def report(self, stats: RequestStats, outcome: str) -> None:

@@ -117,6 +117,35 @@ class RunPolicy:
     draft_timeout_s: Optional[float] = None
     drafter_retry_rounds: int = 8
     load_aware_lookahead: bool = False
+    overlap: bool = False  # draft the next round while the target verifies this one
+
+
+@dataclass
+class _Ahead:
+    """A draft requested while the target verified ``ids`` (committed + candidates; ``text``:
+    their bytes after the prompt), continuing them by a guess of the bonus token and more."""
+
+    task: asyncio.Future
+    ids: list[int]
+    text: bytes
+
+    def follow(self, d, committed: list[int], generated: bytes, k: int):
+        """The part of draft ``d`` after what was committed since, if the committed tokens went
+        its way (None: they did not)."""
+        from hsd_serve.engine.protocol import Draft
+
+        if d.target_ids:  # token-level (TLI, SD; SLEM on a shared vocabulary)
+            n = len(self.ids)
+            if len(committed) != n + 1 or committed[:n] != self.ids or \
+                    d.target_ids[0] != committed[n] or len(d.target_ids) < 2:
+                return None
+            rows = d.proposals[1:k + 1] if d.proposals is not None else None
+            return Draft(drafter_ids=list(d.drafter_ids[1:k + 1]),
+                         target_ids=list(d.target_ids[1:k + 1]), proposals=rows)
+        full = self.text + d.text  # SLEM: drafted text; the committed text must be a prefix
+        if len(full) <= len(generated) or not full.startswith(generated):
+            return None
+        return Draft(text=full[len(generated):])
 
 
 class RequestRun:
@@ -149,6 +178,7 @@ class RequestRun:
         self.drafter_ok = self.method.needs_drafter
         self.retry_at = 0  # round index at which a failed drafter is tried again
         self._attempts = itertools.count()  # draft calls: salt the draft randomness
+        self.ahead: Optional[_Ahead] = None  # the next draft, drafted while the target verifies
         self.t_start = time.perf_counter() if t_start is None else t_start
         stats.method, stats.prompt_tokens = method, self.prompt_len
 
@@ -216,6 +246,48 @@ class RequestRun:
         self.stats.drafter_forwards += d.forwards
         return d
 
+    # ---- drafting ahead (policy.overlap) -------------------------------------------------------
+    def draft_ahead(self, k: int, position: int, cands: list[int]) -> None:
+        """While the target verifies ``cands``, ask the drafter to continue them as if all were
+        accepted, by ``k + 1``: its first token is a guess of the target's bonus token."""
+        if not self.policy.overlap:
+            return
+        ids = self.committed + list(cands)
+        text = bytes(self.generated) + b"".join(self.token_bytes[t] for t in cands)
+        kwargs = ({"committed": ids} if self.method.uses_ids(self.policy.same_vocab)
+                  else {"generated": text})
+        call = self._drafter_call(lambda: self.drafter.draft(
+            self.rid, k + 1, position + len(cands), attempt=next(self._attempts), **kwargs))
+        self.ahead = _Ahead(asyncio.ensure_future(call), ids, text)
+
+    async def ready_draft(self, k: int):
+        """The draft made ahead last round, if the target's tokens took the path it continued
+        (its ``k`` first candidates); None otherwise (its tokens are counted stale).  Which of
+        the two is used depends only on the committed tokens and the drafter's own draws."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None:
+            return None
+        try:
+            d = await ahead.task
+        except Exception as exc:  # noqa: BLE001 - a fresh draft call follows
+            log.info("request %s: drafting ahead failed (%s)", self.rid, exc)
+            self.stats.ahead_waited += 1
+            return None
+        self.stats.draft_s += d.draft_s
+        self.stats.drafter_forwards += d.forwards
+        ready = ahead.follow(d, self.committed, bytes(self.generated), k)
+        if ready is None:
+            self.stats.ahead_waited += 1
+            self.stats.ahead_stale += max(len(d.target_ids), len(d.drafter_ids))
+            return None
+        self.stats.ahead_ready += 1
+        return ready
+
+    def drop_ahead(self) -> None:
+        if self.ahead is not None:
+            self.ahead.task.cancel()
+            self.ahead = None
+
     async def slrs_step(self, position: int, row: torch.Tensor):
         out = await self._drafter_call(lambda: self.drafter.slrs_step(
             self.rid, bytes(self.generated), row, position))
@@ -278,6 +350,7 @@ class RequestRun:
                         self.rid, type(exc).__name__, exc)
             self.drafter_open = False
             self.retry_at = self.stats.rounds + self.policy.drafter_retry_rounds
+            self.drop_ahead()
             return None
 
     # ---- a target that runs the whole request (the vLLM executor) ------------------------------
@@ -425,6 +498,7 @@ class RequestRun:
 
     async def free(self) -> None:
         """Free the request's caches (the drafter's only if a session was opened)."""
+        self.drop_ahead()
         try:
             await self.target.free(self.rid)
         except Exception as exc:  # noqa: BLE001 - freeing a cache must not fail a request

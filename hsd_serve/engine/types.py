@@ -153,6 +153,11 @@ class RequestStats:
     target_forwards: int = 0
     drafter_forwards: int = 0
     lookahead_final: int = 0  # k for the next round when the request ended (adaptive, load-capped)
+    # drafting ahead (overlap): rounds whose draft was ready (drafted while the target verified
+    # the previous round), rounds that asked for a fresh one, drafted-ahead tokens dropped
+    ahead_ready: int = 0
+    ahead_waited: int = 0
+    ahead_stale: int = 0
     transport_s: float = 0.0  # round wall time not spent drafting, verifying or bridging
     replicas: dict = field(default_factory=dict)  # service only: addresses leased per role
     # per-round timings (seconds) for latency histograms; not part of as_dict()

@@ -222,6 +222,10 @@ class AppConfig(_Strict):
     # bench/README.md) or "vllm" (its forwards in an in-process vLLM engine: slem, and tli/sd
     # when greedy — the methods whose drafts are argmaxes; docs/vllm.md "Drafter on vLLM")
     drafter_executor: Literal["hf", "vllm"] = "hf"
+    # HF executor: the drafter drafts the next round while the target verifies this one
+    # (docs/overlap.md; the vLLM executor's switch is vllm.overlap).  Off by default: it pays
+    # where the drafter has hardware of its own (measured on a 2-core CPU: bench/README.md)
+    overlap: bool = False
     drafter_vllm: VllmDrafterOptions = VllmDrafterOptions()
     # request limits and defaults, checked as one RequestLimits (request_limits())
     default_method: str = "auto"
@@ -270,6 +274,13 @@ class AppConfig(_Strict):
             raise ValueError("head_ids prunes a drafter's output head; the target's distribution "
                              "must stay whole (lossless), so target.head_ids must be 0")
         return v
+
+    @model_validator(mode="after")
+    def _overlap_switch(self) -> "AppConfig":
+        if self.overlap and self.target_executor == "vllm":
+            raise ValueError("overlap drafts ahead on the hf target executor; with "
+                             "target_executor: vllm set vllm.overlap")
+        return self
 
     @model_validator(mode="after")
     def _drafter_on_vllm(self) -> "AppConfig":

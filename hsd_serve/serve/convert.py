@@ -468,7 +468,8 @@ def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None, *,
                     drafted_per_position=list(stats.drafted_per_position),
                     target_forwards=stats.target_forwards,
                     drafter_forwards=stats.drafter_forwards,
-                    lookahead_final=stats.lookahead_final)
+                    lookahead_final=stats.lookahead_final, ahead_ready=stats.ahead_ready,
+                    ahead_waited=stats.ahead_waited, ahead_stale=stats.ahead_stale)
 
 
 def result_to_proto(result: GenerationResult, transport_s: Optional[float] = None, *,

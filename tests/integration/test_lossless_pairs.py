@@ -83,6 +83,31 @@ def test_identical_drafter_accepts_every_greedy_draft(loaded_model, families):
     assert engine.resolve_method("auto", SamplingParams()) == "sd"
 
 
+def test_drafting_ahead_is_token_identical(loaded_model, families, ar_outputs):
+    """Overlap (the next draft made while the target verifies): greedy SLEM and TLI stay AR's on
+    ordered pairs of four families; with an identical drafter every round after the first takes
+    the draft made ahead (all accepted, the bonus guessed) and SD/SLEM are still AR's."""
+    failures = []
+    for drafter_fam, target_fam in itertools.permutations(families[:4], 2):
+        engine = Engine(loaded_model(target_fam), loaded_model(drafter_fam, seed=1), overlap=True)
+        for i, prompt in enumerate(PROMPTS):
+            for method in ("slem", "tli"):
+                got = engine.generate(GenerationRequest(prompt, max_new_tokens=MAX_NEW,
+                                                        method=method, lookahead=3))
+                if got.token_ids != ar_outputs[target_fam, i].token_ids:
+                    failures.append((drafter_fam, target_fam, i, method))
+    assert not failures, failures
+    model = loaded_model(families[0])
+    engine = Engine(model, model, overlap=True)
+    for method in ("sd", "slem"):
+        res = engine.generate(GenerationRequest(PROMPTS[0], max_new_tokens=24, method=method,
+                                                lookahead=4))
+        assert res.token_ids == Engine(model).generate(GenerationRequest(
+            PROMPTS[0], max_new_tokens=24, method="ar")).token_ids
+        assert res.stats.ahead_ready >= res.stats.rounds - 2 > 0, (method, res.stats)
+        assert res.stats.ahead_stale <= 4 * 5  # at most the last rounds' drafts
+
+
 def test_sampled_slem_equals_sampled_ar_for_the_same_seed(loaded_model, families):
     """Seeding by (seed, position): SLEM emits exactly the AR sample path."""
     target, drafter = loaded_model(families[1]), loaded_model(families[0], seed=1)

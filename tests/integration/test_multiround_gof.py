@@ -58,9 +58,9 @@ def toy(tmp_path_factory):
     return {name: LoadedModel(ModelSpec(str(path))) for name, path in dirs.items()}
 
 
-def _engine(toy, method, force_attempt=None):
+def _engine(toy, method, force_attempt=None, overlap=False):
     drafter = toy["drafter_same_vocab"] if method == "sd" else toy["drafter"]
-    engine = Engine(toy["target"], None if method == "ar" else drafter)
+    engine = Engine(toy["target"], None if method == "ar" else drafter, overlap=overlap)
     port = None
     if method != "ar":
         port = RecordingDrafter(engine.drafter_worker, force_attempt)
@@ -71,6 +71,7 @@ def _engine(toy, method, force_attempt=None):
 def _run(engine, method, seeds):
     strings = engine.target.vocab.token_bytes
     out, drafted, accepted = [], 0, 0
+    engine.ready = 0  # rounds that used a draft made ahead (overlap)
     for seed in range(seeds):
         res = engine.generate(GenerationRequest(PROMPT, max_new_tokens=NEW_TOKENS, method=method,
                                                 lookahead=LOOKAHEAD,
@@ -79,6 +80,7 @@ def _run(engine, method, seeds):
         out.append([strings[t].decode() for t in res.token_ids])
         drafted += res.stats.drafted
         accepted += res.stats.accepted
+        engine.ready += res.stats.ahead_ready
     return out, drafted, accepted
 
 
@@ -133,6 +135,24 @@ def test_every_later_token_follows_the_target_given_the_earlier_ones(toy, method
         assert all(len(set(a)) == len(a) for a in attempts.values()), "an attempt key reused"
         if method != "slrs":  # SLRS drafts one target token per round: nothing to re-draft
             assert _redrafted(port.calls) > seeds // 2, "no position was ever drafted twice"
+    pvalue, worst = chi_square(samples)
+    assert pvalue > 1e-3, (method, pvalue, worst)
+
+
+@pytest.mark.parametrize("method,seeds", [("tli", 3000), ("sd", 1500)])
+def test_drafting_ahead_keeps_every_later_token_the_targets(toy, method, seeds):
+    """With overlap the drafter continues each draft (guessing the bonus token) while the target
+    verifies it, and a round uses that draft when the committed tokens went its way: a choice
+    made from the committed tokens and the drafter's own draws only, so the law is unchanged —
+    and rounds did use drafts made ahead."""
+    engine, port = _engine(toy, method, overlap=True)
+    samples, drafted, accepted = _run(engine, method, seeds)
+    assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)
+    assert engine.ready >= seeds // 100, engine.ready  # the overlap path ran
+    attempts = collections.defaultdict(list)
+    for rid, _, _, attempt in port.calls:
+        attempts[rid].append(attempt)
+    assert all(len(set(a)) == len(a) for a in attempts.values()), "an attempt key reused"
     pvalue, worst = chi_square(samples)
     assert pvalue > 1e-3, (method, pvalue, worst)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -377,3 +378,14 @@ def test_ramp_against_a_live_endpoint_writes_the_timeline_and_plot(live_endpoint
     assert (tmp_path / "ramp.png").stat().st_size > 10_000 and len(paths) == 2
     with pytest.raises(ValueError, match="--endpoint"):
         run_ramp(BenchConfig(), [1], 1.0, progress=False, replicas=None)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[2]
+                                                          / "bench").glob("*.yaml")))
+def test_bench_service_configs_are_valid(name):
+    """Every service config the benchmarks deploy passes Ray's schema and our strict AppConfig
+    (what ``hsd-serve serve`` checks before deploying)."""
+    from hsd_serve.serve.launch import hsd_apps, read_config
+
+    cfg = read_config(str(Path(__file__).resolve().parents[2] / "bench" / name))
+    assert hsd_apps(cfg)

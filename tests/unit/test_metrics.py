@@ -83,6 +83,20 @@ def test_prometheus_sink_counts_exactly_what_the_stats_say():
     assert T(got, "hsd_draft_latency_seconds_bucket", le="0.0025") == 2
 
 
+def test_drafting_ahead_counts_reach_the_shared_counters():
+    """HF executor overlap: a request's ready/waited rounds and stale tokens add to the counters
+    the vLLM proposer feeds; a request without drafting ahead adds none."""
+    sink = M.PrometheusSink()
+    s = _stats()
+    s.ahead_ready, s.ahead_waited, s.ahead_stale = 3, 5, 11
+    sink.record_request(s, "ok")
+    sink.record_request(_stats(), "ok")
+    got = _scrape(sink)
+    assert M.total(got, "hsd_draft_steps_total", result="ready") == 3
+    assert M.total(got, "hsd_draft_steps_total", result="waited") == 5
+    assert M.total(got, "hsd_stale_draft_tokens_total") == 11
+
+
 def test_failed_requests_count_work_but_not_request_latency():
     sink = M.PrometheusSink()
     sink.record_request(_stats("tli"), "cancelled")

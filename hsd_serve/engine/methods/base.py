@@ -22,7 +22,9 @@ Coordinator side.  ``speculate(run, k, position)`` is the speculative part of on
 ``RequestRun``: it returns a ``Round`` (the tokens the target emitted and the round's counts), or
 ``None`` when there is nothing to verify (the run then takes one plain target step).  The
 default is draft → ``bridge`` (drafter output → target candidates, and which verification rule)
-→ verify; SLRS overrides it (the target's row first, then the drafter decides).
+→ verify; SLRS overrides it (the target's row first, then the drafter decides).  With drafting
+ahead (``RunPolicy.overlap``) the draft may be one the drafter made while the target verified the
+previous round (``RequestRun.ready_draft``/``draft_ahead``).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Method:
         return self.rule, list(draft.target_ids), draft.proposals
 
     async def speculate(self, run: "RequestRun", k: int, position: int) -> Optional[Round]:
-        draft = await run.draft(k, position)
+        draft = await run.ready_draft(k) or await run.draft(k, position)
         try:
             rule, cands, proposals = self.bridge(draft, run, k)
         except Exception as exc:  # noqa: BLE001 - odd drafted text costs a round, not the request
@@ -84,5 +86,6 @@ class Method:
         cands, proposals = run.fit(cands, proposals)
         if not cands:
             return None
+        run.draft_ahead(k, position, cands)  # overlap: the next draft while the target verifies
         v = await run.verify(position, cands, rule, proposals)
         return Round(v.tokens, len(cands), v.accepted)

@@ -32,6 +32,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drafter-head-ids", type=int, default=0, metavar="N",
                    help="compute the drafter's output head for its first N token ids only (plus "
                         "special tokens): a cheaper drafter step, still lossless (default 0: all)")
+    g.add_argument("--drafter-executor", choices=("hf", "vllm"), default="hf",
+                   help="what runs the drafter: hf (every method) or vllm (slem, greedy tli/sd; "
+                        "docs/vllm.md \"The drafter on vLLM\")")
     g.add_argument("--method", default="auto", choices=METHODS)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -85,7 +88,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     target = LoadedModel(ModelSpec(target_path, dtype=args.dtype, device=args.device,
                                    trust_remote_code=args.trust_remote_code))
     drafter = None
-    if drafter_path is not None:
+    if drafter_path is not None and args.drafter_executor == "vllm":
+        if args.drafter_head_ids:
+            raise ValueError("--drafter-head-ids prunes the HF drafter's head; with "
+                             "--drafter-executor vllm leave it 0")
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the output
+        from hsd_serve.serve.config import VllmDrafterOptions
+        from hsd_serve.serve.vllm.drafter import VllmDraftModel
+
+        drafter = VllmDraftModel(drafter_path, VllmDrafterOptions(
+            dtype="float32" if args.dtype == "auto" else args.dtype),
+            trust_remote_code=args.trust_remote_code)
+    elif drafter_path is not None:
         drafter = LoadedModel(ModelSpec(drafter_path, dtype=args.dtype, device=args.device,
                                         trust_remote_code=args.trust_remote_code,
                                         head_ids=args.drafter_head_ids))
@@ -95,6 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate(engine, req, args)
     finally:
         _finish_metrics(args, sink, server)
+        getattr(drafter, "close", lambda: None)()  # a drafter on vLLM: its engine
 
 
 def _metrics_sink(args: argparse.Namespace):
@@ -230,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_zoo(sub)
     from hsd_serve.bench.cli import add_bench_parser
     add_bench_parser(sub)
+    from hsd_serve.zoo.align import add_align_parser
+    add_align_parser(sub)
     return p
 
 

@@ -75,7 +75,7 @@ class Coordinator:
                  *, same_vocab: bool = False, draft_timeout_s: Optional[float] = None,
                  drafter_retry_rounds: int = 8, sink=None, load_aware_lookahead: bool = False,
                  target_generates: bool = False, drafter_rows: bool = True,
-                 overlap: bool = False):
+                 overlap: bool = False, overlap_max_batch: int = 2):
         """``target_generates``: the target runs whole requests itself (``target.generate``: the
         vLLM executor, ``RequestRun.follow``) instead of verifying the coordinator's rounds.
         ``drafter_rows``: the drafter returns its distribution (False: tokens only, vLLM's;
@@ -88,7 +88,8 @@ class Coordinator:
         self.drafter = drafter
         self.policy = RunPolicy(same_vocab=same_vocab, draft_timeout_s=draft_timeout_s,
                                 drafter_retry_rounds=drafter_retry_rounds,
-                                load_aware_lookahead=load_aware_lookahead, overlap=overlap)
+                                load_aware_lookahead=load_aware_lookahead, overlap=overlap,
+                                overlap_max_batch=overlap_max_batch)
         self.sink = sink  # hsd_serve.metrics.MetricsSink: gets each request's stats once, at its end
 
     def report(self, stats: RequestStats, outcome: str) -> None:

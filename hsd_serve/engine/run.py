@@ -118,6 +118,7 @@ class RunPolicy:
     drafter_retry_rounds: int = 8
     load_aware_lookahead: bool = False
     overlap: bool = False  # draft the next round while the target verifies this one
+    overlap_max_batch: int = 2  # ... only while the target's batches are at most this large
 
 
 @dataclass
@@ -250,8 +251,8 @@ class RequestRun:
     def draft_ahead(self, k: int, position: int, cands: list[int]) -> None:
         """While the target verifies ``cands``, ask the drafter to continue them as if all were
         accepted, by ``k + 1``: its first token is a guess of the target's bonus token."""
-        if not self.policy.overlap:
-            return
+        if not self.policy.overlap or self.lookahead.load > self.policy.overlap_max_batch:
+            return  # under load the drafter has no idle time to hide (docs/overlap.md)
         ids = self.committed + list(cands)
         text = bytes(self.generated) + b"".join(self.token_bytes[t] for t in cands)
         kwargs = ({"committed": ids} if self.method.uses_ids(self.policy.same_vocab)

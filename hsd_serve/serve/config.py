@@ -226,6 +226,9 @@ class AppConfig(_Strict):
     # (docs/overlap.md; the vLLM executor's switch is vllm.overlap).  Off by default: it pays
     # where the drafter has hardware of its own (measured on a 2-core CPU: bench/README.md)
     overlap: bool = False
+    # ... only for requests whose last verification ran in a batch of at most this many (under
+    # load the drafter has no idle time, and dropped drafted-ahead tokens delay fresh drafts)
+    overlap_max_batch: int = Field(2, ge=1)
     drafter_vllm: VllmDrafterOptions = VllmDrafterOptions()
     # request limits and defaults, checked as one RequestLimits (request_limits())
     default_method: str = "auto"

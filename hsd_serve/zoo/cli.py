@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("distill", add_help=False,
                    help="align the drafter to the target (fine-tune on its greedy outputs); "
                         "see `distill --help`")
+    sub.add_parser("align", add_help=False,
+                   help="fine-tune a drafter toward a target for sampling and greedy (the same "
+                        "as `hsd-serve align`); see `align --help`")
     pb.set_defaults(func=cmd_build)
     pt.set_defaults(func=cmd_train)
     pf.set_defaults(func=cmd_finalize)
@@ -142,5 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         from hsd_serve.zoo.distill import main as distill_main
 
         return distill_main(argv[1:])
+    if argv[:1] == ["align"]:
+        from hsd_serve.zoo.align import main as align_main
+
+        return align_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)

@@ -7,7 +7,9 @@ prompts), the target continues each greedily, and the drafter — with its own t
 trained on prompt + continuation text with the loss on the continuation only.  The target is not
 touched, so losslessness and the target's outputs are unchanged.
 
-``python -m hsd_serve.zoo distill --prompts 300 --minutes 6`` (after ``build``).
+``python -m hsd_serve.zoo distill --prompts 300 --minutes 6`` (after ``build``).  This is the
+greedy-only case of ``hsd-serve align`` (:mod:`hsd_serve.zoo.align`, whose training loop it uses),
+which adds the target's sampled text and a soft-label loss on the shared vocabulary.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import time
 from pathlib import Path
 
 
-def corpus_prompts(n: int, seed: int = 0, min_chars: int = 80, max_chars: int = 400) -> list[str]:
-    """``n`` prompt windows from the training files, each starting and ending at a line start."""
+def corpus_prompts(n: int, seed: int = 0, min_chars: int = 80, max_chars: int = 400,
+                   root: Path | None = None) -> list[str]:
+    """``n`` prompt windows from the training files (of ``root``, default the stdlib), each
+    starting and ending at a line start."""
     from hsd_serve.zoo.corpus import Corpus
 
-    corpus = Corpus.build()
+    corpus = Corpus.build(root)
     rng = random.Random(seed)
     files = list(corpus.train)
     rng.shuffle(files)
@@ -44,13 +48,51 @@ def corpus_prompts(n: int, seed: int = 0, min_chars: int = 80, max_chars: int = 
     return out
 
 
+def generate_batches(model, tok, prompts: list[str], max_new_tokens: int, batch: int, *,
+                     temperature: float = 0.0, seed: int = 0, logits: bool = False,
+                     desc: str = "target continuations"):
+    """Continue ``prompts`` with ``transformers`` ``generate`` on left-padded batches.
+
+    Yields ``(prompt_ids, new_ids, step_logits)`` per prompt, in order: the prompt's ids as the
+    model saw them, the generated ids up to (not including) the first end-of-sequence id, and with
+    ``logits`` the raw logits of each generated position (``[len(new_ids), V]``, else ``None``).
+    ``temperature`` 0 is greedy; otherwise the full distribution softmax(logits / T) is sampled
+    (no top-k / top-p), seeded per batch from ``seed``.  Padding can move logits by float
+    rounding, so a near-tie may resolve differently than in the engine: harmless for training
+    examples, and 5-10x faster on CPU than one prompt at a time.
+    """
+    import torch
+    from tqdm import tqdm
+
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if tok.pad_token_id is None:
+        tok.pad_token_id = eos
+    tok.padding_side = "left"
+    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) \
+        if temperature > 0 else dict(do_sample=False)
+    for i in tqdm(range(0, len(prompts), batch), desc=f"{desc} (batch {batch})"):
+        chunk = prompts[i:i + batch]
+        enc = tok(chunk, return_tensors="pt", padding=True)
+        torch.manual_seed(seed * 1_000_003 + i)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 return_dict_in_generate=True, output_logits=logits, **sampling)
+        width = enc["input_ids"].shape[1]
+        step_logits = torch.stack(out.logits, dim=1) if logits else None  # [B, steps, V]
+        for r in range(len(chunk)):
+            p_ids = enc["input_ids"][r][enc["attention_mask"][r].bool()].tolist()
+            new = out.sequences[r, width:].tolist()
+            if eos in new:
+                new = new[:new.index(eos)]
+            yield p_ids, new, (step_logits[r, :len(new)].float() if logits else None)
+
+
 def target_continuations(target_dir: Path, prompts: list[str], max_new_tokens: int,
                          batch: int = 1) -> list[str]:
     """The target's greedy continuation of each prompt (text after the prompt).
 
-    ``batch`` > 1 runs ``transformers`` ``generate`` on left-padded batches: padding can move
-    logits by float rounding, so a near-tie may resolve differently than in the engine.  That is
-    harmless here (these are training examples, not outputs), and it is 5-10x faster on CPU.
+    ``batch`` > 1 runs :func:`generate_batches` (left-padded ``generate``); 1 runs the engine.
     """
     from tqdm import tqdm
 
@@ -67,81 +109,34 @@ def target_continuations(target_dir: Path, prompts: list[str], max_new_tokens: i
 
     tok = AutoTokenizer.from_pretrained(str(target_dir))
     model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    if tok.pad_token_id is None:
-        tok.pad_token_id = eos
-    tok.padding_side = "left"
     out: list[str] = []
-    for i in tqdm(range(0, len(prompts), batch), desc=f"target continuations (batch {batch})"):
-        chunk = prompts[i:i + batch]
-        enc = tok(chunk, return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        width = enc["input_ids"].shape[1]
-        for r, prompt in enumerate(chunk):
-            p_ids = enc["input_ids"][r][enc["attention_mask"][r].bool()].tolist()
-            new = gen[r, width:].tolist()
-            if eos in new:
-                new = new[:new.index(eos)]
-            full = tok.decode(p_ids + new, skip_special_tokens=True)
-            head = tok.decode(p_ids, skip_special_tokens=True)
-            out.append(full[len(head):] if full.startswith(head) else tok.decode(new, skip_special_tokens=True))
+    for p_ids, new, _ in generate_batches(model, tok, prompts, max_new_tokens, batch):
+        full = tok.decode(p_ids + new, skip_special_tokens=True)
+        head = tok.decode(p_ids, skip_special_tokens=True)
+        out.append(full[len(head):] if full.startswith(head) else tok.decode(new, skip_special_tokens=True))
     return out
 
 
 def finetune(drafter_dir: Path, pairs: list[tuple[str, str]], out_dir: Path, minutes: float,
              lr: float = 1e-3, batch: int = 8, seed: int = 0) -> dict:
+    """Cross-entropy on the drafter's tokenization of each continuation (``pairs``: prompt,
+    continuation text); the greedy-only case of :mod:`hsd_serve.zoo.align`'s training loop."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+    from hsd_serve.zoo.align import Trainer, hard_example
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(drafter_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(drafter_dir), dtype=torch.float32)
-    model.train()
-    examples = []
-    for prompt, cont in pairs:
-        p_ids = tok.encode(prompt, add_special_tokens=False)
-        c_ids = tok.encode(prompt + cont, add_special_tokens=False)[len(p_ids):]
-        if c_ids:
-            examples.append((p_ids[-192:], c_ids[:64]))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    t_start = time.time()
-    t_end = t_start + minutes * 60
-    steps, losses = 0, []
-    while time.time() < t_end:
-        rng.shuffle(examples)
-        for i in range(0, len(examples), batch):
-            chunk = examples[i:i + batch]
-            width = max(len(p) + len(c) for p, c in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (p, c) in enumerate(chunk):
-                seq = p + c
-                ids[r, :len(seq)] = torch.tensor(seq)
-                labels[r, len(p):len(seq)] = torch.tensor(c)
-                mask[r, :len(seq)] = 1
-            frac = min(1.0, (time.time() - t_start) / max(t_end - t_start, 1e-9))
-            for g in opt.param_groups:  # linear decay to 0.1x over the time budget
-                g["lr"] = lr * (1.0 - 0.9 * frac)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            losses.append(float(loss.detach()))
-            if time.time() >= t_end:
-                break
-    model.eval()
+    drafter = LoadedModel(ModelSpec(str(drafter_dir), dtype="float32"))
+    examples = [ex for ex in (hard_example(drafter.tokenizer, p, c) for p, c in pairs) if ex]
+    trainer = Trainer(drafter.model, examples, lr=lr, batch=batch, seed=seed)
+    info = trainer.run(minutes * 60, desc="distill")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    drafter.model.save_pretrained(str(out_dir))
     if Path(out_dir).resolve() != Path(drafter_dir).resolve():  # same folder: keep its files as they are
-        tok.save_pretrained(str(out_dir))
-    return {"steps": steps, "examples": len(examples), "first_loss": losses[0] if losses else None,
-            "last_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+        drafter.tokenizer.hf.save_pretrained(str(out_dir))
+    return {"steps": info["steps"], "examples": len(examples), "first_loss": info["first_loss"],
+            "last_loss": info["last_loss"]}
 
 
 def main(argv=None) -> int:

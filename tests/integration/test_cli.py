@@ -55,6 +55,7 @@ def test_generate_sd_and_slrs(capsys, tiny_model_dir, stories_model, byte_drafte
     (["--method", "sd"], "share one vocabulary"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--lookahead", "0"], "lookahead"),
+    (["--drafter-executor", "vllm", "--drafter-head-ids", "8"], "drafter-head-ids"),
 ])
 def test_bad_arguments_exit_with_one_line(capsys, pair, args, needle):
     target, drafter = pair

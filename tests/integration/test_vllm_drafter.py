@@ -204,3 +204,21 @@ def test_target_and_drafter_both_on_vllm(pair):
             eng.generate(_req(PROMPTS[0], "tli", temperature=1.0))
     finally:
         eng.close()
+
+
+def test_cli_generate_with_the_drafter_on_vllm(capsys):
+    """``hsd-serve generate --drafter-executor vllm``: the bundled pair's greedy SLEM output is
+    the HF drafter's run's, with drafts accepted."""
+    import json
+
+    from hsd_serve.cli import main
+
+    outs = []
+    for backend in ("hf", "vllm"):
+        rc = main(["generate", "--drafter-executor", backend, "--method", "slem",
+                   "--max-new-tokens", "24", "--json", PROMPTS[0]])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        outs.append(json.loads(out.strip().splitlines()[-1]))  # vLLM may log to stdout here
+    assert outs[0]["token_ids"] == outs[1]["token_ids"]
+    assert outs[1]["stats"]["accepted"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -158,14 +159,19 @@ def markdown(results: dict) -> str:
     if nll:
         lines += ["## Sampled outputs: mean target NLL per token (lower is not better; a lossless "
                   "method matches AR within noise)", "",
-                  "| dataset | T | method | k | NLL | Δ vs AR |", "|---|---|---|---|---|---|"]
+                  "`Δ per prompt`: the mean over prompts of (this method's NLL − AR's) on the same "
+                  "prompt, ± its standard error; a lossless method's is within about 2 SE of 0.",
+                  "",
+                  "| dataset | T | method | k | NLL | Δ vs AR | Δ per prompt ± SE |",
+                  "|---|---|---|---|---|---|---|"]
         for r in nll:
             ar = next((a for a in nll if a["method"] == "ar" and a["dataset"] == r["dataset"]
                        and a["temperature"] == r["temperature"]
                        and a.get("concurrency") == r.get("concurrency")), None)
             lines.append(f"| {r['dataset']} | {r['temperature']:g} | {r['label']} | "
                          f"{r['lookahead'] or '–'} | {_f(r['sample_nll'], 3)} | "
-                         f"{_f(r['sample_nll'] - ar['sample_nll'], 3) if ar else '–'} |")
+                         f"{_f(r['sample_nll'] - ar['sample_nll'], 3) if ar else '–'} | "
+                         f"{_paired_delta(r, ar)} |")
         lines.append("")
     # ---- long context
     lc = [r for r in runs if r["dataset"] == "qmsum"]
@@ -229,6 +235,17 @@ BREAKDOWN_LEGEND = (
     "stop checks, prompt encoding). Through a service: `transport and rpc` = round time outside "
     "the draft/verify/bridge work (RPCs between replicas), `outside rounds` = the service's time "
     "outside rounds, `client minus server` = client wall time the service did not see.")
+
+
+def _paired_delta(run: dict, ar: Optional[dict]) -> str:
+    """Mean ± standard error over shared prompts of run's per-prompt NLL minus AR's."""
+    if ar is None or run is ar:
+        return "–"
+    mine, base = run.get("sample_nll_by_prompt") or {}, ar.get("sample_nll_by_prompt") or {}
+    d = [mine[p] - base[p] for p in mine if p in base]
+    if len(d) < 2:
+        return "–"
+    return f"{statistics.mean(d):+.3f} ± {statistics.stdev(d) / math.sqrt(len(d)):.3f}"
 
 
 def _identity(r: dict) -> str:

@@ -514,6 +514,7 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
     if nlls:
         w = [s.n_tokens for s in samples if s.nll is not None]
         run["sample_nll"] = sum(a * b for a, b in zip(nlls, w)) / sum(w)
+        run["sample_nll_by_prompt"] = {s.prompt_id: s.nll for s in samples if s.nll is not None}
     hf = next((s.hf_settings for s in samples if s.hf_settings), None)
     if hf:
         run["hf_settings"] = hf

@@ -103,10 +103,17 @@ def gumbel_sample(probs: torch.Tensor, seed: int, position: int, stream: int = T
     """An exact sample from ``probs`` (1-D, need not be normalised) by the Gumbel-max trick.
 
     ``argmax(log p_i - log(-log u_i))`` is distributed as ``p``; tokens with ``p_i = 0`` never win.
+    It is computed as the equal ``argmax(p_i / e_i)`` with ``e_i = -log u_i`` (the exponential
+    race: one logarithm instead of three), and over the support of ``p`` alone when that is a
+    small part of the row (truncated proposals, residuals, top-k): the uniforms stay keyed by
+    token index, so the token drawn for a key does not depend on which path computed it.
     """
     u = uniforms(seed, position, stream, probs.shape[-1], salt)
-    scores = torch.log(probs.to(torch.float64)) - torch.log(-torch.log(u))
-    return int(torch.argmax(scores))
+    p = probs.to(torch.float64)
+    support = torch.nonzero(p > 0).flatten()
+    if 0 < support.numel() <= p.numel() // 4:
+        return int(support[torch.argmax(p[support] / -torch.log(u[support]))])
+    return int(torch.argmax(p / -torch.log(u)))
 
 
 @dataclass(frozen=True)

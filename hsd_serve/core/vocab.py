@@ -307,6 +307,37 @@ def build_id_map(drafter: Vocab, target: Vocab) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+class Projection:
+    """``project_to_target`` for one ``(id_map, target_size)``, with the intersection's columns
+    and their target ids computed once (a proposer projects one row per drafted token)."""
+
+    def __init__(self, id_map: torch.Tensor, target_size: int):
+        if id_map.dim() != 1:
+            raise ValueError(f"id_map must be 1-D, got shape {tuple(id_map.shape)}")
+        id_map = id_map.to(dtype=torch.long)
+        if id_map.numel() and int(id_map.max()) >= target_size:
+            raise ValueError(f"id_map points at target id {int(id_map.max())} >= target_size "
+                             f"{target_size}")
+        self.v_draft, self.target_size = id_map.numel(), target_size
+        self.cols = torch.nonzero(id_map >= 0, as_tuple=False).flatten()  # drafter ids in I
+        self.dest = id_map[self.cols]  # their target ids
+
+    def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.shape[-1] < self.v_draft:
+            raise ValueError(f"q has {q.shape[-1]} drafter columns but id_map covers "
+                             f"{self.v_draft} drafter ids")
+        cols, dest = self.cols.to(q.device), self.dest.to(q.device)
+        kept = q.index_select(-1, cols)  # [..., |I|]
+        out = torch.zeros(*q.shape[:-1], self.target_size, dtype=q.dtype, device=q.device)
+        out.index_add_(out.dim() - 1, dest, kept)  # [..., V_target]
+        mass = kept.sum(-1)  # [...]
+        positive = mass > 0
+        denom = torch.where(positive, mass, torch.ones_like(mass))
+        q_prime = out / denom.unsqueeze(-1)
+        q_prime = torch.where(positive.unsqueeze(-1), q_prime, torch.zeros_like(q_prime))
+        return q_prime, mass
+
+
 def project_to_target(
     q: torch.Tensor, id_map: torch.Tensor, target_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,24 +349,4 @@ def project_to_target(
     zeros with mass 0 (the caller decides what to do).  Drafter columns beyond ``id_map`` (padding
     rows of the drafter's logits) are unmapped.  The dtype of ``q`` is kept.
     """
-    if id_map.dim() != 1:
-        raise ValueError(f"id_map must be 1-D, got shape {tuple(id_map.shape)}")
-    v_draft = q.shape[-1]
-    if v_draft < id_map.numel():
-        raise ValueError(
-            f"q has {v_draft} drafter columns but id_map covers {id_map.numel()} drafter ids"
-        )
-    id_map = id_map.to(device=q.device, dtype=torch.long)
-    if id_map.numel() and int(id_map.max()) >= target_size:
-        raise ValueError(f"id_map points at target id {int(id_map.max())} >= target_size {target_size}")
-    cols = torch.nonzero(id_map >= 0, as_tuple=False).flatten()  # drafter ids in I
-    dest = id_map[cols]  # their target ids
-    kept = q.index_select(-1, cols)  # [..., |I|]
-    out = torch.zeros(*q.shape[:-1], target_size, dtype=q.dtype, device=q.device)  # [..., V_target]
-    out.index_add_(out.dim() - 1, dest, kept)
-    mass = kept.sum(-1)  # [...]
-    positive = mass > 0
-    denom = torch.where(positive, mass, torch.ones_like(mass))
-    q_prime = out / denom.unsqueeze(-1)
-    q_prime = torch.where(positive.unsqueeze(-1), q_prime, torch.zeros_like(q_prime))
-    return q_prime, mass
+    return Projection(id_map, target_size)(q)

@@ -27,7 +27,8 @@ import torch
 
 from hsd_serve.core.detok import IncrementalDetokenizer
 from hsd_serve.engine.methods import METHODS, Round
-from hsd_serve.engine.protocol import EXACT, DrafterFailed, DraftSpec, SessionMissing, Verdict
+from hsd_serve.engine.protocol import (EXACT, Draft, DrafterFailed, DraftSpec, SessionMissing,
+                                      Verdict)
 from hsd_serve.engine.types import Chunk, GenerationRequest, GenerationResult, RequestError, \
     RequestStats
 
@@ -133,8 +134,6 @@ class _Ahead:
     def follow(self, d, committed: list[int], generated: bytes, k: int):
         """The part of draft ``d`` after what was committed since, if the committed tokens went
         its way (None: they did not)."""
-        from hsd_serve.engine.protocol import Draft
-
         if d.target_ids:  # token-level (TLI, SD; SLEM on a shared vocabulary)
             n = len(self.ids)
             if len(committed) != n + 1 or committed[:n] != self.ids or \
@@ -285,6 +284,7 @@ class RequestRun:
         return ready
 
     def drop_ahead(self) -> None:
+        """Forget the draft made ahead (cancelling a finished task also marks its error seen)."""
         if self.ahead is not None:
             self.ahead.task.cancel()
             self.ahead = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -110,6 +111,9 @@ class LoadedModel:
             keep = set(range(spec.head_ids)) | set(self.eos_ids) | set(self.vocab.special_ids)
             prune_output_head(model, sorted(i for i in keep if i < self.logit_size))
             self.head_ids = spec.head_ids
+        elif type(model.get_output_embeddings()) is torch.nn.Linear:
+            head = model.get_output_embeddings()
+            model.set_output_embeddings(OutputHead(head.weight, head.bias))
 
     @property
     def vocab(self):
@@ -119,6 +123,47 @@ class LoadedModel:
         return Session(self)
 
 
+class OutputHead(torch.nn.Module):
+    """A model's linear output head, ``hidden @ weightᵀ (+ bias)``, computed fast on CPU.
+
+    On CPU in float32, ``linear`` over the ``[V, H]`` head weight with a few rows of input (a
+    decode step, a verification of 1–3 candidates) is 3–4× slower than the same product with
+    the weight stored transposed, ``[H, V]`` contiguous, and 2 or 3 rows cost 2× or 3× one row
+    (measured on the bundled target's 32000 × 192 head: 3.1 ms against 0.7 ms for one row, 9.7
+    against 2.2 ms for three, 24.0 against 22.3 ms for a 150-token prefill).  So inference
+    without gradients uses a transposed copy, rebuilt whenever the weight changes (its version
+    counter: an optimizer step; inference tensors have none and are not trained); with gradients, on other devices and in other dtypes it is the
+    plain ``linear``.  The parameters are the original head's (tied weights stay tied, state
+    dicts keep their keys).  Results equal ``linear``'s up to float rounding (another kernel).
+    """
+
+    def __init__(self, weight: torch.nn.Parameter, bias: Optional[torch.nn.Parameter] = None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self._t: Optional[torch.Tensor] = None
+        self._t_key: tuple = ()
+
+    def _transposed(self) -> Optional[torch.Tensor]:
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or \
+                (torch.is_grad_enabled() and w.requires_grad):
+            return None
+        key = (id(w), w.data_ptr(), -1 if w.is_inference() else w._version)
+        if self._t is None or self._t_key != key:
+            with torch.no_grad():
+                self._t = w.detach().t().contiguous()
+            self._t_key = key
+        return self._t
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        t = self._transposed()
+        if t is None or hidden.dtype != t.dtype:
+            return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        out = hidden @ t
+        return out + self.bias if self.bias is not None else out
+
+
 class PrunedHead(torch.nn.Module):
     """An output head computed for ``keep`` ids only; every other logit is -inf.
 
@@ -126,22 +171,23 @@ class PrunedHead(torch.nn.Module):
     step, and the rarest ids are seldom its best guess).  Still lossless: the drafter's
     distribution simply has zeros there, and every method verifies against the distribution the
     drafter actually proposed from (TLI/SD proposal rows, SLRS ψ) or only against the target
-    (SLEM).  Never used for a target.
+    (SLEM).  Never used for a target.  The kept rows are an :class:`OutputHead`.
     """
 
     def __init__(self, head: torch.nn.Module, keep: list[int]):
         super().__init__()
         idx = torch.tensor(keep, dtype=torch.long, device=head.weight.device)
         self.register_buffer("keep", idx, persistent=False)
-        self.weight = torch.nn.Parameter(head.weight.detach().index_select(0, idx).clone(),
-                                         requires_grad=False)
         bias = getattr(head, "bias", None)
-        self.bias = (torch.nn.Parameter(bias.detach().index_select(0, idx).clone(), requires_grad=False)
-                     if bias is not None else None)
+        self.part = OutputHead(
+            torch.nn.Parameter(head.weight.detach().index_select(0, idx).clone(),
+                               requires_grad=False),
+            torch.nn.Parameter(bias.detach().index_select(0, idx).clone(), requires_grad=False)
+            if bias is not None else None)
         self.full_size = int(head.weight.shape[0])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        part = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        part = self.part(hidden)
         out = part.new_full(part.shape[:-1] + (self.full_size,), float("-inf"))
         out.index_copy_(out.dim() - 1, self.keep, part)
         return out

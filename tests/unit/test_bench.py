@@ -147,6 +147,8 @@ def test_tiny_run_writes_results_json(tiny_results):
             assert r["identical_to_ar"] is True, r["label"]
         if r["temperature"] > 0:
             assert r["sample_nll"] > 0
+            by_prompt = r["sample_nll_by_prompt"]
+            assert len(by_prompt) == 2 and min(by_prompt.values()) > 0
     assert data["failures"] == []
     assert data["calibration"]["target_step_ms"] > 0 and data["calibration"]["c"] > 0
     lines = (out / "requests.jsonl").read_text().splitlines()
@@ -158,6 +160,8 @@ def test_tiny_run_writes_report_and_plots(tiny_results):
     md = (out / "results.md").read_text()
     assert "| dataset | method | k |" in md and "## Temperature 0 (greedy)" in md
     assert "Where the time goes" in md and "S_ideal" in md
+    if any(r["temperature"] > 0 for r in results["runs"]):
+        assert "Δ per prompt ± SE" in md and " ± " in md.split("Δ per prompt ± SE |")[1]
     for name in PLOTS:
         p = out / name
         assert p in paths and p.stat().st_size > 1000

@@ -190,6 +190,40 @@ def test_verify_speculative_sampled_goodness_of_fit():
     assert chi.pvalue > 1e-3, chi
 
 
+def _gumbel_max_by_definition(probs: torch.Tensor, seed: int, position: int, stream: int) -> int:
+    """The slow reference: argmax over the whole row of log p - log(-log u), u keyed by index."""
+    u = uniforms(seed, position, stream, probs.shape[-1])
+    return int(torch.argmax(torch.log(probs.to(torch.float64)) - torch.log(-torch.log(u))))
+
+
+@pytest.mark.parametrize("support", [1, 3, 40, 200])
+def test_gumbel_sample_is_gumbel_max_on_dense_and_sparse_rows(support):
+    """The fast sampler (exponential race, support-only on sparse rows) draws the very token the
+    definition draws for each key, so which path ran cannot change an output."""
+    g = torch.Generator().manual_seed(support)
+    for trial in range(300):
+        row = torch.softmax(torch.randn(200, generator=g, dtype=torch.float64) * 2, -1)
+        drop = torch.randperm(200, generator=g)[support:]
+        row[drop] = 0.0
+        row32 = row.float()
+        for probs in (row, row32):
+            got = gumbel_sample(probs, trial, 7, stream=1)
+            assert got == _gumbel_max_by_definition(probs, trial, 7, 1)
+            assert float(probs[got]) > 0
+
+
+def test_gumbel_sample_on_a_sparse_row_follows_it():
+    """Goodness-of-fit of the support-only path (the row has 4 of 64 ids)."""
+    p = torch.zeros(64, dtype=torch.float64)
+    p[[3, 17, 40, 63]] = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    n = 4000
+    counts = torch.bincount(torch.tensor([gumbel_sample(p, s, 0, stream=1) for s in range(n)]),
+                            minlength=64)
+    assert int(counts.sum() - counts[[3, 17, 40, 63]].sum()) == 0
+    chi = stats.chisquare(counts[[3, 17, 40, 63]].numpy(), (p[[3, 17, 40, 63]] * n).numpy())
+    assert chi.pvalue > 1e-3, chi
+
+
 def test_greedy_speculative_accepts_while_argmax():
     p = torch.eye(4, dtype=torch.float64)[[2, 1, 3]]
     q = torch.full((2, 4), 0.25, dtype=torch.float64)

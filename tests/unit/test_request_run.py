@@ -232,3 +232,55 @@ def test_a_failing_target_is_not_mistaken_for_a_failing_drafter(tok):
     with pytest.raises(IndexError):
         asyncio.run(coord.generate(GenerationRequest(PROMPT, max_new_tokens=6, method="slem")))
     assert target.freed, "caches are freed on failure too"
+
+
+class PausingTarget(ScriptedTarget):
+    """Yields to the event loop while it verifies, as a remote target does."""
+
+    async def verify(self, *a, **kw):
+        await asyncio.sleep(0.01)
+        return await super().verify(*a, **kw)
+
+
+class AheadFailingDrafter(ScriptedDrafter):
+    """Drafts what is asked, except the longer calls that draft ahead (k + 1): those fail."""
+
+    def __init__(self, proposal, lookahead: int):
+        super().__init__(proposal)
+        self.lookahead, self.ahead_calls = lookahead, 0
+
+    async def draft(self, rid, k, position, **kw):
+        if k > self.lookahead:
+            self.ahead_calls += 1
+            raise RuntimeError("drafter replica is gone")
+        return await super().draft(rid, k, position, **kw)
+
+
+def test_drafting_ahead_that_fails_leaves_no_unretrieved_error(tok):
+    """With overlap, every draft made ahead fails while the target verifies, the last one after
+    the request's last round; the output is the script and no failed call is left unretrieved
+    (asyncio reports those when the task is collected)."""
+    import gc
+
+    script = _script(tok, "abcdefgh")
+    drafter = AheadFailingDrafter(script, lookahead=2)
+    reported = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        coord = Coordinator(PausingTarget(script, 512), TargetInfo(tok, frozenset(tok.eos_ids), 512),
+                            drafter, same_vocab=True, drafter_retry_rounds=1, overlap=True)
+        req = GenerationRequest(PROMPT, max_new_tokens=len(ids(tok, "abcdefgh")), method="slem",
+                                lookahead=2,
+                                params=SamplingParams())
+        res = await coord.generate(req)
+        await asyncio.sleep(0.05)
+        gc.collect()
+        await asyncio.sleep(0)
+        return res
+
+    res = asyncio.run(main())
+    assert res.text == "abcdefgh"
+    assert drafter.ahead_calls >= 2, "drafting ahead never ran"
+    assert res.stats.ahead_waited == drafter.ahead_calls - 1  # the last one: after the end
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported

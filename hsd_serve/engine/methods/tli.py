@@ -13,7 +13,7 @@ import torch
 
 from hsd_serve.core.sampling import DRAFT, gumbel_sample, process_logits
 from hsd_serve.core.speculative import truncate_proposal
-from hsd_serve.core.vocab import project_to_target
+from hsd_serve.core.vocab import Projection
 from hsd_serve.engine.methods.base import Method
 from hsd_serve.engine.protocol import Draft
 
@@ -34,6 +34,7 @@ class TLIProposer:
         self.id_map = id_map  # [V_draft'] drafter id -> target id with the same bytes, or -1
         self.v_target = v_target
         self.top_m = top_m
+        self.project = Projection(id_map, v_target)
         self.in_i = torch.zeros(v_draft, dtype=torch.bool)  # [V_draft] drafter ids in I
         self.in_i[:id_map.numel()] = id_map >= 0
         self.back = torch.full((v_target,), -1, dtype=torch.long)  # [V_target] -> drafter id
@@ -53,8 +54,7 @@ class TLIProposer:
                 q = torch.zeros(v_target)
                 q[t] = 1.0
             else:
-                q, mass = project_to_target(process_logits(logits, st.params)[:id_map.numel()],
-                                            id_map, v_target)
+                q, mass = self.project(process_logits(logits, st.params)[:id_map.numel()])
                 if float(mass) <= 0.0:
                     break
                 q = truncate_proposal(q, self.top_m)

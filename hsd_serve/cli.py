@@ -221,6 +221,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--lookahead", type=int, default=0, help="0: server default")
     c.add_argument("--stop", action="append", default=[])
     c.add_argument("--no-stream", action="store_true", help="unary Generate instead of streaming")
+    c.add_argument("--trace", action="store_true",
+                   help="ask for the per-round timeline (stats.timeline: draft, draft ahead and "
+                        "verify spans; shown with --json)")
     c.add_argument("--json", action="store_true", help="print the final response as JSON")
     c.add_argument("--timeout", type=float, default=300.0)
     c.add_argument("--api-key", default=None,

@@ -62,7 +62,7 @@ class GrpcClient:
 
         req = hsd_pb2.GenerateRequest(
             prompt=prompt.text, max_tokens=max_new, method=method_to_proto(spec.method),
-            lookahead=max(1, spec.lookahead),
+            lookahead=max(1, spec.lookahead), trace=concurrency == 1,
             sampling=hsd_pb2.SamplingParams(temperature=spec.temperature, seed=seed))
         ids, text, first, last = [], [], None, None
         t0 = time.perf_counter()
@@ -84,7 +84,9 @@ class GrpcClient:
                       drafted_per_position=None, fallback_rounds=int(st.fallback_rounds),
                       draft_s=st.draft_s, verify_s=st.verify_s, bridge_s=st.bridge_s,
                       transport_s=st.transport_s, server_wall_s=st.wall_s, seed=seed,
-                      concurrency=concurrency)
+                      concurrency=concurrency,
+                      timeline=[[sp.lane, sp.round, sp.start_s, sp.end_s] for sp in st.timeline]
+                      if st and st.timeline else None)
 
 
 class HttpClient:

@@ -295,7 +295,43 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
+    fig = _plot_timeline(plt, results.get("samples", []))
+    if fig is not None:
+        p = out / "timeline.png"
+        fig.savefig(p, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(p)
     return paths
+
+
+TIMELINE_LANES = ("verify", "draft", "draft ahead")
+
+
+def _plot_timeline(plt, samples, rounds: int = 12):
+    """Per drafting configuration (label), the first ``rounds`` rounds of its first traced
+    request as seen by the coordinator: when the target verified, when a round waited for a
+    draft, and when the drafter drafted ahead (overlap) — bars on one time axis."""
+    first: dict = {}
+    for s in samples:
+        if getattr(s, "timeline", None) and s.spec.method != "ar":
+            first.setdefault(s.spec.label, s)
+    if not first:
+        return None
+    fig, axes = plt.subplots(len(first), 1, figsize=(10, 1.6 + 1.1 * len(first)), squeeze=False)
+    colors = {"verify": "tab:blue", "draft": "tab:orange", "draft ahead": "tab:green"}
+    for ax, (label, s) in zip(axes[:, 0], first.items()):
+        spans = [sp for sp in s.timeline if sp[1] < rounds]
+        t_end = max(sp[3] for sp in spans) * 1e3
+        for y, lane in enumerate(TIMELINE_LANES):
+            bars = [(sp[2] * 1e3, (sp[3] - sp[2]) * 1e3) for sp in spans if sp[0] == lane]
+            ax.broken_barh(bars, (y - 0.35, 0.7), color=colors[lane])
+        ax.set_yticks(range(len(TIMELINE_LANES)), TIMELINE_LANES)
+        ax.set_xlim(0, t_end * 1.01)
+        ax.set_title(f"{label} — {s.prompt_id}, rounds 0–{rounds - 1}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("ms since the request reached the coordinator")
+    fig.tight_layout()
+    return fig
 
 
 def _temps(runs):

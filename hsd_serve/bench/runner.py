@@ -109,6 +109,9 @@ class Sample:
     hf_settings: Optional[dict] = None
     concurrency: int = 1
     emitted: Optional[int] = None  # tokens emitted (defaults to len(token_ids))
+    # gRPC endpoint, one stream: the service's per-round timeline (GenerateRequest.trace),
+    # [lane, round, start_s, end_s] per span
+    timeline: Optional[list] = None
 
     @property
     def n_tokens(self) -> int:

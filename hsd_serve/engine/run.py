@@ -30,7 +30,7 @@ from hsd_serve.engine.methods import METHODS, Round
 from hsd_serve.engine.protocol import (EXACT, Draft, DrafterFailed, DraftSpec, SessionMissing,
                                       Verdict)
 from hsd_serve.engine.types import Chunk, GenerationRequest, GenerationResult, RequestError, \
-    RequestStats
+    RequestStats, Span
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,13 @@ class RequestRun:
         self.t_start = time.perf_counter() if t_start is None else t_start
         stats.method, stats.prompt_tokens = method, self.prompt_len
 
+    def span(self, lane: str, t0: float, round_: Optional[int] = None) -> None:
+        """With ``req.trace``: record that ``lane`` ran from ``t0`` until now (in round
+        ``round_``, default the current one) in ``stats.timeline``."""
+        if self.req.trace:
+            self.stats.timeline.append(Span(lane, self.stats.rounds if round_ is None else round_,
+                                            t0 - self.t_start, time.perf_counter() - self.t_start))
+
     # ---- the drafter ---------------------------------------------------------------------------
     async def _call_drafter(self, coro):
         if self.policy.draft_timeout_s is None:
@@ -240,8 +247,10 @@ class RequestRun:
             kwargs = {"committed": self.committed}
         else:
             kwargs = {"generated": bytes(self.generated)}
+        t0 = time.perf_counter()
         d = await self._drafter_call(lambda: self.drafter.draft(
             self.rid, k, position, attempt=next(self._attempts), **kwargs))
+        self.span("draft", t0)
         self.stats.draft_s += d.draft_s
         self.stats.drafter_forwards += d.forwards
         return d
@@ -258,7 +267,11 @@ class RequestRun:
                   else {"generated": text})
         call = self._drafter_call(lambda: self.drafter.draft(
             self.rid, k + 1, position + len(cands), attempt=next(self._attempts), **kwargs))
-        self.ahead = _Ahead(asyncio.ensure_future(call), ids, text)
+        task = asyncio.ensure_future(call)
+        if self.req.trace:
+            t0, n = time.perf_counter(), self.stats.rounds
+            task.add_done_callback(lambda t: t.cancelled() or self.span("draft ahead", t0, n))
+        self.ahead = _Ahead(task, ids, text)
 
     async def ready_draft(self, k: int):
         """The draft made ahead last round, if the target's tokens took the path it continued
@@ -290,8 +303,10 @@ class RequestRun:
             self.ahead = None
 
     async def slrs_step(self, position: int, row: torch.Tensor):
+        t0 = time.perf_counter()
         out = await self._drafter_call(lambda: self.drafter.slrs_step(
             self.rid, bytes(self.generated), row, position))
+        self.span("draft", t0)
         self.stats.draft_s += out.draft_s
         self.stats.drafter_forwards += out.forwards
         return out
@@ -309,8 +324,10 @@ class RequestRun:
 
     async def verify(self, position: int, cands: list[int], rule: str,
                      proposals=None) -> Verdict:
+        t0 = time.perf_counter()
         v = await self.target.verify(self.rid, self.committed, cands, rule, self.params, position,
                                      proposals)
+        self.span("verify", t0)
         self.stats.verify_s += v.verify_s
         self.stats.target_forwards += 1
         self.lookahead.load = v.batch_size

@@ -88,6 +88,7 @@ class GenerationRequest:
     lookahead: int = IN_PROCESS_LIMITS.default_lookahead
     adaptive_lookahead: bool = False
     stop: tuple[str, ...] = ()
+    trace: bool = False  # record the per-round timeline in ``RequestStats.timeline``
 
     def validate(self, limits: Optional[RequestLimits] = None) -> None:
         """Raise ``RequestError`` naming the first field outside ``limits`` (default: the
@@ -164,6 +165,7 @@ class RequestStats:
     round_draft_s: list[float] = field(default_factory=list)
     round_verify_s: list[float] = field(default_factory=list)
     round_transport_s: list[float] = field(default_factory=list)
+    timeline: list["Span"] = field(default_factory=list)  # with GenerationRequest.trace
 
     def record_round(self, drafted: int, accepted: int, emitted: int = 0,
                      fallback: bool = False, timing: Optional[tuple[float, float, float, float]]
@@ -209,9 +211,23 @@ class RequestStats:
         d = asdict(self)
         for key in ("round_draft_s", "round_verify_s", "round_transport_s"):
             d.pop(key)
+        if not self.timeline:
+            d.pop("timeline")
         d.update(tpot_s=self.tpot_s, acceptance_rate=self.acceptance_rate, tokens_per_round=self.tokens_per_round,
                  tokens_per_s=self.tokens_per_s)
         return d
+
+
+@dataclass
+class Span:
+    """One span of a traced request's timeline, seconds from the request's start at the
+    coordinator: lane "draft" (a draft the round waited for), "draft ahead" (drafted while the
+    target verified round ``round``, overlap) or "verify"."""
+
+    lane: str
+    round: int
+    start_s: float
+    end_s: float
 
 
 @dataclass

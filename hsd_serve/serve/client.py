@@ -24,7 +24,8 @@ def build_request(args, prompt: str) -> hsd_pb2.GenerateRequest:
         sampling.seed = seed
     return hsd_pb2.GenerateRequest(
         prompt=prompt, max_tokens=args.max_tokens, method=method_to_proto(args.method),
-        lookahead=args.lookahead, stop=list(args.stop), sampling=sampling)
+        lookahead=args.lookahead, stop=list(args.stop), sampling=sampling,
+        trace=bool(getattr(args, "trace", False)))
 
 
 def stats_line(stats) -> str:

@@ -44,7 +44,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from hsd_serve.core.sampling import SamplingParams, seed_for
 from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, SLRSOutcome, Verdict
 from hsd_serve.engine.types import (Chunk, GenerationRequest, GenerationResult, RequestError,
-                                    RequestLimits, RequestStats)
+                                    RequestLimits, RequestStats, Span)
 from hsd_serve.pb import hsd_pb2 as pb
 from hsd_serve.serve.config import service_limits
 
@@ -431,7 +431,8 @@ def request_from_proto(msg: pb.GenerateRequest,
                             max_new_tokens=int(msg.max_tokens or limits.default_max_tokens),
                             method=_client_method(msg, limits),
                             lookahead=int(msg.lookahead or limits.default_lookahead),
-                            adaptive_lookahead=bool(msg.adaptive_lookahead), stop=tuple(msg.stop))
+                            adaptive_lookahead=bool(msg.adaptive_lookahead), stop=tuple(msg.stop),
+                            trace=bool(msg.trace))
     try:
         req.validate(limits)
     except RequestError as exc:  # engine-side names → proto names
@@ -448,7 +449,7 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
                               method=METHOD.to_proto(req.method),
                               lookahead=int(req.lookahead),
                               adaptive_lookahead=bool(req.adaptive_lookahead),
-                              stop=list(req.stop))
+                              stop=list(req.stop), trace=bool(req.trace))
 
 
 def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None, *,
@@ -469,7 +470,12 @@ def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None, *,
                     target_forwards=stats.target_forwards,
                     drafter_forwards=stats.drafter_forwards,
                     lookahead_final=stats.lookahead_final, ahead_ready=stats.ahead_ready,
-                    ahead_waited=stats.ahead_waited, ahead_stale=stats.ahead_stale)
+                    ahead_waited=stats.ahead_waited, ahead_stale=stats.ahead_stale,
+                    timeline=[span_to_proto(sp) for sp in stats.timeline])
+
+
+def span_to_proto(span: Span) -> pb.Span:
+    return pb.Span(lane=span.lane, round=span.round, start_s=span.start_s, end_s=span.end_s)
 
 
 def result_to_proto(result: GenerationResult, transport_s: Optional[float] = None, *,

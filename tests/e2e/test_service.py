@@ -54,6 +54,20 @@ def test_grpc_matches_in_process(stub, local_engine, method, temperature, seed):
     assert chunks[-1].stats.completion_tokens == len(want.token_ids)
 
 
+def test_grpc_traced_request_returns_its_timeline(stub):
+    """``trace``: the coordinator's per-round spans come back in the last chunk's stats."""
+    req = hsd_pb2.GenerateRequest(prompt=PROMPT, max_tokens=12, method=method_to_proto("slem"),
+                                  lookahead=3, trace=True)
+    st = list(stub.GenerateStream(req, metadata=META, timeout=120))[-1].stats
+    verify = [sp for sp in st.timeline if sp.lane == "verify"]
+    assert sorted(sp.round for sp in verify) == list(range(st.rounds))
+    assert {sp.lane for sp in st.timeline} <= {"draft", "verify"}  # this service: no overlap
+    assert any(sp.lane == "draft" for sp in st.timeline)
+    assert all(0 <= sp.start_s < sp.end_s <= st.wall_s for sp in st.timeline)
+    req.trace = False
+    assert len(stub.Generate(req, metadata=META, timeout=120).stats.timeline) == 0
+
+
 def test_grpc_bad_input_is_invalid_argument(stub):
     bad = [hsd_pb2.GenerateRequest(prompt="x", method=99),  # a value this release does not know
            hsd_pb2.GenerateRequest(prompt="x", sampling=hsd_pb2.SamplingParams(temperature=-1)),

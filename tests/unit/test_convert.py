@@ -23,7 +23,7 @@ from hsd_serve.core.speculative import truncate_proposal
 from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, DraftSpec, SLRSOutcome, Step, \
     Verdict
 from hsd_serve.engine.types import (METHODS, Chunk, GenerationRequest, GenerationResult,
-                                    RequestError, RequestLimits, RequestStats)
+                                    RequestError, RequestLimits, RequestStats, Span)
 from hsd_serve.pb import hsd_pb2 as pb
 from hsd_serve.serve import convert
 from hsd_serve.serve.config import service_limits
@@ -180,6 +180,11 @@ def test_result_and_chunks_to_proto():
     assert msg.stats.completion_tokens == 3 and msg.stats.tokens_per_s == 6.0
     assert math.isclose(msg.stats.acceptance_rate, 2 / 3) and msg.stats.transport_s == 0.01
     assert list(msg.stats.accepted_per_position) == [1, 1, 0]
+    assert len(msg.stats.timeline) == 0  # not traced
+    stats.timeline += [Span("draft", 0, 0.001, 0.004), Span("verify", 0, 0.004, 0.02),
+                       Span("draft ahead", 0, 0.005, 0.011)]
+    spans = convert.result_to_proto(res, seed=11).stats.timeline
+    assert [Span(sp.lane, sp.round, sp.start_s, sp.end_s) for sp in spans] == stats.timeline
     mid = convert.chunk_to_proto(Chunk([1], "a"), seed=11)
     assert not mid.HasField("stats") and mid.finish_reason == pb.FINISH_REASON_UNSPECIFIED
     assert convert.finish_reason_from_proto(mid.finish_reason) == ""
@@ -254,7 +259,8 @@ DEFAULTS = service_limits(default_max_tokens=32, default_lookahead=5, max_prompt
 def test_request_defaults_and_values():
     req = request_from_proto(pb.GenerateRequest(prompt="hi"), DEFAULTS)
     assert (req.prompt, req.max_new_tokens, req.lookahead, req.method) == ("hi", 32, 5, "auto")
-    assert req.params == SamplingParams() and req.stop == ()
+    assert req.params == SamplingParams() and req.stop == () and req.trace is False
+    assert request_from_proto(pb.GenerateRequest(prompt="hi", trace=True), DEFAULTS).trace
     req = request_from_proto(pb.GenerateRequest(
         prompt="x" * 100, max_tokens=256, method=pb.METHOD_TLI, lookahead=64,
         adaptive_lookahead=True, stop=["\n\n", "x" * 1024],
@@ -755,12 +761,14 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 TO_ONLY = {
     "Stats": ToProto(RequestStats, _stats_of,
-                     expect={"completion_tokens": lambda s: s.emitted, "seed": lambda s: SEED},
+                     expect={"completion_tokens": lambda s: s.emitted, "seed": lambda s: SEED,
+                             "timeline": lambda s: [convert.span_to_proto(x) for x in s.timeline]},
                      consumed=frozenset({"emitted"}),
                      not_sent={"replicas": "replica addresses stay inside the service",
                                "round_draft_s": "per-round series for the latency histograms",
                                "round_verify_s": "per-round series for the latency histograms",
                                "round_transport_s": "per-round series for the latency histograms"}),
+    "Span": ToProto(Span, convert.span_to_proto),
     "GenerateResponse": ToProto(GenerationResult, lambda r: convert.result_to_proto(r, seed=SEED),
                                 expect={"finish_reason": lambda r: FINISH[r.finish_reason],
                                         "stats": lambda r: _stats_of(r.stats)}),

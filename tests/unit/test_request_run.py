@@ -284,3 +284,51 @@ def test_drafting_ahead_that_fails_leaves_no_unretrieved_error(tok):
     assert drafter.ahead_calls >= 2, "drafting ahead never ran"
     assert res.stats.ahead_waited == drafter.ahead_calls - 1  # the last one: after the end
     assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
+
+
+class SlowDrafter(ScriptedDrafter):
+    """Proposes the script, taking ``delay_s`` per call (a drafter replica elsewhere)."""
+
+    async def draft(self, rid, k, position, **kw):
+        await asyncio.sleep(self.delay_s)
+        return await super().draft(rid, k, position, **kw)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_traced_request_records_its_timeline(tok, overlap):
+    """``trace``: every round's verify span, and with overlap the drafts made ahead, which run
+    while the target verifies the round before; untraced requests record nothing."""
+    script = _script(tok, "abcdefghijkl")
+    n = len(ids(tok, "abcdefghijkl"))
+
+    async def main(trace):
+        coord = Coordinator(PausingTarget(script, 512), TargetInfo(tok, frozenset(tok.eos_ids), 512),
+                            SlowDrafter(script, delay_s=0.004), same_vocab=True, overlap=overlap)
+        return await coord.generate(GenerationRequest(PROMPT, max_new_tokens=n, method="slem",
+                                                      lookahead=2, trace=trace))
+
+    res = asyncio.run(main(True))
+    assert res.text == "abcdefghijkl"
+    timeline = [(s.lane, s.round, s.start_s, s.end_s) for s in res.stats.timeline]
+    lanes = {lane for lane, *_ in timeline}
+    verify = [s for s in timeline if s[0] == "verify"]
+    assert len(verify) == res.stats.rounds == len({s[1] for s in verify})
+    assert all(0 <= a < b <= res.stats.wall_s for _, _, a, b in timeline)
+    if overlap:  # the script is always right, so every round after the first drafted ahead
+        assert res.stats.ahead_ready == res.stats.rounds - 1 > 0
+        ahead = [s for s in timeline if s[0] == "draft ahead"]
+        assert len(ahead) >= res.stats.ahead_ready
+        by_round = {s[1]: s for s in verify}
+        for _, r, a, b in ahead:  # asked for as round r's verify began, drafted during it
+            assert a < by_round[r][3] and b > by_round[r][2]
+        assert [s[1] for s in timeline if s[0] == "draft"] == [0]
+    else:
+        assert lanes == {"draft", "verify"}
+        for lane_draft in (s for s in timeline if s[0] == "draft"):
+            assert lane_draft[3] <= by_round_start(verify, lane_draft[1])
+    assert asyncio.run(main(False)).stats.timeline == []
+    assert "timeline" not in asyncio.run(main(False)).stats.as_dict()
+
+
+def by_round_start(verify, r):
+    return next(s[2] for s in verify if s[1] == r)

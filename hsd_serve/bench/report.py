@@ -311,12 +311,15 @@ def _plot_timeline(plt, samples, rounds: int = 12):
     """Per drafting configuration (label), the first ``rounds`` rounds of its first traced
     request as seen by the coordinator: when the target verified, when a round waited for a
     draft, and when the drafter drafted ahead (overlap) — bars on one time axis."""
-    first: dict = {}
+    by_label: dict = {}  # label -> prompt id -> its first traced request with no fallback round
     for s in samples:
-        if getattr(s, "timeline", None) and s.spec.method != "ar":
-            first.setdefault(s.spec.label, s)
-    if not first:
+        if getattr(s, "timeline", None) and s.spec.method != "ar" and not s.fallback_rounds:
+            by_label.setdefault(s.spec.label, {}).setdefault(s.prompt_id, s)
+    if not by_label:
         return None
+    common = [p for p in next(iter(by_label.values())) if all(p in d for d in by_label.values())]
+    first = {label: d[common[0]] if common else next(iter(d.values()))
+             for label, d in by_label.items()}  # the same prompt for every label when possible
     fig, axes = plt.subplots(len(first), 1, figsize=(10, 1.6 + 1.1 * len(first)), squeeze=False)
     colors = {"verify": "tab:blue", "draft": "tab:orange", "draft ahead": "tab:green"}
     for ax, (label, s) in zip(axes[:, 0], first.items()):

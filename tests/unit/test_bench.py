@@ -393,3 +393,28 @@ def test_bench_service_configs_are_valid(name):
 
     cfg = read_config(str(Path(__file__).resolve().parents[2] / "bench" / name))
     assert hsd_apps(cfg)
+
+
+def test_timeline_plot_shows_one_prompt_every_configuration_ran_cleanly(tmp_path):
+    """timeline.png: one panel per drafting configuration, on the first prompt that each ran
+    without a fallback round; none when no request was traced."""
+    from hsd_serve.bench.report import _plot_timeline, _plt
+    from hsd_serve.bench.runner import Sample
+
+    def sample(label_variant, prompt, fallback, timeline):
+        spec = RunSpec("slem", 0.0, 2, variant=label_variant)
+        return Sample(dataset="d", prompt_id=prompt, spec=spec, prompt_tokens=3, token_ids=[1],
+                      text="x", finish_reason="length", wall_s=1.0, ttft_s=0.1,
+                      fallback_rounds=fallback, timeline=timeline)
+
+    spans = [["draft", 0, 0.0, 0.01], ["verify", 0, 0.01, 0.03], ["draft ahead", 0, 0.012, 0.02],
+             ["verify", 1, 0.03, 0.05]]
+    samples = [sample("overlap", "p0", 1, spans), sample("no overlap", "p0", 0, spans),
+               sample("overlap", "p1", 0, spans), sample("no overlap", "p1", 0, spans),
+               sample("overlap", "p2", 0, spans)]
+    plt = _plt()
+    fig = _plot_timeline(plt, samples)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 2 and all("p1" in t for t in titles), titles
+    plt.close(fig)
+    assert _plot_timeline(plt, [sample("overlap", "p0", 0, None)]) is None

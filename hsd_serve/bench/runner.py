@@ -109,8 +109,8 @@ class Sample:
     hf_settings: Optional[dict] = None
     concurrency: int = 1
     emitted: Optional[int] = None  # tokens emitted (defaults to len(token_ids))
-    # gRPC endpoint, one stream: the service's per-round timeline (GenerateRequest.trace),
-    # [lane, round, start_s, end_s] per span
+    # the per-round timeline (GenerateRequest.trace; in-process on the HF executor, and one
+    # stream of a gRPC endpoint): [lane, round, start_s, end_s] per span
     timeline: Optional[list] = None
 
     @property
@@ -142,7 +142,8 @@ class Sample:
                    fallback_rounds=s.fallback_rounds, draft_s=s.draft_s, verify_s=s.verify_s,
                    bridge_s=s.bridge_s, transport_s=s.transport_s,
                    target_forwards=s.target_forwards, drafter_forwards=s.drafter_forwards,
-                   seed=seed)
+                   seed=seed, timeline=[[sp.lane, sp.round, sp.start_s, sp.end_s]
+                                        for sp in s.timeline] or None)
 
 
 @dataclass
@@ -716,7 +717,7 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
                           hf_settings=r.settings)
         req = GenerationRequest(prompt=prompt.text, max_new_tokens=max_new,
                                 params=SamplingParams(temperature=spec.temperature, seed=seed),
-                                method=spec.method, lookahead=max(1, spec.lookahead))
+                                method=spec.method, lookahead=max(1, spec.lookahead), trace=True)
         clock.reset()
         result = engines.get(DRAFTER_VARIANTS.get(spec.variant), engine).generate(req)
         sample = Sample.from_result(dataset, prompt.id, spec, result, seed)

@@ -162,6 +162,7 @@ def test_tiny_run_writes_report_and_plots(tiny_results):
     assert "Where the time goes" in md and "S_ideal" in md
     if any(r["temperature"] > 0 for r in results["runs"]):
         assert "Δ per prompt ± SE" in md and " ± " in md.split("Δ per prompt ± SE |")[1]
+    assert (out / "timeline.png").exists()  # in-process runs are traced
     for name in PLOTS:
         p = out / name
         assert p in paths and p.stat().st_size > 1000

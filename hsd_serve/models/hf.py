@@ -131,8 +131,9 @@ class OutputHead(torch.nn.Module):
     the weight stored transposed, ``[H, V]`` contiguous, and 2 or 3 rows cost 2× or 3× one row
     (measured on the bundled target's 32000 × 192 head: 3.1 ms against 0.7 ms for one row, 9.7
     against 2.2 ms for three, 24.0 against 22.3 ms for a 150-token prefill).  So inference
-    without gradients uses a transposed copy, rebuilt whenever the weight changes (its version
-    counter: an optimizer step; inference tensors have none and are not trained); with gradients, on other devices and in other dtypes it is the
+    without gradients uses a transposed copy (one more copy of the head in memory), rebuilt
+    whenever the weight changes (its version counter: an optimizer step; inference tensors have
+    none and are not trained); with gradients, on other devices and in other dtypes it is the
     plain ``linear``.  The parameters are the original head's (tied weights stay tied, state
     dicts keep their keys).  Results equal ``linear``'s up to float rounding (another kernel).
     """

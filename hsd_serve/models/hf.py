@@ -208,7 +208,8 @@ class Session:
     ``ids`` are the tokens whose keys/values are in the cache.  ``forward_from(context, extra)``
     makes the cache hold ``context + extra`` (cropping to the longest common prefix first, so
     only new tokens are computed) and returns the logits after ``context`` and after each extra
-    token: ``[len(extra) + 1, V]`` float32.
+    token: ``[len(extra) + 1, V]`` float32 on the CPU, whatever device ran the model (the rules,
+    the keyed randomness and the wire work on CPU rows).
     """
 
     def __init__(self, owner: LoadedModel):
@@ -256,7 +257,7 @@ class Session:
         self.ids.extend(new)
         self.forwards += 1
         self.tokens_computed += len(new)
-        return out.logits[0, -(len(extra) + 1):].float()
+        return out.logits[0, -(len(extra) + 1):].float().cpu()
 
     def free(self) -> None:
         self._cache = new_cache(self.owner.model.config)
@@ -278,7 +279,7 @@ def forward_batch(sessions: list[Session], contexts: list[list[int]],
     ``wpe``, past ``max_position_embeddings``; what pads compute is discarded).  Afterwards each
     session's cache gets exactly its own new keys/values appended, so a session's state is as if
     it had run alone.  Returns, per session, the logits after its context and after each extra
-    token (``[len(extra)+1, V]``).
+    token (``[len(extra)+1, V]``, float32 on the CPU, as ``Session.forward_from``).
     """
     if len(sessions) == 1:
         return [sessions[0].forward_from(contexts[0], extras[0])]
@@ -301,14 +302,14 @@ def forward_batch(sessions: list[Session], contexts: list[list[int]],
     cache = batch_cache([s._cache for s in sessions], lc, n)
     out = owner.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                       past_key_values=cache, use_cache=True)
-    logits = out.logits.float()
+    logits = out.logits
     results = []
     for i, (s, new, extra) in enumerate(zip(sessions, news, extras)):
         append_rows(s._cache, cache, i, lc, len(new))
         s.ids.extend(new)
         s.forwards += 1
         s.tokens_computed += len(new)
-        results.append(logits[i, len(new) - len(extra) - 1:len(new)])
+        results.append(logits[i, len(new) - len(extra) - 1:len(new)].float().cpu())
     return results
 
 

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
 from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, PLAIN, BenchConfig, RunSpec, Sample, _config_dict, _progress,
                                     aggregate_dataset, build_specs, calibrate, check_identity,
-                                    machine_info, merge_calibrations, per_drafter_backend)
+                                    machine_info, merge_calibrations, per_drafter_backend, span_lists)
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str]:
@@ -85,8 +85,7 @@ class GrpcClient:
                       draft_s=st.draft_s, verify_s=st.verify_s, bridge_s=st.bridge_s,
                       transport_s=st.transport_s, server_wall_s=st.wall_s, seed=seed,
                       concurrency=concurrency,
-                      timeline=[[sp.lane, sp.round, sp.start_s, sp.end_s] for sp in st.timeline]
-                      if st and st.timeline else None)
+                      timeline=span_lists(st.timeline) if st else None)
 
 
 class HttpClient:

@@ -287,17 +287,13 @@ def write_plots(results: dict, out: Path) -> list[Path]:
                      ("acceptance_by_position.png", _plot_acceptance),
                      ("speedup_vs_lookahead.png", _plot_lookahead),
                      ("tpot_distribution.png", _plot_tpot),
-                     ("aggregate_throughput.png", _plot_concurrency)):
+                     ("aggregate_throughput.png", _plot_concurrency),
+                     ("timeline.png",
+                      lambda plt, _: _plot_timeline(plt, results.get("samples", [])))):
         fig = fn(plt, runs)
         if fig is None:
             continue
         p = out / name
-        fig.savefig(p, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
-    fig = _plot_timeline(plt, results.get("samples", []))
-    if fig is not None:
-        p = out / "timeline.png"
         fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)

@@ -142,8 +142,13 @@ class Sample:
                    fallback_rounds=s.fallback_rounds, draft_s=s.draft_s, verify_s=s.verify_s,
                    bridge_s=s.bridge_s, transport_s=s.transport_s,
                    target_forwards=s.target_forwards, drafter_forwards=s.drafter_forwards,
-                   seed=seed, timeline=[[sp.lane, sp.round, sp.start_s, sp.end_s]
-                                        for sp in s.timeline] or None)
+                   seed=seed, timeline=span_lists(s.timeline))
+
+
+def span_lists(spans) -> Optional[list]:
+    """A request's timeline (engine ``Span``s or their protos) as ``Sample.timeline``: [lane,
+    round, start_s, end_s] per span; None when it has none."""
+    return [[sp.lane, sp.round, sp.start_s, sp.end_s] for sp in spans] or None
 
 
 @dataclass

@@ -32,6 +32,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drafter-head-ids", type=int, default=0, metavar="N",
                    help="compute the drafter's output head for its first N token ids only (plus "
                         "special tokens): a cheaper drafter step, still lossless (default 0: all)")
+    g.add_argument("--drafter-forward", choices=("plain", "transformers"), default="plain",
+                   help="how the HF drafter's forwards run: plain (Llama/Mistral/Qwen2 in plain "
+                        "torch, models.plain; other architectures fall back) or transformers")
     g.add_argument("--drafter-executor", choices=("hf", "vllm"), default="hf",
                    help="what runs the drafter: hf (every method) or vllm (slem, greedy tli/sd; "
                         "docs/vllm.md \"The drafter on vLLM\")")
@@ -102,7 +105,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif drafter_path is not None:
         drafter = LoadedModel(ModelSpec(drafter_path, dtype=args.dtype, device=args.device,
                                         trust_remote_code=args.trust_remote_code,
-                                        head_ids=args.drafter_head_ids))
+                                        head_ids=args.drafter_head_ids,
+                                        plain_forward=args.drafter_forward == "plain"))
     sink, server = _metrics_sink(args)
     try:
         engine = Engine(target, drafter, slrs_max_forwards=args.slrs_max_forwards, sink=sink)

@@ -79,9 +79,10 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "the vLLM executor; with --endpoint, one --application per value: what "
                         "the service runs, recorded in results.json)")
     b.add_argument("--drafter-executor", type=_csv(str), default=["hf"],
-                   help="in-process, --executor hf: what executes our drafter: hf, vllm, or "
-                        "hf,vllm to measure both side by side (drafter_executor; per drafted "
-                        "token: drafter_step_ms_in_run)")
+                   help="in-process: what executes our drafter: hf (plain-torch forwards where "
+                        "the architecture allows), hf-transformers (the same drafter through "
+                        "transformers' modules), vllm; a comma list measures them side by side "
+                        "(drafter_executor; per drafted token: drafter_step_ms_in_run)")
     b.add_argument("--endpoint", default=None,
                    help="measure a running service instead: grpc://HOST:PORT (or HOST:PORT) or "
                         "http://HOST:PORT")

@@ -43,7 +43,11 @@ PLAIN = ("ar", HF_AR, VLLM_AR)  # no drafting
 
 OVERLAP_VARIANTS = {"overlap": True, "no overlap": False}
 # in-process HF target, the drafter on each backend measured side by side (--drafter-executor)
-DRAFTER_VARIANTS = {"drafter hf": "hf", "drafter vllm": "vllm"}
+DRAFTER_VARIANTS = {"drafter hf": "hf", "drafter vllm": "vllm",
+                    "drafter hf-transformers": "hf-transformers"}
+# what runs our drafter: hf (plain-torch forwards where the architecture allows, models.plain),
+# hf-transformers (the same model through transformers' modules), vllm
+DRAFTER_BACKENDS = ("hf", "hf-transformers", "vllm")
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ class BenchConfig:
     # drafting ahead (overlap; vllm.overlap) on, off or both side by side (vLLM executor
     # in-process: one engine each; with --endpoint: what the service runs, recorded as given)
     overlap: tuple = (False,)
-    # in-process HF target: what executes the drafter, one or both side by side ("hf", "vllm")
+    # in-process: what executes the drafter, one or several side by side (DRAFTER_BACKENDS)
     drafter_executors: tuple = ("hf",)
     # endpoint mode
     endpoint: Optional[str] = None
@@ -211,8 +215,9 @@ class BenchConfig:
                                                                    self.concurrency):
             raise ValueError("--concurrency needs --endpoint or --executor vllm (the in-process "
                              "HF engine runs one request at a time)")
-        if set(self.drafter_executors) - {"hf", "vllm"} or not self.drafter_executors:
-            raise ValueError("--drafter-executor must be hf, vllm or hf,vllm")
+        if set(self.drafter_executors) - set(DRAFTER_BACKENDS) or not self.drafter_executors:
+            raise ValueError("--drafter-executor must be a comma list of "
+                             + ", ".join(DRAFTER_BACKENDS))
         if self.drafter_executors != ("hf",) and self.endpoint:
             raise ValueError("--drafter-executor runs in-process (a service runs its config's "
                              "drafter_executor)")
@@ -615,8 +620,27 @@ def load_pair(cfg: BenchConfig, *, target: bool = True):
     drafter = None
     if drafter_path and drafter_path.lower() != "none":
         drafter = LoadedModel(ModelSpec(drafter_path, dtype=cfg.dtype, device=cfg.device,
-                                        head_ids=cfg.drafter_head_ids))
+                                        head_ids=cfg.drafter_head_ids, plain_forward=True))
     return target, drafter
+
+
+def drafter_for_backend(drafter, backend: str, cfg: "BenchConfig"):
+    """The drafter ``backend`` runs: ``drafter`` itself (hf), the same model through
+    transformers' modules (hf-transformers), or a ``VllmDraftModel`` (vllm)."""
+    import dataclasses
+
+    if backend == "hf-transformers":
+        from hsd_serve.models.hf import LoadedModel
+
+        return LoadedModel(dataclasses.replace(drafter.spec, plain_forward=False))
+    if backend == "vllm":
+        from hsd_serve.serve.config import VllmDrafterOptions
+        from hsd_serve.serve.vllm.drafter import VllmDraftModel
+
+        return VllmDraftModel(drafter.spec.path, VllmDrafterOptions(**{
+            k: v for k, v in (cfg.vllm or {}).items() if k != "num_speculative_tokens"}),
+            threads=cfg.threads or 1)
+    return drafter
 
 
 def prepare_prompts(cfg: BenchConfig, dataset: str, target_tok, target_ctx: int,
@@ -676,13 +700,7 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
     clock = _Clock()
     engines = {}  # drafter backend -> Engine (the same target model)
     for backend in dict.fromkeys(cfg.drafter_executors if drafter is not None else ("hf",)):
-        d = drafter
-        if backend == "vllm":
-            from hsd_serve.serve.config import VllmDrafterOptions
-            from hsd_serve.serve.vllm.drafter import VllmDraftModel
-
-            d = VllmDraftModel(drafter.spec.path, VllmDrafterOptions(**(cfg.vllm or {})),
-                               threads=cfg.threads or 1)
+        d = drafter_for_backend(drafter, backend, cfg) if drafter is not None else None
         engines[backend] = e = Engine(target, d)
         e.coordinator.target = _TimedPort(e.coordinator.target, clock, "target")
         if e.coordinator.drafter is not None:

@@ -63,7 +63,7 @@ def _options(cfg: BenchConfig, **kw):
 def local_clients(cfg: BenchConfig, specs, *, ours: bool) -> dict:
     """``{method or (method, lookahead): client}`` for the specs that run in this process:
     the vLLM baselines, and with ``ours`` our methods on the vLLM executor."""
-    from hsd_serve.bench.runner import load_pair
+    from hsd_serve.bench.runner import drafter_for_backend, load_pair
     from hsd_serve.serve.vllm.local import VllmEngine
     from hsd_serve.zoo import bundled_model_dir
 
@@ -85,14 +85,7 @@ def local_clients(cfg: BenchConfig, specs, *, ours: bool) -> dict:
         k_max = max([s.lookahead for s in specs] + [1])
         backends = cfg.drafter_executors if drafter is not None else ("hf",)
         for backend in backends:
-            d = drafter
-            if backend == "vllm":
-                from hsd_serve.serve.config import VllmDrafterOptions
-                from hsd_serve.serve.vllm.drafter import VllmDraftModel
-
-                d = VllmDraftModel(drafter.spec.path, VllmDrafterOptions(**{
-                    k: v for k, v in (cfg.vllm or {}).items() if k != "num_speculative_tokens"}),
-                    threads=cfg.threads or 1)
+            d = drafter_for_backend(drafter, backend, cfg) if drafter is not None else drafter
             for overlap in dict.fromkeys(bool(v) for v in cfg.overlap):
                 engine = VllmEngine(target, d, options=_options(
                     cfg, num_speculative_tokens=k_max, overlap=overlap), threads=cfg.threads or 1)

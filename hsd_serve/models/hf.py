@@ -57,6 +57,10 @@ class ModelSpec:
     # drafters only: compute the output head for the first ``head_ids`` token ids (plus special
     # and end-of-sequence tokens) and give every other id logit -inf; 0 = the whole vocabulary
     head_ids: int = 0
+    # run Llama-family forwards in plain torch (``models.plain``; same weights, same cache) instead
+    # of through transformers' modules — for drafters, where it is several times faster on CPU;
+    # architectures it does not cover keep transformers' forward
+    plain_forward: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -114,6 +118,26 @@ class LoadedModel:
         elif type(model.get_output_embeddings()) is torch.nn.Linear:
             head = model.get_output_embeddings()
             model.set_output_embeddings(OutputHead(head.weight, head.bias))
+        self.plain = None  # models.plain.PlainDecoder when the spec asks and the model allows
+        if spec.plain_forward:
+            from hsd_serve.models.plain import plain_decoder
+
+            self.plain = plain_decoder(model)
+
+    def run(self, input_ids: torch.Tensor, cache, *, logits_to_keep: int = 0,
+            attention_mask: Optional[torch.Tensor] = None,
+            position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's logits for ``input_ids`` after ``cache`` (which gets their keys/values):
+        through the plain decoder where there is one, else transformers' forward."""
+        if self.plain is not None:
+            return self.plain.forward(input_ids, cache, position_ids=position_ids,
+                                      attention_mask=attention_mask,
+                                      logits_to_keep=logits_to_keep)
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                          logits_to_keep=logits_to_keep, **kwargs).logits
 
     @property
     def vocab(self):
@@ -252,12 +276,11 @@ class Session:
         extra = list(extra)
         new = self._prepare(context, extra)
         input_ids = torch.tensor([new], dtype=torch.long, device=self.owner.device)
-        out = self.owner.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True,
-                               logits_to_keep=len(extra) + 1)
+        logits = self.owner.run(input_ids, self._cache, logits_to_keep=len(extra) + 1)
         self.ids.extend(new)
         self.forwards += 1
         self.tokens_computed += len(new)
-        return out.logits[0, -(len(extra) + 1):].float().cpu()
+        return logits[0, -(len(extra) + 1):].float().cpu()
 
     def free(self) -> None:
         self._cache = new_cache(self.owner.model.config)
@@ -300,9 +323,7 @@ def forward_batch(sessions: list[Session], contexts: list[list[int]],
         position_ids[i, len(new):] = keep + len(new) - 1  # pads: never past the row's own end
         mask[i, lc - keep:] = 1
     cache = batch_cache([s._cache for s in sessions], lc, n)
-    out = owner.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True)
-    logits = out.logits
+    logits = owner.run(input_ids, cache, attention_mask=mask, position_ids=position_ids)
     results = []
     for i, (s, new, extra) in enumerate(zip(sessions, news, extras)):
         append_rows(s._cache, cache, i, lc, len(new))

@@ -28,6 +28,11 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     # drafters only: output head over the first N token ids (+ specials); 0 = full vocabulary
     head_ids: int = Field(0, ge=0)
+    # drafters only: run Llama/Mistral/Qwen2 forwards in plain torch (models.plain: the same
+    # weights and cache, several times less Python per forward on CPU); other architectures
+    # keep transformers' forward.  None: on for drafters.  Targets always run transformers'
+    # own forward (the HF executor is the reference)
+    plain_forward: Optional[bool] = None
 
     def resolved_path(self) -> str:
         """The path on this node (bundled models live inside the installed package)."""
@@ -37,11 +42,14 @@ class ModelConfig(_Strict):
             return str(bundled_model_dir(self.path[len(BUNDLED_PREFIX):]))
         return self.path
 
-    def spec(self):
+    def spec(self, *, drafter: bool = False):
+        """The ``ModelSpec`` to load (``drafter``: this model drafts, ``plain_forward`` applies)."""
         from hsd_serve.models.hf import ModelSpec
 
+        plain = drafter and (self.plain_forward is None or self.plain_forward)
         return ModelSpec(self.resolved_path(), dtype=self.dtype, device=self.device,
-                         trust_remote_code=self.trust_remote_code, head_ids=self.head_ids)
+                         trust_remote_code=self.trust_remote_code, head_ids=self.head_ids,
+                         plain_forward=plain)
 
 
 class VllmEngineOptions(_Strict):
@@ -276,6 +284,9 @@ class AppConfig(_Strict):
         if v.head_ids:
             raise ValueError("head_ids prunes a drafter's output head; the target's distribution "
                              "must stay whole (lossless), so target.head_ids must be 0")
+        if v.plain_forward:
+            raise ValueError("plain_forward is for drafters; the target runs transformers' own "
+                             "forward (the reference), so target.plain_forward must not be true")
         return v
 
     @model_validator(mode="after")

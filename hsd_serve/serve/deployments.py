@@ -178,7 +178,7 @@ class DrafterDeployment(_ModelReplica):
                                        threads=threads or 1,
                                        trust_remote_code=spec.trust_remote_code)
             else:
-                model = LoadedModel(config.drafter.spec())
+                model = LoadedModel(config.drafter.spec(drafter=True))
             return getattr(model, "worker_class", DrafterWorker)(
                 model, target_vocab, proposal_top_m=config.proposal_top_m,
                 slrs_max_forwards=config.slrs_max_forwards,

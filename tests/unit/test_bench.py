@@ -239,8 +239,12 @@ def test_drafter_backends_side_by_side():
     for bad in (["--endpoint", "grpc://127.0.0.1:1"], ["--executor", "vllm", "--overlap", "on,off"]):
         with pytest.raises(ValueError, match="drafter-executor"):
             config_from_args(parse(["bench", "--drafter-executor", "hf,vllm", *bad])).validate()
-    with pytest.raises(ValueError, match="hf, vllm"):
+    with pytest.raises(ValueError, match="hf, hf-transformers, vllm"):
         config_from_args(parse(["bench", "--drafter-executor", "tgi"])).validate()
+    cfg = config_from_args(parse(["bench", "--drafter-executor", "hf,hf-transformers"]))
+    cfg.validate()
+    assert [s.label for s in per_drafter_backend(specs, cfg.drafter_executors)][1:3] == [
+        "slem k=2 (drafter hf)", "slem k=2 (drafter hf-transformers)"]
 
 
 # ---------------------------------------------------------------------------- endpoint mode

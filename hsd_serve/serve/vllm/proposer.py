@@ -122,7 +122,11 @@ class DraftBroker:
         # ready: steps whose draft was there when the step came (drafted during the previous
         # verification); waited: steps that waited for theirs; stale: drafted-ahead ids dropped
         self.stats = {"draft_calls": 0, "late": 0, "failed": 0, "drafted": 0, "steps": 0,
-                      "ready": 0, "waited": 0, "stale": 0, "wait_s": 0.0, "propose_s": 0.0}
+                      "ready": 0, "waited": 0, "stale": 0, "wait_s": 0.0, "propose_s": 0.0,
+                      # per draft call: the round trip to the drafter, the drafter's model
+                      # time inside it, and bridging the drafted text into target ids
+                      "rpc_s": 0.0, "drafter_model_s": 0.0, "bridge_s": 0.0,
+                      "drafter_forwards": 0}
 
     def _run(self, spec: DraftSpec, ids: list[int], prompt_len: int):
         from hsd_serve.core.sampling import SamplingParams
@@ -154,12 +158,18 @@ class DraftBroker:
         self.stats["draft_calls"] += 1
         try:
             s.sync(base)
+            t0 = time.perf_counter()
             draft = await run.draft(n, len(base) - s.prompt_len)
+            t1 = time.perf_counter()
             s.sync(base)  # another extension may have moved the run while this one was out
             try:
                 _, cands, _ = run.method.bridge(draft, run, n)
             except Exception as exc:  # noqa: BLE001 - odd drafted text costs a step
                 raise DrafterFailed(exc) from exc
+            self.stats["rpc_s"] += t1 - t0
+            self.stats["drafter_model_s"] += float(getattr(draft, "draft_s", 0.0) or 0.0)
+            self.stats["bridge_s"] += time.perf_counter() - t1
+            self.stats["drafter_forwards"] += int(getattr(draft, "forwards", 0) or 0)
         except DrafterFailed as failed:
             log.warning("request %s: drafter failed (%s); plain steps for %d steps",
                         run.rid, failed.__cause__, self.retry_steps)

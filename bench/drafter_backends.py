@@ -11,6 +11,8 @@ then grows by the draft (as if every draft were accepted), so the contexts grow 
 
 Writes ``results.json`` and ``results.md``; checks that both backends drafted the same tokens
 (the HF drafter with a pruned head, ``--head-ids``, is a third column: it may draft otherwise).
+Each HF drafter runs twice: through transformers' modules and in plain torch (``plain``,
+``models.plain``, what drafter replicas run by default).
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ def _workers(target_vocab, eager: bool, head_ids: int, threads: int):
     from hsd_serve.zoo import bundled_model_dir
 
     path = str(bundled_model_dir("drafter"))
-    out = {"hf": DrafterWorker(LoadedModel(ModelSpec(path)), target_vocab)}
-    if head_ids:
-        out[f"hf head {head_ids}"] = DrafterWorker(LoadedModel(ModelSpec(path, head_ids=head_ids)),
-                                                   target_vocab)
+    out = {}
+    # each HF drafter through transformers' modules and in plain torch (models.plain)
+    for plain in (False, True):
+        tag = " plain" if plain else ""
+        out["hf" + tag] = DrafterWorker(LoadedModel(ModelSpec(path, plain_forward=plain)),
+                                        target_vocab)
+        if head_ids:
+            out[f"hf head {head_ids}{tag}"] = DrafterWorker(
+                LoadedModel(ModelSpec(path, head_ids=head_ids, plain_forward=plain)), target_vocab)
     vd = VllmDraftModel(path, VllmDrafterOptions(enforce_eager=eager), threads=threads)
     out["vllm"] = VllmDrafterWorker(vd, target_vocab)
     return out, vd
@@ -85,7 +92,10 @@ def run(batches, methods, k: int, rounds: int, eager: bool, head_ids: int, threa
                                  "rounds": rounds, "drafted_tokens": tokens[b],
                                  "seconds": time_s[b],
                                  "ms_per_drafted_token": time_s[b] / max(1, tokens[b]) * 1e3})
-                    if b == "vllm" and drafts[b] != drafts["hf"]:  # same model, same drafts
+                    # the same model, the same drafts: vLLM against HF, plain against transformers
+                    same_as = "hf" if b == "vllm" else b[:-len(" plain")] if b.endswith(
+                        " plain") else None
+                    if same_as is not None and drafts[b] != drafts[same_as]:
                         mismatched.append((method, n, b))
                 print(" | ".join(f"{method} N={n} {b}: {r['ms_per_drafted_token']:.2f} ms/token"
                                  for b, r in zip(workers, rows[-len(workers):])), flush=True)

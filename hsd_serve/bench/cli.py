@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -73,6 +74,9 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "methods run in-process on the vLLM executor, at every --concurrency)")
     b.add_argument("--vllm-eager", action="store_true",
                    help="in-process vLLM engines in eager mode (start in ~15 s, slower steps)")
+    b.add_argument("--vllm-options", type=json.loads, default=None, metavar="JSON",
+                   help="more options for the in-process vLLM engines (serve config's `vllm`), "
+                        "e.g. '{\"draft_max_batch\": 64}'")
     b.add_argument("--overlap", type=_csv(str), default=["off"],
                    help="drafting ahead while the target verifies (overlap / vllm.overlap): on, "
                         "off, or on,off to measure both side by side in one run (in-process on "
@@ -128,7 +132,8 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
                        endpoint=args.endpoint, application=args.application,
                        concurrency=args.concurrency, duration=args.duration,
                        executor=args.executor,
-                       vllm={"enforce_eager": True} if args.vllm_eager else None,
+                       vllm={**({"enforce_eager": True} if args.vllm_eager else {}),
+                             **(args.vllm_options or {})} or None,
                        overlap=tuple(_on_off(v) for v in args.overlap),
                        drafter_executors=tuple(args.drafter_executor),
                        timeout_s=args.timeout, command=command)

@@ -279,6 +279,7 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                 runs += sub
                 all_samples += samples
     finally:
+        proposer_stats = _proposer_stats(local)
         for c in {id(c): c for c in [client, *by_variant.values(), *local.values()]}.values():
             if c is not None:
                 c.close()
@@ -294,6 +295,7 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     except OSError:  # pragma: no cover
         pass
     return {"runs": runs, "machine": machine, "command": cfg.command,
+            "proposer_stats": proposer_stats,
             "mode": mode, "endpoint": cfg.endpoint, "executor": cfg.executor,
             "config": _config_dict(cfg), "calibration": calibration, "datasets": dataset_info,
             "failures": failures, "baseline_mismatches": baseline, "skipped": skipped,
@@ -352,3 +354,17 @@ def _load_phases(pick, cfg, dataset, prompts, specs, conc, progress):
         samples += phase
     bar.close()
     return samples, aggregate
+
+
+def _proposer_stats(local: dict) -> dict:
+    """Our in-process vLLM engines' proposer counters (``DraftBroker.stats``: draft calls, time
+    in the drafter round trip, the drafter's model time, bridging), by engine variant."""
+    out = {}
+    for key, c in local.items():
+        engine = getattr(c, "engine", None)
+        if isinstance(key, tuple) and key[0] is None and hasattr(engine, "draft_stats"):
+            try:
+                out[str(key[1])] = engine.draft_stats()
+            except Exception as exc:  # noqa: BLE001 - a report, never a failure
+                out[str(key[1])] = {"error": str(exc)[:200]}
+    return out

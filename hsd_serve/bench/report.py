@@ -196,6 +196,8 @@ def markdown(results: dict) -> str:
             seen.add(key)
             lines.append(f"- {r['label']} (T={r['temperature']:g}): `{key}`")
         lines.append("")
+    # ---- the vLLM proposer's own counters
+    lines += proposer_table(results.get("proposer_stats") or {})
     # ---- identity and skips
     lines += ["## Output identity", ""]
     fails = results.get("failures") or []
@@ -235,6 +237,28 @@ BREAKDOWN_LEGEND = (
     "stop checks, prompt encoding). Through a service: `transport and rpc` = round time outside "
     "the draft/verify/bridge work (RPCs between replicas), `outside rounds` = the service's time "
     "outside rounds, `client minus server` = client wall time the service did not see.")
+
+
+def proposer_table(stats: dict) -> list[str]:
+    """Per engine: what getting a draft cost inside vLLM's step (``DraftBroker.stats``)."""
+    rows = {k: v for k, v in stats.items() if v.get("draft_calls")}
+    if not rows:
+        return []
+    lines = ["## Drafts inside vLLM's step (the proposer, per draft call)", "",
+             "`wait` = the engine step blocked on drafts; `round trip` = the gRPC call to the "
+             "drafter; `drafter model` = its forwards; `bridge` = re-encoding into target ids.", "",
+             "| engine | draft calls | steps | wait ms/step | round trip ms | drafter model ms "
+             "| drafter forwards | bridge ms | ready | waited |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in rows.items():
+        calls, steps = max(1, v["draft_calls"]), max(1, v.get("steps", 0))
+        lines.append(
+            f"| {name} | {v['draft_calls']} | {v.get('steps', 0)} "
+            f"| {_f(1e3 * v.get('wait_s', 0) / steps)} | {_f(1e3 * v.get('rpc_s', 0) / calls)} "
+            f"| {_f(1e3 * v.get('drafter_model_s', 0) / calls)} "
+            f"| {_f(v.get('drafter_forwards', 0) / calls)} "
+            f"| {_f(1e3 * v.get('bridge_s', 0) / calls)} | {v.get('ready', 0)} "
+            f"| {v.get('waited', 0)} |")
+    return lines + [""]
 
 
 def _paired_delta(run: dict, ar: Optional[dict]) -> str:

@@ -637,8 +637,8 @@ def drafter_for_backend(drafter, backend: str, cfg: "BenchConfig"):
         from hsd_serve.serve.config import VllmDrafterOptions
         from hsd_serve.serve.vllm.drafter import VllmDraftModel
 
-        return VllmDraftModel(drafter.spec.path, VllmDrafterOptions(**{
-            k: v for k, v in (cfg.vllm or {}).items() if k != "num_speculative_tokens"}),
+        return VllmDraftModel(drafter.spec.path, VllmDrafterOptions(**{  # its engine keys only
+            k: v for k, v in (cfg.vllm or {}).items() if k in VllmDrafterOptions.model_fields}),
             threads=cfg.threads or 1)
     return drafter
 

@@ -90,7 +90,9 @@ def local_clients(cfg: BenchConfig, specs, *, ours: bool) -> dict:
                 engine = VllmEngine(target, d, options=_options(
                     cfg, num_speculative_tokens=k_max, overlap=overlap), threads=cfg.threads or 1)
                 key = overlap if backends == ("hf",) else f"drafter {backend}"
-                clients[None, key] = EngineClient(engine, owned=d if d is not drafter else None)
+                # a drafter on vLLM is an engine of its own, closed with this client
+                owned = d if d is not drafter and hasattr(d, "close") else None
+                clients[None, key] = EngineClient(engine, owned=owned)
     return clients
 
 

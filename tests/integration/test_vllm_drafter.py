@@ -193,7 +193,8 @@ def test_target_and_drafter_both_on_vllm(pair):
     _, _, vd = pair
     eng = VllmEngine(str(bundled_model_dir("target")), vd,
                      options=VllmOptions(enforce_eager=True, num_speculative_tokens=3,
-                                         cpu_kvcache_gib=1, max_num_seqs=16))
+                                         cpu_kvcache_gib=1, max_num_seqs=16,
+                                         draft_max_batch=64))  # 8 requests drafting at once
     try:
         want = [eng.generate(_req(p, "ar")).token_ids for p in PROMPTS]
         reqs = [_req(p, m) for p in PROMPTS for m in ("slem", "tli")]

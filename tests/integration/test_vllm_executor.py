@@ -30,7 +30,7 @@ PROMPTS = [
 ]
 
 
-def _engine(target_dir, drafter=None, k=4, metrics_port=None, overlap=True):
+def _engine(target_dir, drafter=None, k=4, metrics_port=None, overlap=True, draft_max_batch=64):
     from hsd_serve.serve.config import VllmOptions
     from hsd_serve.serve.vllm.local import VllmEngine
 
@@ -38,8 +38,8 @@ def _engine(target_dir, drafter=None, k=4, metrics_port=None, overlap=True):
                       options=VllmOptions(enforce_eager=True, num_speculative_tokens=k,
                                           cpu_kvcache_gib=1, max_num_seqs=16,
                                           metrics_port=metrics_port, overlap=overlap,
-                                          # draft ahead in batches too (mixed, sampled)
-                                          overlap_max_batch=64))
+                                          # draft (ahead) in batches too (mixed, sampled)
+                                          overlap_max_batch=64, draft_max_batch=draft_max_batch))
 
 
 def _req(prompt, method, max_new=24, k=3, temperature=0.0):
@@ -52,7 +52,8 @@ def bundled():
     from hsd_serve.models.hf import LoadedModel, ModelSpec
     from hsd_serve.zoo import bundled_model_dir
 
-    drafter = LoadedModel(ModelSpec(str(bundled_model_dir("drafter")), head_ids=16384))
+    drafter = LoadedModel(ModelSpec(str(bundled_model_dir("drafter")), head_ids=16384,
+                                    plain_forward=True))  # as drafter replicas run it
     eng = _engine(bundled_model_dir("target"), drafter, metrics_port=0)
     yield eng
     eng.close()
@@ -265,3 +266,23 @@ def test_vllm_metrics_are_served(bundled):
     for name in ("vllm:generation_tokens_total", "vllm:spec_decode_num_draft_tokens_total",
                  "vllm:spec_decode_num_accepted_tokens_total"):
         assert name in text, name
+
+
+def test_busy_batches_decode_plainly_and_unchanged():
+    """``draft_max_batch``: steps with more running requests take no drafts (counted as busy
+    steps); requests alone still draft; the output is vLLM-alone's either way."""
+    from hsd_serve.models.hf import LoadedModel, ModelSpec
+    from hsd_serve.zoo import bundled_model_dir
+
+    drafter = LoadedModel(ModelSpec(str(bundled_model_dir("drafter")), plain_forward=True))
+    eng = _engine(bundled_model_dir("target"), drafter, k=2, overlap=False, draft_max_batch=1)
+    try:
+        alone = [eng.generate(_req(p, "slem", 24, 2)) for p in PROMPTS[:3]]
+        assert all(r.stats.drafted > 0 for r in alone)
+        before = eng.draft_stats()
+        together = eng.generate_many([_req(p, "slem", 24, 2) for p in PROMPTS[:3]])
+        after = eng.draft_stats()
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+        assert after["busy_steps"] > before["busy_steps"]
+    finally:
+        eng.close()

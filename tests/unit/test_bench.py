@@ -423,3 +423,19 @@ def test_timeline_plot_shows_one_prompt_every_configuration_ran_cleanly(tmp_path
     assert len(titles) == 2 and all("p1" in t for t in titles), titles
     plt.close(fig)
     assert _plot_timeline(plt, [sample("overlap", "p0", 0, None)]) is None
+
+
+def test_proposer_counters_become_a_table_per_engine():
+    """The vLLM proposer's counters (DraftBroker.stats) are reported per draft call and step;
+    an engine that drafted nothing is left out."""
+    from hsd_serve.bench.report import proposer_table
+
+    lines = proposer_table({
+        "drafter hf": {"draft_calls": 10, "steps": 20, "wait_s": 0.1, "rpc_s": 0.05,
+                       "drafter_model_s": 0.03, "drafter_forwards": 27, "bridge_s": 0.002,
+                       "ready": 1, "waited": 9},
+        "idle": {"draft_calls": 0}})
+    row = next(line for line in lines if line.startswith("| drafter hf"))
+    assert row == "| drafter hf | 10 | 20 | 5.00 | 5.00 | 3.00 | 2.70 | 0.20 | 1 | 9 |"
+    assert not any(line.startswith("| idle") for line in lines)
+    assert proposer_table({}) == []

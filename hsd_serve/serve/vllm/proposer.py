@@ -15,6 +15,10 @@ drafter's own keyed randomness).  On CPU that holds only with ``patch_vllm_cpu_s
 0.32's CPU sampler expanded per-request temperatures into uninitialised memory); the
 goodness-of-fit test in ``tests/integration/test_vllm_executor.py`` checks it.
 
+Steps whose batch holds more than ``HSD_VLLM_DRAFT_MAX_BATCH`` requests (``vllm.draft_max_batch``)
+take no drafts: a busy batch keeps the target's forward busy, and drafts there cost more than
+they save (the drafter sessions stay, and drafting resumes when the batch shrinks).
+
 Never stalls the batch on one drafter: every request's draft call runs concurrently on the
 broker's event loop (a thread of the engine process) and ``propose`` waits at most
 ``HSD_VLLM_DRAFT_WAIT_S`` (default 0.2 s) for all of them; a request whose draft is not back
@@ -126,7 +130,9 @@ class DraftBroker:
                       # per draft call: the round trip to the drafter, the drafter's model
                       # time inside it, and bridging the drafted text into target ids
                       "rpc_s": 0.0, "drafter_model_s": 0.0, "bridge_s": 0.0,
-                      "drafter_forwards": 0}
+                      "drafter_forwards": 0,
+                      # steps with more requests than draft_max_batch: decoded plainly
+                      "busy_steps": 0}
 
     def _run(self, spec: DraftSpec, ids: list[int], prompt_len: int):
         from hsd_serve.core.sampling import SamplingParams
@@ -303,6 +309,7 @@ class HsdProposer:
         self.load_aware = os.environ.get("HSD_VLLM_LOAD_AWARE", "1") == "1"
         self.overlap = os.environ.get("HSD_VLLM_OVERLAP", "0") == "1"
         self.overlap_max_batch = int(os.environ.get("HSD_VLLM_OVERLAP_MAX_BATCH", "2"))
+        self.draft_max_batch = int(os.environ.get("HSD_VLLM_DRAFT_MAX_BATCH", "2"))
         self.runner = None
         self.broker: Optional[DraftBroker] = None
         self.clock = None  # the replica's DraftClock (attach): seconds spent getting drafts
@@ -346,6 +353,10 @@ class HsdProposer:
         n_running = len(req_ids)  # requests in this forward pass: the load-aware cap's load
         out: list[list[int]] = [[] for _ in req_ids]
         futures: dict[int, cf.Future] = {}
+        if n_running > self.draft_max_batch:  # a busy batch: plain decoding pays more
+            self.broker.stats["busy_steps"] += 1
+            self.broker.retire(set(req_ids) | set(runner.requests))
+            return out
         # draft ahead only while the drafters have room for it: under load, drafted-ahead ids
         # that get dropped take drafter time from the drafts every step needs
         ahead = self.overlap and n_running <= self.overlap_max_batch

@@ -103,7 +103,8 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
               "Drafting ahead (overlap): rounds (HF executor) or engine steps (vLLM executor) "
               "with drafts, by whether the draft was ready on arrival (drafted while the target "
               "verified the previous one), waited for, or late (vLLM: the step decoded "
-              "plainly).", ("result",)),
+              "plainly); vLLM: busy = engine steps over vllm.draft_max_batch requests, decoded "
+              "plainly without asking for drafts.", ("result",)),
     MetricDef("stale_draft_tokens", "counter",
               "Drafting ahead (overlap): drafted-ahead tokens dropped because the target took "
               "another path.", ()),
@@ -409,9 +410,10 @@ class DraftStepCounters:
             return
         delta = {k: now.get(k, 0) - self.last.get(k, 0) for k in now}
         self.last = dict(now)
-        for result in ("ready", "waited", "late"):
-            if delta.get(result, 0) > 0:
-                self.sink._apply(Sample("draft_steps", (("result", result),), delta[result]))
+        for key, result in (("ready", "ready"), ("waited", "waited"), ("late", "late"),
+                            ("busy_steps", "busy")):
+            if delta.get(key, 0) > 0:
+                self.sink._apply(Sample("draft_steps", (("result", result),), delta[key]))
         if delta.get("stale", 0) > 0:
             self.sink._apply(Sample("stale_draft_tokens", (), delta["stale"]))
 

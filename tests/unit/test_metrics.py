@@ -349,7 +349,7 @@ def test_draft_step_counters_add_what_the_proposer_counted_since_the_last_poll()
     sink = M.PrometheusSink()
     polls = iter([{"ready": 3, "waited": 5, "late": 0, "stale": 7},
                   RuntimeError("engine busy"),
-                  {"ready": 10, "waited": 6, "late": 2, "stale": 9}])
+                  {"ready": 10, "waited": 6, "late": 2, "stale": 9, "busy_steps": 4}])
 
     async def poll():
         v = next(polls)
@@ -364,4 +364,5 @@ def test_draft_step_counters_add_what_the_proposer_counted_since_the_last_poll()
     assert M.total(got, "hsd_draft_steps_total", result="ready") == 10
     assert M.total(got, "hsd_draft_steps_total", result="waited") == 6
     assert M.total(got, "hsd_draft_steps_total", result="late") == 2
+    assert M.total(got, "hsd_draft_steps_total", result="busy") == 4
     assert M.total(got, "hsd_stale_draft_tokens_total") == 9

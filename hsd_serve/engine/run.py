@@ -211,7 +211,13 @@ class RequestRun:
             raise RequestError("method", str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - unreachable drafter: rounds fall back
             log.warning("request %s: drafter open failed (%s); target-only rounds", self.rid, exc)
-            self.retry_at = self.policy.drafter_retry_rounds
+            self.drafter_failed(0)
+
+    def drafter_failed(self, now: int) -> None:
+        """The drafter failed at round (or engine step) ``now``: close its session (the next call
+        reopens it) and leave it alone for ``policy.drafter_retry_rounds``."""
+        self.drafter_open = False
+        self.retry_at = now + self.policy.drafter_retry_rounds
 
     async def ensure_drafter(self) -> None:
         """(Re)open the drafter session if a failure closed it (raises ``DrafterFailed``)."""
@@ -366,8 +372,7 @@ class RequestRun:
             exc = failed.__cause__
             log.warning("request %s: drafter failed (%s: %s); target-only rounds",
                         self.rid, type(exc).__name__, exc)
-            self.drafter_open = False
-            self.retry_at = self.stats.rounds + self.policy.drafter_retry_rounds
+            self.drafter_failed(self.stats.rounds)
             self.drop_ahead()
             return None
 

@@ -286,3 +286,68 @@ def test_busy_batches_decode_plainly_and_unchanged():
         assert after["busy_steps"] > before["busy_steps"]
     finally:
         eng.close()
+
+
+VLLM_OWNER = """
+import json, os, sys, time
+from hsd_serve.serve.config import VllmOptions
+from hsd_serve.serve.vllm.local import VllmEngine
+from hsd_serve.zoo import bundled_model_dir
+if __name__ == "__main__":
+    eng = VllmEngine(str(bundled_model_dir("target")), None, options=VllmOptions(
+        enforce_eager=True, num_speculative_tokens=0, cpu_kvcache_gib=1, max_num_seqs=4))
+    print("READY", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_vllm_processes_die_with_a_killed_owner(tmp_path):
+    """A target replica killed outright (SIGKILL: Ray restarting it, an OOM kill) must not leave
+    vLLM's engine core and worker running with their memory: ``serve.reaper`` ends them."""
+    import signal
+    import subprocess
+    import sys
+
+    from hsd_serve.serve import reaper
+
+    script = tmp_path / "owner.py"
+    script.write_text(VLLM_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    engine: dict = {}
+    try:
+        for line in owner.stdout:  # vLLM logs on stdout too
+            if line.strip() == "READY":
+                break
+        assert owner.poll() is None, "the owner failed to start its engine"
+        children = reaper.descendants(owner.pid)
+        engine = {p: s for p, s in children.items()
+                  if "hsd_serve.serve.reaper" not in _cmdline(p)
+                  and "resource_tracker" not in _cmdline(p)}
+        assert any("VLLM" in _comm(p) for p in engine), {p: _comm(p) for p in children}
+        time.sleep(2.5)  # the watcher notes them (every second)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 30
+        while reaper._alive(engine) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not reaper._alive(engine), {p: _comm(p) for p in reaper._alive(engine)}
+    finally:
+        owner.kill()
+        for pid in reaper._alive(engine):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -124,6 +124,7 @@ def build_engine(path: str, o: VllmEngineOptions, *, threads: int, trust_remote_
     from vllm.v1.engine.llm_engine import LLMEngine
     from vllm.v1.executor import Executor
 
+    from hsd_serve.serve.reaper import ensure_reaper
     from hsd_serve.serve.vllm.executor import _cores, _cpu_only
 
     env = {MASK_ENV: mask_file or ""}
@@ -144,6 +145,7 @@ def build_engine(path: str, o: VllmEngineOptions, *, threads: int, trust_remote_
                       logits_processors=[ALLOWED_IDS_ONLY] if mask_file else None)
         kwargs.update(o.engine_args)
         cfg = EngineArgs(**kwargs).create_engine_config()
+        ensure_reaper()  # vLLM's worker process must not outlive this one if it is killed
         return LLMEngine(vllm_config=cfg, executor_class=Executor.get_class(cfg),
                          log_stats=False, multiprocess_mode=False)
     finally:

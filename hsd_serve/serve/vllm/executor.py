@@ -21,6 +21,7 @@ from typing import AsyncIterator, Optional
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.engine.protocol import DraftSpec, Step
 from hsd_serve.serve.config import VllmOptions
+from hsd_serve.serve.reaper import ensure_reaper
 
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ class VllmTarget:
         kwargs.update(o.engine_args)
         if "speculative_config" in o.engine_args:  # vLLM's own drafting: report its acceptance
             kwargs.setdefault("per_request_spec_decode_metrics", "detailed")
+        ensure_reaper()  # vLLM's processes must not outlive this one if it is killed
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
         if _cpu_only() and o.cpu_pin_engine_core and bind and bind[0].isdigit() and "|" not in bind:

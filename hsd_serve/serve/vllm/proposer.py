@@ -180,8 +180,7 @@ class DraftBroker:
             log.warning("request %s: drafter failed (%s); plain steps for %d steps",
                         run.rid, failed.__cause__, self.retry_steps)
             self.stats["failed"] += 1
-            run.drafter_open = False
-            run.retry_at = s.steps + self.retry_steps
+            run.drafter_failed(s.steps)
             if s.epoch == epoch:
                 s.drop()
             return

@@ -83,9 +83,9 @@ class VllmOptions(VllmEngineOptions):
     draft_wait_s: float = Field(0.2, gt=0)  # longest a step waits for drafts, then decodes plainly
     # engine steps with more running requests than this decode plainly (no draft calls): where
     # the batch is large the target's forward is busy enough that drafts cost more than they
-    # save (measured on a 2-core CPU: bench/README.md); raise it where drafters have hardware
-    # of their own
-    draft_max_batch: int = Field(2, ge=1)
+    # save (measured on a 2-core CPU: through the service, drafting lost to plain decoding
+    # from 2 requests on, bench/README.md); raise it where drafters have hardware of their own
+    draft_max_batch: int = Field(1, ge=1)
     # sampled requests take drafts too (vLLM's rejection rule is exact for drafts that do not
     # depend on the target's randomness; on CPU with our fix of its sampler, docs/vllm.md);
     # false: they decode plainly

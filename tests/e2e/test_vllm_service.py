@@ -37,8 +37,9 @@ def vllm_app(ray_serve):
 
     target, drafter = bundled_model_dir("target"), bundled_model_dir("drafter")
     args = {"target_executor": "vllm",
+            # draft_max_batch: concurrent streams draft too (the drafter is killed mid-draft)
             "vllm": {"enforce_eager": True, "cpu_kvcache_gib": 1, "num_speculative_tokens": 4,
-                     "max_num_seqs": 16},
+                     "max_num_seqs": 16, "draft_max_batch": 16},
             "drafter": {"path": "bundled:drafter", "head_ids": 16384},
             "max_tokens_limit": 256, "drafter_retry_rounds": 4,
             "drafter_deployment": {"num_cpus": 0.1, "torch_threads": 1},

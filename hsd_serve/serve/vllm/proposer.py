@@ -308,7 +308,7 @@ class HsdProposer:
         self.load_aware = os.environ.get("HSD_VLLM_LOAD_AWARE", "1") == "1"
         self.overlap = os.environ.get("HSD_VLLM_OVERLAP", "0") == "1"
         self.overlap_max_batch = int(os.environ.get("HSD_VLLM_OVERLAP_MAX_BATCH", "2"))
-        self.draft_max_batch = int(os.environ.get("HSD_VLLM_DRAFT_MAX_BATCH", "2"))
+        self.draft_max_batch = int(os.environ.get("HSD_VLLM_DRAFT_MAX_BATCH", "1"))
         self.runner = None
         self.broker: Optional[DraftBroker] = None
         self.clock = None  # the replica's DraftClock (attach): seconds spent getting drafts

@@ -46,10 +46,12 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dataset folder (default: ../shared/assets/datasets when present)")
     b.add_argument("--limit", type=int, default=20, help="prompts per dataset (default 20)")
     b.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS.split(","),
-                   help=f"comma list of ar,sd,slem,tli,slrs,hf-uag,hf-ar,vllm-ar,vllm-hetero "
-                        f"(default {DEFAULT_METHODS}); AR always runs (and vllm-ar with "
+                   help="comma list of ar,sd,slem,tli,slrs,hf-uag,hf-ar,vllm-ar,vllm-hetero,"
+                        f"vllm-serve (default {DEFAULT_METHODS}); AR always runs (and vllm-ar with "
                         "--executor vllm); hf-ar = transformers' plain generate(); vllm-ar = "
-                        "vLLM alone, vllm-hetero = vLLM's own heterogeneous draft_model")
+                        "vLLM alone, vllm-hetero = vLLM's own heterogeneous draft_model, "
+                        "vllm-serve = vLLM's own OpenAI server (`vllm serve`) on the target, "
+                        "started here, over HTTP")
     b.add_argument("--temperature", type=_csv(float), default=[0.0],
                    help="comma list of temperatures (default 0 = greedy)")
     b.add_argument("--lookahead", type=_csv(int), default=[4],

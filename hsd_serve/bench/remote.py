@@ -23,7 +23,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
-from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, PLAIN, BenchConfig, RunSpec, Sample, _config_dict, _progress,
+from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, PLAIN, VLLM_SERVE, BenchConfig, RunSpec, Sample, _config_dict, _progress,
                                     aggregate_dataset, build_specs, calibrate, check_identity,
                                     machine_info, merge_calibrations, per_drafter_backend, span_lists)
 
@@ -88,6 +88,26 @@ class GrpcClient:
                       timeline=span_lists(st.timeline) if st else None)
 
 
+def sse_events(client, url: str, body: dict, who: str = ""):
+    """POST ``body`` to an OpenAI-style streaming endpoint with ``client`` (httpx); yield each
+    event's JSON until ``[DONE]``.  An HTTP error or an error event raises (``who`` prefixes
+    the message)."""
+    with client.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            raise RuntimeError(f"{who}HTTP {resp.status_code}: {resp.text[:300]}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data.strip() == "[DONE]":
+                return
+            obj = json.loads(data)
+            if "error" in obj:
+                raise RuntimeError(f"{who}stream error: {obj['error']}")
+            yield obj
+
+
 class HttpClient:
     def __init__(self, base: str, timeout_s: float):
         import httpx
@@ -115,25 +135,13 @@ class HttpClient:
             body["model"] = self.model
         text, first, final = [], None, None
         t0 = time.perf_counter()
-        with self.client.stream("POST", f"{self.base}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:300]}")
-            for line in resp.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data.strip() == "[DONE]":
-                    break
-                obj = json.loads(data)
-                if "error" in obj:
-                    raise RuntimeError(f"stream error: {obj['error']}")
-                piece = "".join(c.get("text") or "" for c in obj.get("choices", []))
-                if piece and first is None:
-                    first = time.perf_counter()
-                text.append(piece)
-                if obj.get("hsd") is not None:
-                    final = obj
+        for obj in sse_events(self.client, f"{self.base}/v1/completions", body):
+            piece = "".join(c.get("text") or "" for c in obj.get("choices", []))
+            if piece and first is None:
+                first = time.perf_counter()
+            text.append(piece)
+            if obj.get("hsd") is not None:
+                final = obj
         wall = time.perf_counter() - t0
         hsd = (final or {}).get("hsd") or {}
         usage = (final or {}).get("usage") or {}
@@ -270,7 +278,8 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                     served = id(pick(RunSpec(r["method"], r["temperature"], r["lookahead"],
                                              r["variant"] or ""))) in served_clients
                     r["endpoint"] = served
-                    r["endpoint_kind"] = kind if served else "in-process"
+                    r["endpoint_kind"] = (kind if served else "http (vllm serve)"
+                                          if r["method"] == VLLM_SERVE else "in-process")
                     key = RunSpec(r["method"], r["temperature"], r["lookahead"], r["variant"] or "")
                     r["aggregate_tokens_per_s"] = aggregate_tps.get(key, r["tokens_per_s"])
                     if r.get("overlap") is None and r["drafted"] and (
@@ -280,6 +289,7 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                 all_samples += samples
     finally:
         proposer_stats = _proposer_stats(local)
+        served_baseline = {m: c.describe() for m, c in local.items() if hasattr(c, "describe")}
         for c in {id(c): c for c in [client, *by_variant.values(), *local.values()]}.values():
             if c is not None:
                 c.close()
@@ -295,7 +305,7 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     except OSError:  # pragma: no cover
         pass
     return {"runs": runs, "machine": machine, "command": cfg.command,
-            "proposer_stats": proposer_stats,
+            "proposer_stats": proposer_stats, "served_baselines": served_baseline,
             "mode": mode, "endpoint": cfg.endpoint, "executor": cfg.executor,
             "config": _config_dict(cfg), "calibration": calibration, "datasets": dataset_info,
             "failures": failures, "baseline_mismatches": baseline, "skipped": skipped,

@@ -31,14 +31,17 @@ from hsd_serve.engine.types import MAX_LOOKAHEAD
 
 log = logging.getLogger(__name__)
 
-BENCH_METHODS = ("ar", "sd", "slem", "tli", "slrs", "hf-uag", "hf-ar", "vllm-ar", "vllm-hetero")
+BENCH_METHODS = ("ar", "sd", "slem", "tli", "slrs", "hf-uag", "hf-ar", "vllm-ar", "vllm-hetero",
+                 "vllm-serve")
 HF = "hf-uag"
 HF_AR = "hf-ar"  # transformers' plain generate(): a reference for AR and for hf-uag
 VLLM_AR = "vllm-ar"  # vLLM alone on the target (no speculative config): the vLLM executor's AR
 VLLM_HETERO = "vllm-hetero"  # vLLM's own draft_model drafting with use_heterogeneous_vocab
-VLLM_BASELINES = (VLLM_AR, VLLM_HETERO)
+# vLLM's own OpenAI server (`vllm serve`) on the target, measured over HTTP: the served baseline
+VLLM_SERVE = "vllm-serve"
+VLLM_BASELINES = (VLLM_AR, VLLM_HETERO, VLLM_SERVE)
 BASELINES = (HF, HF_AR) + VLLM_BASELINES
-PLAIN = ("ar", HF_AR, VLLM_AR)  # no drafting
+PLAIN = ("ar", HF_AR, VLLM_AR, VLLM_SERVE)  # no drafting
 
 
 OVERLAP_VARIANTS = {"overlap": True, "no overlap": False}
@@ -229,7 +232,8 @@ class BenchConfig:
             raise ValueError("--drafter-executor with --overlap on,off: measure one at a time")
         if self.executor == "hf" and self.endpoint is None and set(self.methods) & set(
                 VLLM_BASELINES):
-            raise ValueError("vllm-ar and vllm-hetero need --executor vllm or --endpoint")
+            raise ValueError("vllm-ar, vllm-hetero and vllm-serve need --executor vllm or "
+                             "--endpoint")
 
     @property
     def reference(self) -> str:

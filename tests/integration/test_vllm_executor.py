@@ -351,3 +351,55 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def test_vllm_serve_baseline_is_vllm_alone(bundled):
+    """The bench's served baseline (``vllm-serve``: vLLM's own OpenAI server on the target, a
+    child process measured over HTTP) gives vLLM-alone's tokens; closing it ends the server with
+    its engine core and worker."""
+    from hsd_serve.bench.datasets import Prompt
+    from hsd_serve.bench.runner import VLLM_SERVE, RunSpec
+    from hsd_serve.bench.vllm_clients import VllmServeClient
+    from hsd_serve.serve import reaper
+    from hsd_serve.serve.config import VllmOptions
+    from hsd_serve.zoo import bundled_model_dir
+
+    client = VllmServeClient(str(bundled_model_dir("target")),
+                             VllmOptions(enforce_eager=True, num_speculative_tokens=0,
+                                         cpu_kvcache_gib=1, max_num_seqs=16))
+    server = {}
+    try:
+        server = reaper.descendants(client.proc.pid)
+        server[client.proc.pid] = reaper._stat(client.proc.pid)[1]
+        # its engine core runs on the worker's cores, as vllm-ar's does (cpu_pin_engine_core)
+        from hsd_serve.serve.vllm.executor import _parse_cores
+
+        assert client.pinned and all("EngineCor" in _comm(p) for p in client.pinned)
+        assert all(os.sched_getaffinity(p) == _parse_cores(client.bind) for p in client.pinned)
+        assert client.describe()["engine_core_pinned"]
+        for i, text in enumerate(PROMPTS):
+            prompt = Prompt("t", str(i), text, "")
+            got = client.generate("t", prompt, RunSpec(VLLM_SERVE, 0.0, 0), 24, 0)
+            want = bundled.generate(_req(text, "ar", 24))
+            assert got.token_ids == want.token_ids and len(got.token_ids) > 0, text
+            assert got.text == want.text and got.finish_reason == want.finish_reason
+            assert 0 < got.ttft_s <= got.wall_s
+    finally:
+        client.close()
+    assert client.proc.poll() is not None
+    deadline = time.monotonic() + 30
+    while reaper._alive(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not reaper._alive(server), {p: _comm(p) for p in reaper._alive(server)}
+
+
+def test_vllm_serve_that_cannot_start_says_why():
+    """A ``vllm serve`` that exits while starting (here: an engine argument vLLM does not have)
+    is an error carrying the end of its log, not a wait for a server that never comes."""
+    from hsd_serve.bench.vllm_clients import VllmServeClient
+    from hsd_serve.serve.config import VllmOptions
+    from hsd_serve.zoo import bundled_model_dir
+
+    with pytest.raises(RuntimeError, match="(?s)exited with .*no-such-engine-arg"):
+        VllmServeClient(str(bundled_model_dir("target")),
+                        VllmOptions(enforce_eager=True, engine_args={"no_such_engine_arg": 1}))

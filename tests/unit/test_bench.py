@@ -439,3 +439,31 @@ def test_proposer_counters_become_a_table_per_engine():
     assert row == "| drafter hf | 10 | 20 | 5.00 | 5.00 | 3.00 | 2.70 | 0.20 | 1 | 9 |"
     assert not any(line.startswith("| idle") for line in lines)
     assert proposer_table({}) == []
+
+
+def test_vllm_serve_arguments_follow_the_engine_options():
+    """``vllm-serve`` runs vLLM's server with vllm-ar's engine settings: dtype, eager, limits
+    and every ``engine_args`` entry as its command-line flag."""
+    from hsd_serve.bench.vllm_clients import serve_args
+    from hsd_serve.serve.config import VllmOptions
+
+    o = VllmOptions(enforce_eager=True, max_model_len=512, dtype="bfloat16", max_num_seqs=8,
+                    engine_args={"enable_prefix_caching": False, "block_size": 32,
+                                 "compilation_config": {"level": 0}, "async_scheduling": True})
+    args = serve_args("/m/target", o, 1234)
+
+    def value(flag):
+        return args[args.index(flag) + 1]
+    assert value("--model") == "/m/target" and value("--port") == "1234"
+    assert value("--dtype") == "bfloat16" and value("--max-model-len") == "512"
+    assert value("--max-num-seqs") == "8" and value("--block-size") == "32"
+    assert "--enforce-eager" in args and "--no-enable-prefix-caching" in args
+    assert "--async-scheduling" in args
+    assert json.loads(value("--compilation-config")) == {"level": 0}
+    assert "--enforce-eager" not in serve_args("/m", VllmOptions(), 1)
+    from hsd_serve.bench.runner import PLAIN, VLLM_BASELINES, build_specs
+
+    assert "vllm-serve" in PLAIN and "vllm-serve" in VLLM_BASELINES
+    specs = build_specs(["vllm-serve", "slem"], [0.0], [2], reference="vllm-ar")
+    assert [s.label for s in specs] == ["vllm-ar", "ar", "vllm-serve", "slem k=2"]
+    assert not specs[2].identity_required

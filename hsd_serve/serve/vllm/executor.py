@@ -61,13 +61,16 @@ def pin_engine_core(engine, cores: set[int]) -> list[int]:
     coordinator need.  Next to the worker it yields to it instead (the worker's forward is what it
     waits for).  Returns the pids moved; best effort (nothing happens where vLLM's internals
     differ)."""
-    moved = []
     manager = getattr(getattr(getattr(engine, "engine_core", None), "resources", None),
                       "engine_manager", None)
-    for proc in getattr(manager, "processes", None) or []:
-        pid = getattr(proc, "pid", None)
-        if pid is None:
-            continue
+    pids = [getattr(proc, "pid", None) for proc in getattr(manager, "processes", None) or []]
+    return pin_processes([p for p in pids if p is not None], cores)
+
+
+def pin_processes(pids: list[int], cores: set[int]) -> list[int]:
+    """Every thread of ``pids`` onto ``cores``; returns the pids moved (best effort)."""
+    moved = []
+    for pid in pids:
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 os.sched_setaffinity(int(tid), cores)

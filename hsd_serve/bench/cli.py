@@ -66,7 +66,9 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--seed", type=int, default=0, help="sampling seed of prompt i is seed + i")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    b.add_argument("--no-warmup", action="store_true")
+    b.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up requests (one per configuration, and a round "
+                        "of C concurrent ones before each load phase)")
     b.add_argument("--no-hf-default", action="store_true",
                    help="skip hf-uag with its own default settings (keep the matched lookahead)")
     b.add_argument("--calibration-steps", type=int, default=16)

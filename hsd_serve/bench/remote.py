@@ -8,7 +8,10 @@ draft/verify/bridge/transport seconds, its wall time) come back in the last chun
 Single stream (``--concurrency 1`` and no ``--duration``) interleaves the methods prompt by prompt,
 as in-process.  Otherwise each method gets a load phase: ``C`` client threads take prompts in turn
 (cycling through them until ``--duration`` seconds have passed, or once through without it) and
-``aggregate_tokens_per_s`` is all tokens of the phase over its wall time.
+``aggregate_tokens_per_s`` is all tokens of the phase over its wall time.  Unless ``--no-warmup``,
+each load phase starts with an untimed round of ``C`` concurrent requests: an engine's first
+batches of a new size are slow (vLLM's first two-request batch took 1.0–1.6 s to its first token
+here, against ~0.1 s after it), and in a phase of a few seconds that transient is a large share.
 """
 
 from __future__ import annotations
@@ -335,8 +338,13 @@ def _load_phases(pick, cfg, dataset, prompts, specs, conc, progress):
         counter = itertools.count()
         lock = threading.Lock()
         phase: list[Sample] = []
-        deadline = time.perf_counter() + cfg.duration if cfg.duration else None
         bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
+        if cfg.warmup:  # untimed: the engine's first batches of this size (shapes, caches)
+            with ThreadPoolExecutor(max_workers=conc) as pool:
+                list(pool.map(lambda j: pick(spec).generate(
+                    dataset, prompts[j % len(prompts)], spec, cfg.max_new_tokens, cfg.seed + j,
+                    concurrency=conc), range(conc)))
+        deadline = time.perf_counter() + cfg.duration if cfg.duration else None
 
         def worker():
             while True:

@@ -26,9 +26,10 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
-from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, PLAIN, VLLM_SERVE, BenchConfig, RunSpec, Sample, _config_dict, _progress,
-                                    aggregate_dataset, build_specs, calibrate, check_identity,
-                                    machine_info, merge_calibrations, per_drafter_backend, span_lists)
+from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, PLAIN, VLLM_SERVE, BenchConfig,
+                                    RunSpec, Sample, _config_dict, _progress, aggregate_dataset,
+                                    build_specs, calibrate, check_identity, machine_info,
+                                    merge_calibrations, per_drafter_backend, span_lists)
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str]:

@@ -124,8 +124,9 @@ def serve_args(target: str, options, port: int) -> list[str]:
     """``vllm serve`` arguments for the target with the same engine settings as ``options``
     (``VllmOptions``): what a user runs instead of us, configured as our target replicas are."""
     o = options
-    args = ["--model", target, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "target",
-            "--dtype", o.dtype, "--max-num-seqs", str(o.max_num_seqs),
+    args = ["--model", target, "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", "target", "--dtype", o.dtype,
+            "--max-num-seqs", str(o.max_num_seqs),
             "--tensor-parallel-size", str(o.tensor_parallel_size),
             "--pipeline-parallel-size", str(o.pipeline_parallel_size),
             "--gpu-memory-utilization", str(o.gpu_memory_utilization),
@@ -169,7 +170,8 @@ class VllmServeClient:
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}"
         env = dict(os.environ)
-        if _cpu_only():
+        self.cpu = _cpu_only()
+        if self.cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kvcache_gib))
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cores(options.cpu_threads_bind, threads))
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log",
@@ -189,7 +191,7 @@ class VllmServeClient:
             self.close()
             raise
         bind = self.bind
-        if _cpu_only() and options.cpu_pin_engine_core and bind[:1].isdigit() and "|" not in bind:
+        if self.cpu and options.cpu_pin_engine_core and bind[:1].isdigit() and "|" not in bind:
             # as vllm-ar's engine and our target replicas run (VllmOptions.cpu_pin_engine_core):
             # the engine core, which busy-polls its worker, on the worker's cores
             self.pinned = _pin_engine_core(self.proc.pid, bind)
@@ -226,8 +228,10 @@ class VllmServeClient:
                  concurrency: int = 1) -> Sample:
         prompt_ids = self.encode(prompt.text)
         body = {"model": "target", "prompt": prompt_ids, "max_tokens": max_new,
-                "temperature": spec.temperature, "seed": seed, "stream": True,
+                "temperature": spec.temperature, "stream": True,
                 "return_token_ids": True, "stream_options": {"include_usage": True}}
+        if spec.temperature > 0 and not self.cpu:  # as vllm-ar: per-request seeds crash
+            body["seed"] = seed  # vLLM 0.32's CPU sampler (FACTS.md), so there it is unseeded
         ids: list[int] = []
         text: list[str] = []
         first = None
@@ -263,6 +267,10 @@ class VllmServeClient:
                     pass
                 self.proc.wait(timeout=10)
         self.log.close()
+        try:  # a failed start carried its log in the error
+            os.unlink(self.log.name)
+        except OSError:
+            pass
 
 
 def _pin_engine_core(server_pid: int, bind: str) -> list[int]:

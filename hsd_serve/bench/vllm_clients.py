@@ -28,6 +28,7 @@ import time
 from typing import Optional
 
 from hsd_serve.bench.datasets import Prompt
+from hsd_serve.bench.remote import sse_events
 from hsd_serve.bench.runner import VLLM_AR, VLLM_HETERO, VLLM_SERVE, BenchConfig, RunSpec, Sample
 
 
@@ -164,16 +165,14 @@ class VllmServeClient:
 
         from hsd_serve.models.hf import ModelSpec, describe_model
         from hsd_serve.serve.reaper import ensure_reaper
-        from hsd_serve.serve.vllm.executor import _cores, _cpu_only
+        from hsd_serve.serve.vllm.executor import _cpu_only, cpu_engine_env, engine_core_cores
 
         self.encode = describe_model(ModelSpec(target)).tokenizer.encode_prompt
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}"
         env = dict(os.environ)
         self.cpu = _cpu_only()
-        if self.cpu:
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kvcache_gib))
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cores(options.cpu_threads_bind, threads))
+        cpu_engine_env(env, options, threads)
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log",
                                                delete=False)
         self.command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -190,11 +189,10 @@ class VllmServeClient:
         except BaseException:
             self.close()
             raise
-        bind = self.bind
-        if self.cpu and options.cpu_pin_engine_core and bind[:1].isdigit() and "|" not in bind:
-            # as vllm-ar's engine and our target replicas run (VllmOptions.cpu_pin_engine_core):
-            # the engine core, which busy-polls its worker, on the worker's cores
-            self.pinned = _pin_engine_core(self.proc.pid, bind)
+        cores = engine_core_cores(options, self.bind)
+        if cores is not None:  # as vllm-ar's engine and our target replicas run: the engine
+            # core, which busy-polls its worker, on the worker's cores
+            self.pinned = _pin_engine_core(self.proc.pid, cores)
 
     def describe(self) -> dict:
         """How the server ran (``results.json: served_baselines``)."""
@@ -237,8 +235,6 @@ class VllmServeClient:
         first = None
         finish = ""
         t0 = time.perf_counter()
-        from hsd_serve.bench.remote import sse_events
-
         for obj in sse_events(self.client, f"{self.base}/v1/completions", body, "vllm serve: "):
             for choice in obj.get("choices") or []:
                 new = choice.get("token_ids") or []
@@ -273,12 +269,12 @@ class VllmServeClient:
             pass
 
 
-def _pin_engine_core(server_pid: int, bind: str) -> list[int]:
+def _pin_engine_core(server_pid: int, cores: set[int]) -> list[int]:
     from hsd_serve.serve.reaper import descendants
-    from hsd_serve.serve.vllm.executor import _parse_cores, pin_processes
+    from hsd_serve.serve.vllm.executor import pin_processes
 
-    cores = [pid for pid in descendants(server_pid) if _comm(pid).startswith("VLLM::EngineCor")]
-    return pin_processes(cores, _parse_cores(bind))
+    engine = [pid for pid in descendants(server_pid) if _comm(pid).startswith("VLLM::EngineCor")]
+    return pin_processes(engine, cores)
 
 
 def _comm(pid: int) -> str:

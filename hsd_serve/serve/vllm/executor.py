@@ -80,6 +80,22 @@ def pin_processes(pids: list[int], cores: set[int]) -> list[int]:
     return moved
 
 
+def cpu_engine_env(env, options, threads: int) -> None:
+    """On CPU, fill in ``env`` (``os.environ`` or a child's) the KV-cache space and thread binding
+    of ``options`` (``VllmEngineOptions``) where not set already."""
+    if _cpu_only():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kvcache_gib))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cores(options.cpu_threads_bind, threads))
+
+
+def engine_core_cores(options, bind: str) -> Optional[set[int]]:
+    """The cores to pin vLLM's engine core to (``pin_engine_core``): the worker's, when on CPU
+    ``options.cpu_pin_engine_core`` is set and ``bind`` is a plain core list; else None."""
+    if _cpu_only() and options.cpu_pin_engine_core and bind[:1].isdigit() and "|" not in bind:
+        return _parse_cores(bind)
+    return None
+
+
 def _cpu_only() -> bool:
     try:
         import torch
@@ -125,10 +141,7 @@ class VllmTarget:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         o = self.options
-        if _cpu_only():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(o.cpu_kvcache_gib))
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cores(o.cpu_threads_bind,
-                                                                      self.threads))
+        cpu_engine_env(os.environ, o, self.threads)
         # the proposer is built in vLLM's worker process: its settings travel in the environment
         os.environ["HSD_VLLM_DRAFT_WAIT_S"] = str(o.draft_wait_s)
         os.environ["HSD_VLLM_LOAD_AWARE"] = "1" if self.load_aware else "0"
@@ -163,8 +176,9 @@ class VllmTarget:
         ensure_reaper()  # vLLM's processes must not outlive this one if it is killed
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
-        if _cpu_only() and o.cpu_pin_engine_core and bind and bind[0].isdigit() and "|" not in bind:
-            pinned = pin_engine_core(self.engine, _parse_cores(bind))
+        cores = engine_core_cores(o, bind)
+        if cores is not None:
+            pinned = pin_engine_core(self.engine, cores)
             log.info("vLLM engine core %s pinned to cores %s", pinned, bind)
         if o.metrics_port is not None:  # vLLM registers its vllm:* metrics in this process
             from prometheus_client import start_http_server

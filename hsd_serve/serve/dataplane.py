@@ -29,6 +29,7 @@ on the loop that will use them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -71,8 +72,25 @@ CHANNEL_OPTIONS = [
 
 
 # ============================================================================== server side
+ENDED_REMEMBERED = 65_536  # request ids whose lease ended that a servicer remembers
+
+
+class RequestEnded(Exception):
+    """A call for a request whose lease on this replica has ended (``end``): it arrived late
+    (sent before the caller was cancelled, queued behind the free); running it would re-create a
+    session that nobody frees."""
+
+
 class _WorkerServicer:
-    """One worker, one thread: every call to the worker goes through ``run``."""
+    """One worker, one thread: every call to the worker goes through ``run``.
+
+    ``begin(rid)`` / ``end(rid)`` bracket a request's lease on this replica: ``end`` remembers
+    the id and frees its caches, and until a later ``begin`` every call for it is refused with
+    ``FAILED_PRECONDITION`` instead of running.  The check runs on the worker thread just before
+    the call would, so a call that was sent before the caller went away but reaches the worker
+    after the lease ended (queued behind other work, or late on the wire) cannot re-create the
+    caches that the end freed.
+    """
 
     def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None, *,
                  max_batch: int = 16):
@@ -87,6 +105,42 @@ class _WorkerServicer:
         self._batcher: Optional[asyncio.Task] = None
         self.batches = 0
         self.batched_calls = 0
+        self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.refused_late = 0  # calls refused because their request's lease had ended
+
+    def begin(self, rid: str) -> None:
+        """A lease for ``rid`` starts here: its calls run (again)."""
+        self.ended.pop(rid, None)
+
+    async def end(self, rid: str) -> None:
+        """``rid``'s lease here ended: from now on its calls are refused (those queued for the
+        worker thread included); then free its caches on the worker thread."""
+        self.ended[rid] = None
+        self.ended.move_to_end(rid)
+        while len(self.ended) > ENDED_REMEMBERED:
+            self.ended.popitem(last=False)
+        await self.run(self.worker.free, rid)
+
+    def _check_live(self, rid: str) -> None:
+        """On the worker thread: raise ``RequestEnded`` for a request whose lease ended."""
+        if rid in self.ended:
+            self.refused_late += 1
+            raise RequestEnded(f"request {rid}'s lease on this replica has ended")
+
+    def _run_live(self, calls: list) -> list:
+        """``_run_batch`` over the calls whose request is live; the others get RequestEnded."""
+        results: list = [None] * len(calls)
+        live = []
+        for i, call in enumerate(calls):
+            try:
+                self._check_live(call.rid)
+                live.append(i)
+            except RequestEnded as exc:
+                results[i] = exc
+        if live:
+            for i, out in zip(live, self._run_batch([calls[i] for i in live])):
+                results[i] = out
+        return results
 
     def _run_batch(self, calls: list) -> list:  # pragma: no cover - per servicer
         raise NotImplementedError
@@ -101,6 +155,8 @@ class _WorkerServicer:
         out = await asyncio.shield(fut)
         if isinstance(out, SessionMissing):
             raise out
+        if isinstance(out, RequestEnded):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(out))
         if isinstance(out, ValueError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(out))
         if isinstance(out, Exception):
@@ -111,7 +167,7 @@ class _WorkerServicer:
         while self._pending:
             batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
             try:
-                results = await self.run(self._run_batch, [c for c, _ in batch])
+                results = await self.run(self._run_live, [c for c, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
                 log.exception("batched call failed")
                 results = [exc] * len(batch)
@@ -127,11 +183,19 @@ class _WorkerServicer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
-    async def _serve(self, context, fn: Callable[[], Any]):
+    async def _serve(self, context, fn: Callable[[], Any], rid: Optional[str] = None):
+        """Run ``fn`` on the worker thread (refused if ``rid``'s lease here ended)."""
+        def work():
+            if rid is not None:
+                self._check_live(rid)
+            return fn()
+
         try:
-            return await self.run(fn)
+            return await self.run(work)
         except asyncio.CancelledError:
             raise
+        except RequestEnded as exc:
+            code, details = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         except ValueError as exc:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__
         except Exception as exc:  # noqa: BLE001 - reported to the caller as INTERNAL
@@ -158,7 +222,7 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
             self.worker.open(**convert.open_request_args(request))
             return pb.OpenReply()
 
-        return await self._serve(context, work)
+        return await self._serve(context, work, request.request_id)
 
     def _run_batch(self, calls):
         return self.worker.draft_batch(calls)
@@ -188,7 +252,7 @@ class DrafterServicer(_WorkerServicer, pb_grpc.DrafterServicer):
                 return pb.SLRSReply(session_missing=True)
             return convert.slrs_to_proto(out)
 
-        return await self._serve(context, work)
+        return await self._serve(context, work, request.request_id)
 
     async def Free(self, request: pb.FreeRequest, context) -> pb.FreeReply:
         return await self._serve(

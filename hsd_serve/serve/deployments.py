@@ -85,6 +85,7 @@ class _ModelReplica:
         active = self.active_leases
         active[rid] = active.get(rid, 0) + 1
         try:
+            self.servicer.begin(rid)  # before the address: calls for rid run from now
             yield self.address
             if caller is None:
                 await asyncio.Event().wait()
@@ -96,7 +97,9 @@ class _ModelReplica:
             active[rid] -= 1
             if not active[rid]:  # the request may hold a newer lease here (a re-lease)
                 del active[rid]
-                await self.servicer.run(self.worker.free, rid)
+                # frees its caches; a call for rid that reaches the worker after this (sent
+                # before the caller was cancelled) is refused, so it cannot re-create them
+                await self.servicer.end(rid)
 
     async def _caller_died(self, caller) -> None:
         """Return once the actor ``caller`` is dead (one watcher per caller, shared by all its
@@ -143,6 +146,7 @@ class _ModelReplica:
                 "calls": calls, "address": self.address,
                 "leases_total": self.leases_total,
                 "leases_active": sum(self.active_leases.values()),
+                "late_calls_refused": getattr(self.servicer, "refused_late", 0),
                 "actor_name": ctx.get_actor_name(), "namespace": ctx.namespace,
                 "pid": os.getpid(), "vllm_metrics_port": getattr(w, "metrics_port", None),
                 # vLLM executor: the proposer's counters (docs/vllm.md), polled every 2 s

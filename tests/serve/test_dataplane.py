@@ -368,6 +368,53 @@ def test_verdicts_report_their_batch_over_grpc(hetero):
     assert alone.batch_size == 1
 
 
+def test_calls_that_arrive_after_their_lease_ended_are_refused_and_leave_nothing(hetero):
+    """A replica frees a request's caches when its lease ends; a call for it that reaches the
+    worker after that (sent before the coordinator was cancelled, queued behind the free) is
+    refused with FAILED_PRECONDITION and creates no session that nobody would free.  A new lease
+    for the same request (a re-lease) serves it again."""
+    target, drafter = hetero
+    sampling = SamplingParams()
+
+    async def main():
+        async with served(target, drafter) as srv:
+            t_port, d_port = srv.ports()
+            t_srv = srv.target_server.hsd_servicer
+            d_srv = srv.drafter_server.hsd_servicer
+            prompt_ids = target.tokenizer.encode_prompt(PROMPT)
+            for servicer in (t_srv, d_srv):
+                servicer.begin("r")
+            await d_port.open("r", "slem", PROMPT, sampling, prompt_ids)
+            await d_port.draft("r", 2, 0, generated=b"")
+            await t_port.verify("r", prompt_ids, [], EXACT, sampling, 0)
+            assert "r" in t_srv.worker.sessions and "r" in d_srv.worker.sessions
+            for servicer in (t_srv, d_srv):
+                await servicer.end("r")
+            assert "r" not in t_srv.worker.sessions and "r" not in d_srv.worker.sessions
+            late = [t_port.verify("r", prompt_ids, [], EXACT, sampling, 0),
+                    d_port.open("r", "slem", PROMPT, sampling, prompt_ids),
+                    d_port.draft("r", 2, 0, generated=b"")]
+            for call in late:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "lease" in info.value.details()
+            refused = (t_srv.refused_late, d_srv.refused_late)
+            left = (dict(t_srv.worker.sessions), dict(d_srv.worker.sessions))
+            # other requests are not affected; a re-lease of "r" is served again
+            other = await t_port.verify("s", prompt_ids, [], EXACT, sampling, 0)
+            t_srv.begin("r")
+            again = await t_port.verify("r", prompt_ids, [], EXACT, sampling, 0)
+            for rid in ("r", "s"):
+                await t_port.free(rid)
+            return refused, left, other, again
+
+    refused, left, other, again = asyncio.run(main())
+    assert refused == (1, 2)
+    assert left == ({}, {})
+    assert len(other.tokens) == 1 and again.tokens == other.tokens
+
+
 class RecordingWorker:
     """A drafter and target worker that records what reaches it (no model)."""
 

@@ -638,18 +638,15 @@ class FakeWorker:
         return True
 
 
-class FakeServicer:
-    async def run(self, fn, *args):
-        return fn(*args)
-
-
 def _replica():
+    from hsd_serve.serve.dataplane import _WorkerServicer
     from hsd_serve.serve.deployments import _ModelReplica
 
     rep = _ModelReplica()
     assert (rep.leases_total, rep.active_leases, rep.caller_watchers) == (0, {}, {})
     assert rep.server is None and rep.worker is None
-    rep.worker, rep.servicer, rep.address = FakeWorker(), FakeServicer(), "10.0.0.9:7"
+    rep.worker = FakeWorker()
+    rep.servicer, rep.address = _WorkerServicer(rep.worker), "10.0.0.9:7"
     return rep
 
 
@@ -662,8 +659,16 @@ def test_replica_frees_a_request_once_when_its_last_lease_ends():
         assert rep.active_leases == {RID: 2} and rep.leases_total == 2
         await first.aclose()
         assert rep.worker.freed == [] and rep.active_leases == {RID: 1}
+        assert RID not in rep.servicer.ended  # still leased: its calls run
         await second.aclose()
         assert rep.worker.freed == [RID] and rep.active_leases == {}
+        assert RID in rep.servicer.ended  # late calls for it are refused from now on
+        third = rep.lease(RID)  # a later lease serves it again
+        assert await third.__anext__() == "10.0.0.9:7"
+        assert RID not in rep.servicer.ended
+        await third.aclose()
+        assert rep.worker.freed == [RID, RID]
+        rep.servicer.close()
 
     run(main())
 

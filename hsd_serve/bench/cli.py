@@ -101,6 +101,11 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="comma list of concurrent streams (endpoint only)")
     b.add_argument("--duration", type=float, default=None,
                    help="seconds of load per method and concurrency (endpoint only)")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="load phases (--duration, or --concurrency above 1): passes over the "
+                        "methods, each pass in a rotated order; aggregate tok/s is the median of "
+                        "the passes and aggregate ×AR the median of the per-pass ratios "
+                        "(default 1)")
     b.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (endpoint)")
     b.add_argument("--ramp", type=_csv(int), default=None,
                    help="endpoint only: a load ramp, client streams per step (e.g. 1,4,16,4,1) "
@@ -135,7 +140,7 @@ def config_from_args(args: argparse.Namespace, command: str = ""):
                        calibration_steps=args.calibration_steps, threads=args.threads,
                        endpoint=args.endpoint, application=args.application,
                        concurrency=args.concurrency, duration=args.duration,
-                       executor=args.executor,
+                       repeats=args.repeats, executor=args.executor,
                        vllm={**({"enforce_eager": True} if args.vllm_eager else {}),
                              **(args.vllm_options or {})} or None,
                        overlap=tuple(_on_off(v) for v in args.overlap),

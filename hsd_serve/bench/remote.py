@@ -12,6 +12,8 @@ as in-process.  Otherwise each method gets a load phase: ``C`` client threads ta
 each load phase starts with an untimed round of ``C`` concurrent requests: an engine's first
 batches of a new size are slow (vLLM's first two-request batch took 1.0–1.6 s to its first token
 here, against ~0.1 s after it), and in a phase of a few seconds that transient is a large share.
+``--repeats N``: ``N`` passes over the methods in rotated order; a run's aggregate is the median
+of its passes and ``aggregate_vs_ar`` the median of its per-pass ratios to the reference.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -273,9 +276,10 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                 if conc == 1 and not cfg.duration:
                     samples, aggregate_tps = _single_stream(pick, cfg, dataset, prompts, specs,
                                                             progress)
+                    passes = {}
                 else:
-                    samples, aggregate_tps = _load_phases(pick, cfg, dataset, prompts, specs,
-                                                          conc, progress)
+                    samples, aggregate_tps, passes = _load_phases(pick, cfg, dataset, prompts,
+                                                                  specs, conc, progress)
                 sub = aggregate_dataset(dataset, specs, samples, calibration, concurrency=conc,
                                         reference=cfg.reference, executor=cfg.executor)
                 for r in sub:
@@ -286,6 +290,8 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                                           if r["method"] == VLLM_SERVE else "in-process")
                     key = RunSpec(r["method"], r["temperature"], r["lookahead"], r["variant"] or "")
                     r["aggregate_tokens_per_s"] = aggregate_tps.get(key, r["tokens_per_s"])
+                    if key in passes:
+                        r["aggregate_tokens_per_s_passes"] = passes[key]
                     if r.get("overlap") is None and r["drafted"] and (
                             cfg.endpoint or cfg.executor == "vllm"):
                         r["overlap"] = bool(cfg.overlap[0])
@@ -303,6 +309,7 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                     and o["temperature"] == r["temperature"] and o["concurrency"] == 1), None)
         if one and one.get("aggregate_tokens_per_s"):
             r["aggregate_vs_single_stream"] = r["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"]
+    aggregate_vs_reference(runs)
     failures, baseline = check_identity(runs)
     try:
         machine["loadavg_end"] = list(os.getloadavg())
@@ -315,6 +322,27 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
             "failures": failures, "baseline_mismatches": baseline, "skipped": skipped,
             "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
             "elapsed_s": time.time() - started, "samples": all_samples}
+
+
+def aggregate_vs_reference(runs: list[dict]) -> None:
+    """Each load run's ``aggregate_vs_ar``: its aggregate tok/s over its reference's (AR or
+    vllm-ar, same dataset, temperature and concurrency), the median of the per-pass ratios when
+    both have passes (pass ``i`` against pass ``i``: the two ran minutes apart, not a whole
+    sweep apart), with the per-pass ratios in ``aggregate_vs_ar_passes``."""
+    for r in runs:
+        if "aggregate_tokens_per_s_passes" not in r:
+            continue
+        ref = next((o for o in runs if o["method"] == r.get("reference") and not o["lookahead"]
+                    and o["dataset"] == r["dataset"] and o["temperature"] == r["temperature"]
+                    and o.get("concurrency") == r.get("concurrency")
+                    and "aggregate_tokens_per_s_passes" in o), None)
+        if ref is None:
+            continue
+        ratios = [a / b for a, b in zip(r["aggregate_tokens_per_s_passes"],
+                                        ref["aggregate_tokens_per_s_passes"]) if b > 0]
+        if ratios:
+            r["aggregate_vs_ar"] = statistics.median(ratios)
+            r["aggregate_vs_ar_passes"] = ratios
 
 
 def _single_stream(pick, cfg, dataset, prompts, specs, progress):
@@ -332,47 +360,63 @@ def _single_stream(pick, cfg, dataset, prompts, specs, progress):
 
 
 def _load_phases(pick, cfg, dataset, prompts, specs, conc, progress):
-    samples, aggregate = [], {}
-    total = None if cfg.duration else len(prompts) * len(specs)
+    """Every spec's load phase at ``conc`` streams, ``cfg.repeats`` passes over the specs (pass
+    ``r`` starts at spec ``r``, so no method always runs first or after the same neighbour).
+    Returns the samples, each spec's median aggregate tok/s and its per-pass list."""
+    samples, passes = [], {spec: [] for spec in specs}
+    total = None if cfg.duration else len(prompts) * len(specs) * cfg.repeats
     bar = _progress(total or 0, progress, f"bench {dataset} ×{conc}")
-    for spec in specs:
-        counter = itertools.count()
-        lock = threading.Lock()
-        phase: list[Sample] = []
-        bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
-        if cfg.warmup:  # untimed: the engine's first batches of this size (shapes, caches)
-            with ThreadPoolExecutor(max_workers=conc) as pool:
-                list(pool.map(lambda j: pick(spec).generate(
-                    dataset, prompts[j % len(prompts)], spec, cfg.max_new_tokens, cfg.seed + j,
-                    concurrency=conc), range(conc)))
-        deadline = time.perf_counter() + cfg.duration if cfg.duration else None
-
-        def worker():
-            while True:
-                with lock:
-                    i = next(counter)
-                if deadline is None and i >= len(prompts):
-                    return
-                if deadline is not None and time.perf_counter() >= deadline:
-                    return
-                j = i % len(prompts)
-                s = pick(spec).generate(dataset, prompts[j], spec, cfg.max_new_tokens,
-                                        cfg.seed + j, concurrency=conc)
-                s.prompt_id = prompts[j].id if i < len(prompts) else f"{prompts[j].id}#{i // len(prompts)}"
-                with lock:
-                    phase.append(s)
-                    bar.update(1)
-
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=conc) as pool:
-            futures = [pool.submit(worker) for _ in range(conc)]
-            for f in futures:
-                f.result()
-        wall = time.perf_counter() - t0
-        aggregate[spec] = sum(s.n_tokens for s in phase) / wall if wall > 0 else 0.0
-        samples += phase
+    for rep in range(cfg.repeats):
+        for spec in specs[rep % len(specs):] + specs[:rep % len(specs)]:
+            bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}"
+                                + (f" pass {rep + 1}/{cfg.repeats}" if cfg.repeats > 1 else ""))
+            phase, tps = _load_phase(pick, cfg, dataset, prompts, spec, conc, bar, rep)
+            passes[spec].append(tps)
+            samples += phase
     bar.close()
-    return samples, aggregate
+    return samples, {spec: statistics.median(v) for spec, v in passes.items()}, passes
+
+
+def _load_phase(pick, cfg, dataset, prompts, spec, conc, bar, rep: int = 0):
+    """One spec at ``conc`` streams for ``cfg.duration`` s (or once through the prompts): its
+    samples and aggregate tok/s.  Pass ``rep`` > 0 marks its sample ids ``@pass{rep + 1}`` (they
+    pair with the other methods' samples of the same pass)."""
+    counter = itertools.count()
+    lock = threading.Lock()
+    phase: list[Sample] = []
+    if cfg.warmup:  # untimed: the engine's first batches of this size (shapes, caches)
+        with ThreadPoolExecutor(max_workers=conc) as pool:
+            list(pool.map(lambda j: pick(spec).generate(
+                dataset, prompts[j % len(prompts)], spec, cfg.max_new_tokens, cfg.seed + j,
+                concurrency=conc), range(conc)))
+    deadline = time.perf_counter() + cfg.duration if cfg.duration else None
+
+    def worker():
+        while True:
+            with lock:
+                i = next(counter)
+            if deadline is None and i >= len(prompts):
+                return
+            if deadline is not None and time.perf_counter() >= deadline:
+                return
+            j = i % len(prompts)
+            s = pick(spec).generate(dataset, prompts[j], spec, cfg.max_new_tokens,
+                                    cfg.seed + j, concurrency=conc)
+            s.prompt_id = (prompts[j].id if i < len(prompts)
+                           else f"{prompts[j].id}#{i // len(prompts)}")
+            if rep:
+                s.prompt_id += f"@pass{rep + 1}"
+            with lock:
+                phase.append(s)
+                bar.update(1)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=conc) as pool:
+        futures = [pool.submit(worker) for _ in range(conc)]
+        for f in futures:
+            f.result()
+    wall = time.perf_counter() - t0
+    return phase, (sum(s.n_tokens for s in phase) / wall if wall > 0 else 0.0)
 
 
 def _proposer_stats(local: dict) -> dict:

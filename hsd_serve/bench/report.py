@@ -93,13 +93,15 @@ def markdown(results: dict) -> str:
                         + ", ".join(f"k={k}: {_f(v)} ms" for k, v in verify.items()) if verify else ""))
     lines += ["- `ideal` = S_ideal = (1 − α^(k+1)) / ((1 − α)(k·c + 1)) with α the per-candidate "
               "acceptance (conditional on the earlier candidates being accepted); `×AR` = tokens/s "
-              "over AR's tokens/s in this same run (same prompts, interleaved).", ""]
+              "over AR's tokens/s in this same run (same prompts, interleaved); `aggregate ×AR` = "
+              "aggregate tokens/s of a load phase over AR's at the same concurrency (with "
+              "`--repeats`: the median of the per-pass ratios, their range in brackets).", ""]
     endpoint = any(r.get("endpoint") for r in runs)
     for t in sorted({r["temperature"] for r in runs}):
         sub = [r for r in runs if r["temperature"] == t]
         lines += [f"## Temperature {t:g}" + (" (greedy)" if t == 0 else ""), ""]
         head = ["dataset", "method", "k"] + (["conc."] if endpoint else []) + [
-            "prompts", "tok/s"] + (["aggregate tok/s"] if endpoint else []) + [
+            "prompts", "tok/s"] + (["aggregate tok/s", "aggregate ×AR"] if endpoint else []) + [
             "×AR", "ideal", "meas/ideal", "×hf-uag (same k)", "×hf-uag default",
             "TPOT ms (p50)", "TTFT ms", "α", "accept rate", "tok/round", "identical to AR"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -110,7 +112,7 @@ def markdown(results: dict) -> str:
                 row.append(str(r.get("concurrency", 1)))
             row += [str(r["prompts"]), _f(r["tokens_per_s"], 1)]
             if endpoint:
-                row.append(_f(r.get("aggregate_tokens_per_s"), 1))
+                row += [_f(r.get("aggregate_tokens_per_s"), 1), _aggregate_ratio(r)]
             row += [_f(r.get("speedup_vs_ar")), _f(r.get("ideal_speedup")),
                     _f(r.get("measured_over_ideal")), _f(r.get("vs_hf_uag_matched")),
                     _f(r.get("vs_hf_uag_default")),
@@ -369,6 +371,15 @@ def _grid(plt, n: int, w: float = 6.5, h: float = 4.2, ncols_max: int = 3):
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
+
+
+def _aggregate_ratio(r: dict) -> str:
+    """``aggregate_vs_ar``, with the range of its per-pass ratios when there were several."""
+    passes = r.get("aggregate_vs_ar_passes") or []
+    out = _f(r.get("aggregate_vs_ar"))
+    if len(passes) > 1:
+        out += f" ({_f(min(passes))}–{_f(max(passes))})"
+    return out
 
 
 def _plot_speedup(plt, runs):

@@ -192,6 +192,8 @@ class BenchConfig:
     application: str = "hsd"
     concurrency: Sequence[int] = (1,)
     duration: Optional[float] = None
+    # load phases: passes over the methods (rotated order); aggregate tok/s is their median
+    repeats: int = 1
     timeout_s: float = 600.0
     command: str = ""
 
@@ -212,6 +214,8 @@ class BenchConfig:
             raise ValueError("--limit must be >= 1")
         if any(c < 1 for c in self.concurrency):
             raise ValueError("--concurrency values must be >= 1")
+        if self.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
         if self.executor not in ("hf", "vllm"):
             raise ValueError("--executor must be hf or vllm")
         if self.endpoint is None and self.executor == "hf" and any(c != 1 for c in

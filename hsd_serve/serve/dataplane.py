@@ -6,7 +6,9 @@ call (decode, work, encode) runs on one thread owned by the servicer: calls to o
 serialised (one model, one thread) and the event loop stays free for other RPCs, health checks
 and the replica's own handle calls.  A missing session is a normal reply (``session_missing``);
 ``ValueError`` becomes ``INVALID_ARGUMENT`` with its message (a request ``convert`` refuses too:
-an ``*_UNSPECIFIED`` or unknown enum value, no draft context); anything else ``INTERNAL``.
+an ``*_UNSPECIFIED`` or unknown enum value, no draft context); a call for a request whose lease
+on the replica has ended (``_WorkerServicer.end``) ``FAILED_PRECONDITION``; anything else
+``INTERNAL``.
 
 ``start_dataplane_server`` starts a server with one of the two services plus the standard health
 service (SERVING for ``""`` and the service name) and reflection, and returns ``(server, port)``.

@@ -346,6 +346,48 @@ def test_endpoint_run(live_endpoints, kind, tmp_path):
     assert "conc." in (tmp_path / "results.md").read_text()
 
 
+def test_load_phases_repeat_in_rotated_order_and_pair_ratios_by_pass(live_endpoints, tmp_path):
+    """--repeats N: N passes over the methods at each concurrency, each pass in a rotated order;
+    aggregate tok/s is the median of a run's passes, aggregate ×AR the median of the ratios of
+    pass i to AR's pass i, and each pass's samples pair with AR's of the same pass."""
+    import statistics
+
+    from hsd_serve.bench.remote import run_endpoint
+
+    if "humaneval" not in available_datasets():
+        pytest.skip("HumanEval not in the shared assets")
+    cfg = BenchConfig(datasets=["humaneval"], limit=2, methods=["ar", "slem"], lookaheads=[2],
+                      max_new_tokens=6, endpoint=live_endpoints["grpc"], concurrency=[2],
+                      repeats=3, target="none-here", calibration_steps=2, warmup=False)
+    results = run_endpoint(cfg, progress=False, calibrate_locally=False)
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == {"ar", "slem"}
+    for r in runs.values():
+        passes = r["aggregate_tokens_per_s_passes"]
+        assert len(passes) == 3 and all(p > 0 for p in passes)
+        assert r["aggregate_tokens_per_s"] == statistics.median(passes)
+        assert r["prompts"] == 2 * 3 and r["identical_to_ar"] is True
+    want = [s / a for s, a in zip(runs["slem"]["aggregate_tokens_per_s_passes"],
+                                  runs["ar"]["aggregate_tokens_per_s_passes"])]
+    assert runs["slem"]["aggregate_vs_ar_passes"] == want
+    assert runs["slem"]["aggregate_vs_ar"] == statistics.median(want)
+    assert runs["ar"]["aggregate_vs_ar"] == 1.0
+    order: dict[str, list[str]] = {}  # pass -> methods in the order their phases ran
+    for s in results["samples"]:
+        tag = s.prompt_id.partition("@")[2] or "pass1"
+        methods = order.setdefault(tag, [])
+        if s.spec.method not in methods:
+            methods.append(s.spec.method)
+    assert order == {"pass1": ["ar", "slem"], "pass2": ["slem", "ar"], "pass3": ["ar", "slem"]}
+    write_outputs(results, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "aggregate ×AR" in md
+    lo, hi = min(want), max(want)
+    assert f"({lo:.2f}–{hi:.2f})" in md
+    with pytest.raises(ValueError, match="--repeats"):
+        BenchConfig(repeats=0).validate()
+
+
 @pytest.mark.parametrize("endpoint,apps", [("http://127.0.0.1:1", "a,b"),
                                            ("grpc://127.0.0.1:1", "a"),
                                            ("grpc://127.0.0.1:1", "a,b,c")])

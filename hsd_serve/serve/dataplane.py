@@ -19,7 +19,8 @@ given the same object send the token (over TLS when configured).
 Client side.  ``GrpcDrafter`` / ``GrpcTarget`` implement the coordinator's ``DrafterPort`` /
 ``TargetPort`` over a ``grpc.aio`` channel and behave like ``engine.local``'s in-process ports:
 same arguments, same engine dataclasses back, ``SessionMissing`` when the replica lost the
-session, ``ValueError`` when the replica rejected the arguments (``INVALID_ARGUMENT``); other
+session, ``ValueError`` when the replica rejected the arguments (``INVALID_ARGUMENT``),
+``RequestEnded`` when the request's lease there has ended (``FAILED_PRECONDITION``); other
 failures raise ``grpc.aio.AioRpcError``.  They also add up ``transport_s``: each call's wall time
 minus the model time the replica reported (serialisation, network, queueing on the replica).
 ``ChannelPool`` caches one channel per (address, event loop).
@@ -413,6 +414,8 @@ class ChannelPool:
 def _raise_for(exc: grpc.aio.AioRpcError) -> None:
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
         raise ValueError(exc.details()) from exc
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        raise RequestEnded(exc.details()) from exc
     raise exc
 
 

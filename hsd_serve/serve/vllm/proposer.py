@@ -177,8 +177,13 @@ class DraftBroker:
             self.stats["bridge_s"] += time.perf_counter() - t1
             self.stats["drafter_forwards"] += int(getattr(draft, "forwards", 0) or 0)
         except DrafterFailed as failed:
-            log.warning("request %s: drafter failed (%s); plain steps for %d steps",
-                        run.rid, failed.__cause__, self.retry_steps)
+            from hsd_serve.serve.dataplane import RequestEnded
+
+            if isinstance(failed.__cause__, RequestEnded):  # the coordinator ended the request
+                log.debug("request %s: drafter lease ended", run.rid)
+            else:
+                log.warning("request %s: drafter failed (%s); plain steps for %d steps",
+                            run.rid, failed.__cause__, self.retry_steps)
             self.stats["failed"] += 1
             run.drafter_failed(s.steps)
             if s.epoch == epoch:

@@ -92,7 +92,8 @@ class _WorkerServicer:
     ``FAILED_PRECONDITION`` instead of running.  The check runs on the worker thread just before
     the call would, so a call that was sent before the caller went away but reaches the worker
     after the lease ended (queued behind other work, or late on the wire) cannot re-create the
-    caches that the end freed.
+    caches that the end freed.  A vLLM target's ``Generate`` stream is checked when it starts (on
+    the event loop, where ``end`` marks the id).
     """
 
     def __init__(self, worker, executor: Optional[ThreadPoolExecutor] = None, *,
@@ -124,22 +125,23 @@ class _WorkerServicer:
             self.ended.popitem(last=False)
         await self.run(self.worker.free, rid)
 
+    def _late(self, rid: str) -> Optional[RequestEnded]:
+        """The error for a call of ``rid`` if its lease here ended (counted), else None."""
+        if rid not in self.ended:
+            return None
+        self.refused_late += 1
+        return RequestEnded(f"request {rid}'s lease on this replica has ended")
+
     def _check_live(self, rid: str) -> None:
         """On the worker thread: raise ``RequestEnded`` for a request whose lease ended."""
-        if rid in self.ended:
-            self.refused_late += 1
-            raise RequestEnded(f"request {rid}'s lease on this replica has ended")
+        late = self._late(rid)
+        if late is not None:
+            raise late
 
     def _run_live(self, calls: list) -> list:
         """``_run_batch`` over the calls whose request is live; the others get RequestEnded."""
-        results: list = [None] * len(calls)
-        live = []
-        for i, call in enumerate(calls):
-            try:
-                self._check_live(call.rid)
-                live.append(i)
-            except RequestEnded as exc:
-                results[i] = exc
+        results: list = [self._late(call.rid) for call in calls]
+        live = [i for i, late in enumerate(results) if late is None]
         if live:
             for i, out in zip(live, self._run_batch([calls[i] for i in live])):
                 results[i] = out
@@ -288,6 +290,11 @@ class TargetServicer(_WorkerServicer, pb_grpc.TargetServicer):
             args = wire.generate_args(request)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # on the event loop, as ``end`` marks requests: a stream that arrives after its lease
+        # ended would start a request no one reads (it ends only when its caller cancels it)
+        late = self._late(args["rid"])
+        if late is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(late))
         try:
             async for step in self.worker.generate(**args):
                 yield wire.step_to_proto(step)

@@ -403,3 +403,39 @@ def test_vllm_serve_that_cannot_start_says_why():
     with pytest.raises(RuntimeError, match="(?s)exited with .*no-such-engine-arg"):
         VllmServeClient(str(bundled_model_dir("target")),
                         VllmOptions(enforce_eager=True, engine_args={"no_such_engine_arg": 1}))
+
+
+def test_generate_after_its_lease_ended_is_refused(bundled):
+    """A vLLM target's ``Generate`` stream that reaches the replica after the request's lease
+    there ended is refused with ``FAILED_PRECONDITION`` (the port raises ``RequestEnded``) and
+    starts nothing in vLLM; a new lease serves the id again, and other requests are unaffected."""
+    from hsd_serve.serve.dataplane import (GrpcTarget, RequestEnded, start_dataplane_server,
+                                           stop_dataplane_server)
+
+    prompt_ids = bundled.coordinator.info.tokenizer.encode_prompt(PROMPTS[0])
+    want = bundled.generate(_req(PROMPTS[0], "ar", 8)).token_ids
+    server, port = bundled._call(start_dataplane_server("target", bundled.target, "127.0.0.1"))
+    servicer = server.hsd_servicer
+
+    async def tokens(rid):
+        port_ = GrpcTarget(f"127.0.0.1:{port}")
+        try:
+            return [t async for step in port_.generate(rid, prompt_ids, SamplingParams(), 8)
+                    for t in step.token_ids]
+        finally:
+            await port_.close()
+
+    try:
+        servicer.begin("late-1")
+        assert bundled._call(tokens("late-1")) == want
+        bundled._call(servicer.end("late-1"))
+        with pytest.raises(RequestEnded):
+            bundled._call(tokens("late-1"))
+        assert servicer.refused_late == 1
+        assert "late-1" not in bundled.target.sessions
+        assert bundled._call(tokens("other")) == want  # never leased here: not refused
+        servicer.begin("late-1")  # a re-lease after a failover serves it again
+        assert bundled._call(tokens("late-1")) == want
+        assert servicer.refused_late == 1
+    finally:
+        bundled._call(stop_dataplane_server(server, grace=0))

@@ -25,10 +25,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                        description="Lossless speculative generation in this process. Without "
                                    "--target/--drafter the bundled pair is used.")
     g.add_argument("prompt", help="prompt text ('-' reads standard input)")
-    g.add_argument("--target", help="target model: local directory or Hugging Face hub id "
-                                    "(default: the bundled target)")
-    g.add_argument("--drafter", help="drafter model: local directory or hub id (default: the "
-                                     "bundled drafter; 'none' for AR only)")
+    g.add_argument("--target", help="target model: local directory, Hugging Face hub id or "
+                                    "bundled:NAME (default: the bundled target)")
+    g.add_argument("--drafter", help="drafter model: local directory, hub id or bundled:NAME "
+                                     "(default: the bundled drafter; bundled:drafter_aligned "
+                                     "for sampled traffic; 'none' for AR only)")
     g.add_argument("--drafter-head-ids", type=int, default=0, metavar="N",
                    help="compute the drafter's output head for its first N token ids only (plus "
                         "special tokens): a cheaper drafter step, still lossless (default 0: all)")
@@ -75,11 +76,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed)
-    target_path = args.target or _bundled("target")
+    from hsd_serve.zoo import resolve_model_path
+
+    target_path = resolve_model_path(args.target) if args.target else _bundled("target")
     if target_path is None:
         raise ValueError("no --target given and the bundled target is missing "
                          "(build it with `hsd-serve zoo build`)")
-    drafter_path = args.drafter if args.drafter is not None else _bundled("drafter")
+    drafter_path = (resolve_model_path(args.drafter) if args.drafter is not None
+                    else _bundled("drafter"))
     if args.method == "ar" or (drafter_path or "").lower() == "none":
         drafter_path = None
     req = GenerationRequest(prompt=prompt, max_new_tokens=args.max_new_tokens, params=params,

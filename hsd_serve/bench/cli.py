@@ -57,8 +57,10 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--lookahead", type=_csv(int), default=[4],
                    help="comma list of lookaheads to sweep (default 4)")
     b.add_argument("--max-new-tokens", type=int, default=64)
-    b.add_argument("--target", default=None, help="target model folder (default: bundled)")
-    b.add_argument("--drafter", default=None, help="drafter model folder (default: bundled)")
+    b.add_argument("--target", default=None, help="target model folder, hub id or bundled:NAME "
+                                                        "(default: bundled)")
+    b.add_argument("--drafter", default=None, help="drafter model folder, hub id or bundled:NAME "
+                                                         "(default: bundled:drafter)")
     b.add_argument("--drafter-head-ids", type=int, default=0, metavar="N",
                    help="prune our drafter's output head to its first N ids (0: full); hf-uag "
                         "keeps the full head")
@@ -127,13 +129,19 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return configure_parser(b)
 
 
+def _model(path):
+    from hsd_serve.zoo import resolve_model_path
+
+    return resolve_model_path(path) if path else path
+
+
 def config_from_args(args: argparse.Namespace, command: str = ""):
     from hsd_serve.bench.runner import BenchConfig
 
     return BenchConfig(datasets=args.dataset, data_dir=args.data_dir, limit=args.limit,
                        methods=args.methods, temperatures=args.temperature,
                        lookaheads=args.lookahead, max_new_tokens=args.max_new_tokens,
-                       target=args.target, drafter=args.drafter,
+                       target=_model(args.target), drafter=_model(args.drafter),
                        drafter_head_ids=args.drafter_head_ids, dtype=args.dtype,
                        device=args.device, seed=args.seed, warmup=not args.no_warmup,
                        hf_default=not args.no_hf_default,

@@ -11,8 +11,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hsd_serve.engine.types import RequestLimits
+from hsd_serve.zoo import BUNDLED_PREFIX
 
-BUNDLED_PREFIX = "bundled:"
 
 
 class _Strict(BaseModel):
@@ -36,11 +36,9 @@ class ModelConfig(_Strict):
 
     def resolved_path(self) -> str:
         """The path on this node (bundled models live inside the installed package)."""
-        if self.path.startswith(BUNDLED_PREFIX):
-            from hsd_serve.zoo import bundled_model_dir
+        from hsd_serve.zoo import resolve_model_path
 
-            return str(bundled_model_dir(self.path[len(BUNDLED_PREFIX):]))
-        return self.path
+        return resolve_model_path(self.path)
 
     def spec(self, *, drafter: bool = False):
         """The ``ModelSpec`` to load (``drafter``: this model drafts, ``plain_forward`` applies)."""

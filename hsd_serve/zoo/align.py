@@ -48,7 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-BUNDLED_PREFIX = "bundled:"
+from hsd_serve.zoo import BUNDLED_PREFIX
+
 RECORD = "align.json"
 CKPT_DIR = "checkpoint"
 
@@ -477,9 +478,9 @@ class AlignSettings:
 def resolve_model(path: str, role: str) -> str:
     """``bundled:<name>``, a local folder, or a hub id; a missing local folder is an error."""
     if path.startswith(BUNDLED_PREFIX):
-        from hsd_serve.zoo import bundled_model_dir
+        from hsd_serve.zoo import resolve_model_path
 
-        return str(bundled_model_dir(path[len(BUNDLED_PREFIX):]))
+        return resolve_model_path(path)
     local = Path(path).expanduser()
     if path.startswith((".", "/", "~")) or local.exists():
         if not local.is_dir():

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import BUNDLED_DIR, MODEL_NAMES
+from . import ALIGNED_NAMES, BUNDLED_DIR, MODEL_NAMES
 
 DEFAULT_WORKDIR = Path("runs/zoo")
 
@@ -107,6 +107,21 @@ def cmd_build(args) -> int:
     return cmd_finalize(args)
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from .bundle import bundle_aligned
+
+    try:
+        info = bundle_aligned(args.src, args.name, base=args.base, out_root=args.out,
+                              threads=args.bench_threads, commands=tuple(args.commands))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bundle: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {info['val']['val_nats_per_byte']:.4f} nats/byte "
+          f"({info['base_name']}: {info['base_val']['val_nats_per_byte']:.4f}), written to "
+          f"{args.out / args.name}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m hsd_serve.zoo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"output folder for the HF model folders (default: {BUNDLED_DIR})")
         p.add_argument("--bench-threads", type=int, default=1,
                        help="torch threads when measuring decode latency (default 1)")
+    pa = sub.add_parser("bundle", help="bundle an `hsd-serve align` output as a zoo model "
+                                       "(weights, align.json, measured model card)")
+    pa.add_argument("--from", dest="src", type=Path, required=True,
+                    help="the folder `hsd-serve align --out` wrote")
+    pa.add_argument("--name", choices=ALIGNED_NAMES, default=ALIGNED_NAMES[0])
+    pa.add_argument("--base", default="bundled:drafter",
+                    help="the drafter it was aligned from (measured beside it)")
+    pa.add_argument("--out", type=Path, default=BUNDLED_DIR,
+                    help=f"folder of the bundled models (default: {BUNDLED_DIR})")
+    pa.add_argument("--command", dest="commands", action="append", default=[],
+                    help="an `align` command that made it, for the card (repeat, in order)")
+    pa.add_argument("--bench-threads", type=int, default=1)
+    pa.set_defaults(func=cmd_bundle)
     sub.add_parser("distill", add_help=False,
                    help="align the drafter to the target (fine-tune on its greedy outputs); "
                         "see `distill --help`")

@@ -28,6 +28,16 @@ KEEP_FILES = ("config.json", "generation_config.json", "model.safetensors", "tok
               "special_tokens_map.json", "LICENSE")
 
 
+def fresh_copy(src: Path, dst: Path, files) -> None:
+    """Replace folder ``dst`` by the ``files`` of ``src`` that exist."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in files:
+        if (src / f).is_file():
+            shutil.copyfile(src / f, dst / f)
+
+
 def _load(path: Path, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -242,12 +252,7 @@ def finalize(workdir: Path, out: Path, names=None, threads: int = 1, assets=None
         src = workdir / name / "hf"
         state = json.loads((workdir / name / "state.json").read_text())
         dst = out / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        dst.mkdir(parents=True)
-        for f in KEEP_FILES:
-            if (src / f).is_file():
-                shutil.copyfile(src / f, dst / f)
+        fresh_copy(src, dst, KEEP_FILES)
         infos[name] = {"state": state, "dir": dst, "spec": ModelSpec(**state["spec"])}
     # 2. load + measure
     loaded = {n: _load(infos[n]["dir"]) for n in names}

@@ -79,14 +79,54 @@ def test_missing_models_are_clean_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_bundle_writes_a_zoo_folder_with_a_measured_card(aligned, tmp_path, capsys):
+    from hsd_serve.zoo.cli import main as zoo_main
+
+    cmd = "hsd-serve align --max-steps 6 (the test's run)"
+    rc = zoo_main(["bundle", "--from", str(aligned), "--out", str(tmp_path), "--command", cmd])
+    assert rc == 0, capsys.readouterr().err
+    d = tmp_path / "drafter_aligned"
+    for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+              "align.json", "LICENSE", "README.md", "zoo_card.json"):
+        assert (d / f).is_file(), f
+    assert (d / "model.safetensors").read_bytes() == (aligned / "model.safetensors").read_bytes()
+    assert _record(d) == _record(aligned)
+    card = (d / "README.md").read_text()
+    assert cmd in card and "nats/byte" in card and "ms per step" in card
+    before = _record(aligned)["heldout_before"]["soft_kl"]
+    assert f"{before:.3f}" in card  # the held-out metrics are the record's
+    info = json.loads((d / "zoo_card.json").read_text())
+    assert info["val"]["val_nats_per_byte"] > 0 and info["base_val"]["val_nats_per_byte"] > 0
+    assert set(info["latency_ms"]) == {"drafter_aligned", "drafter"}
+    assert "hsd-serve align" in (d / "LICENSE").read_text()
+    capsys.readouterr()
+    rc = zoo_main(["bundle", "--from", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    assert rc == 2 and "not an `hsd-serve align` output" in capsys.readouterr().err
+
+
+def _aligned_drafters():
+    """The test's own aligned drafter, and the committed ``bundled:drafter_aligned`` (as served:
+    head pruned to 16384 ids) when it is built."""
+    out = ["run"]
+    try:
+        bundled_model_dir("drafter_aligned")
+        out.append("bundled")
+    except FileNotFoundError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("which", _aligned_drafters())
 @pytest.mark.parametrize("method", ["slem", "tli"])
-def test_greedy_outputs_with_the_aligned_drafter_equal_ar(aligned, method):
+def test_greedy_outputs_with_the_aligned_drafter_equal_ar(aligned, method, which):
     from hsd_serve.engine.local import Engine
     from hsd_serve.engine.types import GenerationRequest
     from hsd_serve.models.hf import LoadedModel, ModelSpec
 
     target = LoadedModel(ModelSpec(str(bundled_model_dir("target"))))
-    engine = Engine(target, LoadedModel(ModelSpec(str(aligned))))
+    spec = (ModelSpec(str(aligned)) if which == "run" else
+            ModelSpec(str(bundled_model_dir("drafter_aligned")), head_ids=16384))
+    engine = Engine(target, LoadedModel(spec))
     for prompt in ("def fib(n):\n", "import os\n\nclass Config:\n    def __init__(self"):
         ar = engine.generate(GenerationRequest(prompt, max_new_tokens=24, method="ar"))
         spec = engine.generate(GenerationRequest(prompt, max_new_tokens=24, method=method,

@@ -105,6 +105,11 @@ def test_bundled_model_dir_errors(monkeypatch, tmp_path):
     monkeypatch.setattr(zoo, "BUNDLED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="zoo build"):
         zoo.bundled_model_dir("target")
+    with pytest.raises(FileNotFoundError, match="hsd-serve align"):
+        zoo.resolve_model_path("bundled:drafter_aligned")
+    with pytest.raises(ValueError, match="drafter_aligned"):
+        zoo.resolve_model_path("bundled:nope")
+    assert zoo.resolve_model_path("org/model") == "org/model"  # hub ids and folders pass through
 
 
 def test_zoo_import_is_cheap():
@@ -126,6 +131,7 @@ EXPECTED = {  # name -> (tokenizer length, eos id, tokenizer files)
     "target": (32000, 2, ("tokenizer.json", "tokenizer.model")),
     "drafter": (50257, 50256, ("tokenizer.json",)),
     "byte_drafter": (257, 256, ("tokenizer.json",)),
+    "drafter_aligned": (50257, 50256, ("tokenizer.json",)),
 }
 
 
@@ -137,7 +143,7 @@ def _built(name: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("name", zoo.MODEL_NAMES)
+@pytest.mark.parametrize("name", zoo.BUNDLED_NAMES)
 def test_bundled_model_loads_offline(name, monkeypatch):
     if not _built(name):
         pytest.skip(f"bundled {name} not built")
@@ -166,7 +172,7 @@ def test_bundled_model_loads_offline(name, monkeypatch):
 
 
 def test_bundled_weights_under_80_mb():
-    dirs = [zoo.BUNDLED_DIR / n for n in zoo.MODEL_NAMES if _built(n)]
+    dirs = [zoo.BUNDLED_DIR / n for n in zoo.BUNDLED_NAMES if _built(n)]
     if not dirs:
         pytest.skip("no bundled models built")
     total = sum(p.stat().st_size for d in dirs for p in d.glob("*.safetensors"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ def _card(name: str, record: dict, info: dict) -> str:
     cmd = "\n".join(info["commands"]) or "hsd-serve align ..."
     val, lat = info["val"], info["latency_ms"]
     return f"""---
-license: mit
+license: {info['license']}
 library_name: transformers
 pipeline_tag: text-generation
 ---
@@ -85,8 +86,7 @@ in a serve config. Benchmarks against `{info['base_name']}`: docs/align.md.
 
 On the zoo's validation text ({val['val_sample_bytes']:,} bytes of held-out stdlib files):
 **{val['val_nats_per_token']:.4f} nats/token, {val['val_nats_per_byte']:.4f} nats/byte**
-(`{info['base_name']}`: {info['base_val']['val_nats_per_byte']:.4f} nats/byte: alignment trades
-some of the stdlib's likelihood for the target's distribution).
+(`{info['base_name']}`, the same text: {info['base_val']['val_nats_per_byte']:.4f} nats/byte).
 
 | model (float32, 1 thread, 128-token context) | ms per step |
 |---|---|
@@ -128,8 +128,10 @@ def bundle_aligned(src: Path, name: str, *, base: str = "bundled:drafter",
     models = {name: _load(dst), base_name: _load(base_dir)}
     lat = decode_step_ms({k: m for k, (m, _) in models.items()},
                          {k: _context_ids(tok, spec, docs[0]) for k, (_, tok) in models.items()})
+    base_card = (base_dir / "README.md").read_text() if (base_dir / "README.md").is_file() else ""
+    licenses = re.findall(r"^license:\s*(\S+)", base_card, flags=re.M)
     info = {
-        "base_name": base_name, "latency_ms": lat,
+        "base_name": base_name, "latency_ms": lat, "license": licenses[0] if licenses else "other",
         "val": val_loss_per_byte(*models[name], spec, docs),
         "base_val": val_loss_per_byte(*models[base_name], spec, docs),
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, "

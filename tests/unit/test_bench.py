@@ -213,6 +213,14 @@ def test_cli_parses_bench_arguments():
     assert RunSpec("slem", 0.0, 2, "no overlap").label == "slem k=2 (no overlap)"
     with pytest.raises(SystemExit):
         config_from_args(build_parser().parse_args(["bench", "--overlap", "maybe"]))
+    from hsd_serve.zoo import bundled_model_dir
+
+    named = config_from_args(build_parser().parse_args(
+        ["bench", "--target", "bundled:target", "--drafter", "bundled:drafter"]))
+    assert (named.target, named.drafter) == (str(bundled_model_dir("target")),
+                                             str(bundled_model_dir("drafter")))
+    with pytest.raises(ValueError, match="unknown bundled model"):
+        config_from_args(build_parser().parse_args(["bench", "--drafter", "bundled:nope"]))
     cfg.concurrency = [2]
     with pytest.raises(ValueError):
         cfg.validate()  # concurrency needs an endpoint

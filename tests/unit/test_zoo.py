@@ -217,3 +217,16 @@ def test_training_continues_from_a_previous_stage(tmp_path):
     moved = [n for n in pa if not torch.equal(pa[n], pb[n])]
     assert moved, "the continued stage did not train"
     assert max(float((pa[n] - pb[n]).detach().abs().max()) for n in pa) < 0.05  # small steps
+
+
+def test_serve_configs_name_bundled_models():
+    """``bundled:NAME`` in a serve config resolves to the package's folder on each node; an
+    unknown name is refused when the replica resolves it."""
+    from hsd_serve.serve.config import AppConfig
+
+    cfg = AppConfig.model_validate({"drafter": {"path": "bundled:drafter_aligned",
+                                                "head_ids": 16384}})
+    assert cfg.target.resolved_path() == str(zoo.BUNDLED_DIR / "target")
+    assert cfg.drafter.resolved_path() == str(zoo.BUNDLED_DIR / "drafter_aligned")
+    with pytest.raises(ValueError, match="unknown bundled model"):
+        AppConfig.model_validate({"drafter": {"path": "bundled:nope"}}).drafter.resolved_path()

@@ -11,8 +11,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hsd_serve.engine.types import RequestLimits
-from hsd_serve.zoo import BUNDLED_PREFIX
-
+from hsd_serve.zoo import BUNDLED_PREFIX, resolve_model_path
 
 
 class _Strict(BaseModel):
@@ -36,8 +35,6 @@ class ModelConfig(_Strict):
 
     def resolved_path(self) -> str:
         """The path on this node (bundled models live inside the installed package)."""
-        from hsd_serve.zoo import resolve_model_path
-
         return resolve_model_path(self.path)
 
     def spec(self, *, drafter: bool = False):

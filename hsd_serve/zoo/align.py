@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hsd_serve.zoo import BUNDLED_PREFIX
+from hsd_serve.zoo import BUNDLED_PREFIX, resolve_model_path
 
 RECORD = "align.json"
 CKPT_DIR = "checkpoint"
@@ -478,8 +478,6 @@ class AlignSettings:
 def resolve_model(path: str, role: str) -> str:
     """``bundled:<name>``, a local folder, or a hub id; a missing local folder is an error."""
     if path.startswith(BUNDLED_PREFIX):
-        from hsd_serve.zoo import resolve_model_path
-
         return resolve_model_path(path)
     local = Path(path).expanduser()
     if path.startswith((".", "/", "~")) or local.exists():

@@ -16,13 +16,12 @@ import shutil
 import time
 from pathlib import Path
 
-from . import ALIGNED_NAMES, BUNDLED_DIR, resolve_model_path
+from . import ALIGNED_NAMES, BUNDLED_DIR, BUNDLED_PREFIX, resolve_model_path
 from .align import RECORD
 from .corpus import Corpus
 from .finalize import (KEEP_FILES, _context_ids, _load, decode_step_ms, fresh_copy,
                        val_loss_per_byte)
 from .specs import SPECS
-
 
 
 def _held_out(record: dict) -> str:
@@ -55,7 +54,7 @@ pipeline_tag: text-generation
 ---
 # hsd_serve zoo: `{name}`
 
-The bundled drafter (`bundled:{info['base_name']}`) fine-tuned toward the bundled target by
+The drafter `{info['aligned_from']}` fine-tuned toward the bundled target by
 `hsd-serve align` (docs/align.md) for **sampled** decoding: a soft-label loss between the target's
 distribution and the drafter's on their shared vocabulary, at the temperatures below, plus
 cross-entropy on the target's greedy text. Same architecture, tokenizer and size as
@@ -114,6 +113,10 @@ def bundle_aligned(src: Path, name: str, *, base: str = "bundled:drafter",
     record = json.loads(record_path.read_text())
     base_dir = Path(resolve_model_path(base))
     dst = Path(out_root) / name
+    for what, path in (("--base", base_dir), ("--from", src)):
+        if path.resolve() == dst.resolve():
+            raise ValueError(f"{what} {path} is the folder the bundle replaces")
+    base_name = base[len(BUNDLED_PREFIX):] if base.startswith(BUNDLED_PREFIX) else base_dir.name
     fresh_copy(src, dst, [f for f in KEEP_FILES if f != "LICENSE"])
     shutil.copyfile(record_path, dst / RECORD)
     license_text = (base_dir / "LICENSE").read_text() if (base_dir / "LICENSE").is_file() else ""
@@ -124,7 +127,6 @@ def bundle_aligned(src: Path, name: str, *, base: str = "bundled:drafter",
     torch.set_num_threads(threads)
     spec = SPECS["drafter"]
     docs = Corpus.build().val_text_sample()
-    base_name = base.split(":", 1)[-1]
     models = {name: _load(dst), base_name: _load(base_dir)}
     lat = decode_step_ms({k: m for k, (m, _) in models.items()},
                          {k: _context_ids(tok, spec, docs[0]) for k, (_, tok) in models.items()})

@@ -102,6 +102,12 @@ def test_bundle_writes_a_zoo_folder_with_a_measured_card(aligned, tmp_path, caps
     capsys.readouterr()
     rc = zoo_main(["bundle", "--from", str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert rc == 2 and "not an `hsd-serve align` output" in capsys.readouterr().err
+    for flag in ("--from", "--base"):  # never the folder it would replace: nothing is touched
+        args = {"--from": str(aligned), "--base": "bundled:drafter", flag: str(d)}
+        rc = zoo_main(["bundle", "--out", str(tmp_path), *[x for kv in args.items() for x in kv]])
+        assert rc == 2 and "the folder the bundle replaces" in capsys.readouterr().err
+        assert (d / "model.safetensors").read_bytes() == \
+            (aligned / "model.safetensors").read_bytes()
 
 
 def _aligned_drafters():

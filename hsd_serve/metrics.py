@@ -102,9 +102,11 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
     MetricDef("draft_steps", "counter",
               "Drafting ahead (overlap): rounds (HF executor) or engine steps (vLLM executor) "
               "with drafts, by whether the draft was ready on arrival (drafted while the target "
-              "verified the previous one), waited for, or late (vLLM: the step decoded "
-              "plainly); vLLM: busy = engine steps over vllm.draft_max_batch requests, decoded "
-              "plainly without asking for drafts.", ("result",)),
+              "verified the previous one), waited for, plain (none ready: the target took a "
+              "plain step while the drafter drafted ahead, overlap_miss: plain), or late "
+              "(vLLM: the step decoded plainly); vLLM: busy = engine steps over "
+              "vllm.draft_max_batch requests, decoded plainly without asking for drafts.",
+              ("result",)),
     MetricDef("stale_draft_tokens", "counter",
               "Drafting ahead (overlap): drafted-ahead tokens dropped because the target took "
               "another path.", ()),
@@ -165,7 +167,8 @@ def request_samples(stats: RequestStats, outcome: str) -> list[Sample]:
             out.append(Sample("drafted_tokens_by_position", labels, d))
         if a:
             out.append(Sample("accepted_tokens_by_position", labels, a))
-    for result, value in (("ready", stats.ahead_ready), ("waited", stats.ahead_waited)):
+    for result, value in (("ready", stats.ahead_ready), ("waited", stats.ahead_waited),
+                          ("plain", stats.ahead_plain)):
         if value:  # HF executor drafting ahead (the vLLM executor's come from its replicas)
             out.append(Sample("draft_steps", (("result", result),), float(value)))
     if stats.ahead_stale:
@@ -410,8 +413,8 @@ class DraftStepCounters:
             return
         delta = {k: now.get(k, 0) - self.last.get(k, 0) for k in now}
         self.last = dict(now)
-        for key, result in (("ready", "ready"), ("waited", "waited"), ("late", "late"),
-                            ("busy_steps", "busy")):
+        for key, result in (("ready", "ready"), ("waited", "waited"), ("plain", "plain"),
+                            ("late", "late"), ("busy_steps", "busy")):
             if delta.get(key, 0) > 0:
                 self.sink._apply(Sample("draft_steps", (("result", result),), delta[key]))
         if delta.get("stale", 0) > 0:

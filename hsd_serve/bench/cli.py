@@ -14,10 +14,13 @@ from hsd_serve.bench.datasets import DATASETS
 DEFAULT_METHODS = "ar,slem,tli,hf-uag"
 
 
-def _on_off(value: str) -> bool:
+def _on_off(value: str):
+    """An ``--overlap`` value: True (on), False (off) or "wait" (on, rounds that miss wait)."""
     v = value.strip().lower()
+    if v == "wait":
+        return "wait"
     if v not in ("on", "off", "true", "false"):
-        raise SystemExit(f"--overlap: expected on or off, got {value!r}")
+        raise SystemExit(f"--overlap: expected on, wait or off, got {value!r}")
     return v in ("on", "true")
 
 
@@ -84,8 +87,11 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="more options for the in-process vLLM engines (serve config's `vllm`), "
                         "e.g. '{\"draft_max_batch\": 64}'")
     b.add_argument("--overlap", type=_csv(str), default=["off"],
-                   help="drafting ahead while the target verifies (overlap / vllm.overlap): on, "
-                        "off, or on,off to measure both side by side in one run (in-process on "
+                   help="drafting ahead while the target verifies (overlap / vllm.overlap): on "
+                        "(the target never waits for a draft: overlap_miss plain), wait (on, "
+                        "with rounds whose draft made ahead missed waiting for a fresh one: "
+                        "overlap_miss wait), off, or a comma list (on,off; on,wait,off) to "
+                        "measure them side by side in one run (in-process on "
                         "the vLLM executor; with --endpoint, one --application per value: what "
                         "the service runs, recorded in results.json)")
     b.add_argument("--drafter-executor", type=_csv(str), default=["hf"],

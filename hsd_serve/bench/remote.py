@@ -29,10 +29,11 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
-from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, PLAIN, VLLM_SERVE, BenchConfig,
-                                    RunSpec, Sample, _config_dict, _progress, aggregate_dataset,
-                                    build_specs, calibrate, check_identity, machine_info,
-                                    merge_calibrations, per_drafter_backend, span_lists)
+from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, OVERLAP_MISS, PLAIN, VLLM_SERVE,
+                                    BenchConfig, RunSpec, Sample, _config_dict, _progress,
+                                    aggregate_dataset, build_specs, calibrate, check_identity,
+                                    machine_info, merge_calibrations, overlap_variant,
+                                    per_drafter_backend, span_lists)
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str]:
@@ -196,9 +197,9 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     if cfg.endpoint and (len(apps) > 1 or both) and (
             len(apps) != len(cfg.overlap) or not both
             or parse_endpoint(cfg.endpoint)[0] != "grpc"):
-        raise ValueError("--overlap on,off against a service needs a gRPC --endpoint and one "
-                         "--application per value, the same service deployed both ways "
-                         "(e.g. --application hsd_overlap,hsd_no_overlap: "
+        raise ValueError("--overlap on,off (or on,wait,off) against a service needs a gRPC "
+                         "--endpoint and one --application per value, the same service "
+                         "deployed each way (e.g. --application hsd_overlap,hsd_no_overlap: "
                          "bench/service_config_overlap_ab.yaml, HF executor, or "
                          "bench/service_config_vllm_overlap_ab.yaml)")
     if not cfg.endpoint:  # in-process vLLM executor: our drafter on each backend asked for
@@ -206,7 +207,8 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     if both:
         specs_all = [RunSpec(s.method, s.temperature, s.lookahead, v)
                      for s in specs_all for v in (
-                         ("overlap", "no overlap") if s.method not in PLAIN + BASELINES
+                         tuple(overlap_variant(v) for v in cfg.overlap)
+                         if s.method not in PLAIN + BASELINES
                          else (s.variant,))]
     if cfg.endpoint:
         kind, address = parse_endpoint(cfg.endpoint)
@@ -216,9 +218,10 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
     else:  # --executor vllm in this process
         kind, address, client, mode = "in-process", None, None, "in-process (vLLM executor)"
     # a service deployed with and without drafting ahead: one application each
-    by_variant = {("overlap" if on else "no overlap"): (
+    by_variant = {overlap_variant(setting): (
         client if i == 0 else GrpcClient(address, app, cfg.timeout_s))
-        for i, (app, on) in enumerate(zip(apps, cfg.overlap))} if cfg.endpoint and both else {}
+        for i, (app, setting) in enumerate(zip(apps, cfg.overlap))} \
+        if cfg.endpoint and both else {}
     served_clients = {id(c) for c in [client, *by_variant.values()] if c is not None}
     from hsd_serve.bench.vllm_clients import client_for, local_clients
 
@@ -295,6 +298,7 @@ def run_endpoint(cfg: BenchConfig, *, progress: bool = True, calibrate_locally: 
                     if r.get("overlap") is None and r["drafted"] and (
                             cfg.endpoint or cfg.executor == "vllm"):
                         r["overlap"] = bool(cfg.overlap[0])
+                        r["overlap_miss"] = OVERLAP_MISS.get(overlap_variant(cfg.overlap[0]))
                 runs += sub
                 all_samples += samples
     finally:

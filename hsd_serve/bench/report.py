@@ -250,16 +250,18 @@ def proposer_table(stats: dict) -> list[str]:
              "`wait` = the engine step blocked on drafts; `round trip` = the gRPC call to the "
              "drafter; `drafter model` = its forwards; `bridge` = re-encoding into target ids.", "",
              "| engine | draft calls | steps | wait ms/step | round trip ms | drafter model ms "
-             "| drafter forwards | bridge ms | ready | waited |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| drafter forwards | bridge ms | ready | waited | plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"True": "overlap", "wait": "overlap, wait", "False": "no overlap"}
     for name, v in rows.items():
         calls, steps = max(1, v["draft_calls"]), max(1, v.get("steps", 0))
         lines.append(
-            f"| {name} | {v['draft_calls']} | {v.get('steps', 0)} "
+            f"| {names.get(str(name), name)} | {v['draft_calls']} | {v.get('steps', 0)} "
             f"| {_f(1e3 * v.get('wait_s', 0) / steps)} | {_f(1e3 * v.get('rpc_s', 0) / calls)} "
             f"| {_f(1e3 * v.get('drafter_model_s', 0) / calls)} "
             f"| {_f(v.get('drafter_forwards', 0) / calls)} "
             f"| {_f(1e3 * v.get('bridge_s', 0) / calls)} | {v.get('ready', 0)} "
-            f"| {v.get('waited', 0)} |")
+            f"| {v.get('waited', 0)} | {v.get('plain', 0)} |")
     return lines + [""]
 
 

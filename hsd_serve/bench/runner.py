@@ -44,7 +44,17 @@ BASELINES = (HF, HF_AR) + VLLM_BASELINES
 PLAIN = ("ar", HF_AR, VLLM_AR, VLLM_SERVE)  # no drafting
 
 
-OVERLAP_VARIANTS = {"overlap": True, "no overlap": False}
+# drafting ahead (--overlap on,wait,off): variant -> the setting measured (True: overlap with the
+# target never waiting, overlap_miss plain; "wait": overlap, rounds that miss wait for a draft)
+OVERLAP_SETTINGS = {"overlap": True, "overlap, wait": "wait", "no overlap": False}
+OVERLAP_VARIANTS = {v: bool(s) for v, s in OVERLAP_SETTINGS.items()}  # variant -> overlap on
+OVERLAP_MISS = {"overlap": "plain", "overlap, wait": "wait"}  # variant -> overlap_miss
+
+
+def overlap_variant(setting) -> str:
+    """The variant label of an ``--overlap`` setting (True, False or "wait")."""
+    return next(v for v, s in OVERLAP_SETTINGS.items()
+                if s == setting and type(s) is type(setting))
 # in-process HF target, the drafter on each backend measured side by side (--drafter-executor)
 DRAFTER_VARIANTS = {"drafter hf": "hf", "drafter vllm": "vllm",
                     "drafter hf-transformers": "hf-transformers"}
@@ -61,7 +71,8 @@ class RunSpec:
     temperature: float
     lookahead: int  # 0 for AR; hf-uag "default": its own num_assistant_tokens
     variant: str = ""  # hf-uag: "default" (its settings) | "matched" (its lookahead = ours);
-    # ours on the vLLM executor, both measured: "overlap" | "no overlap"; ours with the drafter
+    # ours with drafting ahead measured several ways: "overlap" | "overlap, wait" |
+    # "no overlap" (OVERLAP_SETTINGS); ours with the drafter
     # on each backend: "drafter hf" | "drafter vllm"
 
     @property
@@ -216,6 +227,8 @@ class BenchConfig:
             raise ValueError("--concurrency values must be >= 1")
         if self.repeats < 1:
             raise ValueError("--repeats must be >= 1")
+        if len({repr(v) for v in self.overlap}) != len(self.overlap):
+            raise ValueError("--overlap: give each of on, wait, off at most once")
         if self.executor not in ("hf", "vllm"):
             raise ValueError("--executor must be hf or vllm")
         if self.endpoint is None and self.executor == "hf" and any(c != 1 for c in
@@ -434,6 +447,7 @@ def aggregate(dataset: str, spec: RunSpec, samples: Sequence[Sample],
         "dataset": dataset, "method": spec.method, "label": spec.label,
         "variant": spec.variant or None, "temperature": spec.temperature,
         "overlap": OVERLAP_VARIANTS.get(spec.variant),
+        "overlap_miss": OVERLAP_MISS.get(spec.variant),
         "drafter_executor": DRAFTER_VARIANTS.get(spec.variant, "hf") if drafting else None,
         "lookahead": k, "prompts": len(samples), "tokens": n_tok, "wall_s": wall,
         "tokens_per_s": tps,

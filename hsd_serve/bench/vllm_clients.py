@@ -99,10 +99,12 @@ def local_clients(cfg: BenchConfig, specs, *, ours: bool) -> dict:
         backends = cfg.drafter_executors if drafter is not None else ("hf",)
         for backend in backends:
             d = drafter_for_backend(drafter, backend, cfg) if drafter is not None else drafter
-            for overlap in dict.fromkeys(bool(v) for v in cfg.overlap):
+            for setting in dict.fromkeys(cfg.overlap):
+                miss = {"overlap_miss": "wait"} if setting == "wait" else {}
                 engine = VllmEngine(target, d, options=_options(
-                    cfg, num_speculative_tokens=k_max, overlap=overlap), threads=cfg.threads or 1)
-                key = overlap if backends == ("hf",) else f"drafter {backend}"
+                    cfg, num_speculative_tokens=k_max, overlap=bool(setting), **miss),
+                    threads=cfg.threads or 1)
+                key = setting if backends == ("hf",) else f"drafter {backend}"
                 # a drafter on vLLM is an engine of its own, closed with this client
                 owned = d if d is not drafter and hasattr(d, "close") else None
                 clients[None, key] = EngineClient(engine, owned=owned)
@@ -110,14 +112,14 @@ def local_clients(cfg: BenchConfig, specs, *, ours: bool) -> dict:
 
 
 def client_for(clients: dict, default):
-    from hsd_serve.bench.runner import OVERLAP_VARIANTS
+    from hsd_serve.bench.runner import OVERLAP_SETTINGS
 
     ours = [v for key, v in clients.items() if isinstance(key, tuple) and key[0] is None]
 
     def pick(spec: RunSpec):
         return (clients.get((spec.method, spec.lookahead)) or clients.get(spec.method)
                 or default or clients.get((None, spec.variant))
-                or clients.get((None, OVERLAP_VARIANTS.get(spec.variant, True))) or ours[0])
+                or clients.get((None, OVERLAP_SETTINGS.get(spec.variant, True))) or ours[0])
     return pick
 
 

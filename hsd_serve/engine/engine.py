@@ -19,7 +19,7 @@ from typing import AsyncIterator, Iterator, NamedTuple, Optional, Protocol
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.engine.methods import METHODS
 from hsd_serve.engine.protocol import Draft, Verdict
-from hsd_serve.engine.run import RequestRun, RunPolicy
+from hsd_serve.engine.run import OVERLAP_MISS, RequestRun, RunPolicy
 from hsd_serve.engine.types import Chunk, GenerationRequest, GenerationResult, RequestError, \
     RequestStats
 from hsd_serve.models.tokenizer import TokenizerAdapter
@@ -75,12 +75,16 @@ class Coordinator:
                  *, same_vocab: bool = False, draft_timeout_s: Optional[float] = None,
                  drafter_retry_rounds: int = 8, sink=None, load_aware_lookahead: bool = False,
                  target_generates: bool = False, drafter_rows: bool = True,
-                 overlap: bool = False, overlap_max_batch: int = 2):
+                 overlap: bool = False, overlap_max_batch: int = 2, overlap_miss: str = "plain"):
         """``target_generates``: the target runs whole requests itself (``target.generate``: the
         vLLM executor, ``RequestRun.follow``) instead of verifying the coordinator's rounds.
         ``drafter_rows``: the drafter returns its distribution (False: tokens only, vLLM's;
         methods whose drafts are not argmaxes are refused, ``auto`` picks slem).  ``overlap``:
-        the drafter drafts the next round while the target verifies (``RunPolicy.overlap``)."""
+        the drafter drafts the next round while the target verifies (``RunPolicy.overlap``;
+        ``overlap_miss``: what a round with no usable draft made ahead does, "plain" or "wait")."""
+        if overlap_miss not in OVERLAP_MISS:
+            raise ValueError(f"overlap_miss must be one of {', '.join(OVERLAP_MISS)}, "
+                             f"got {overlap_miss!r}")
         self.target = target
         self.target_generates = target_generates
         self.drafter_rows = drafter_rows
@@ -89,7 +93,7 @@ class Coordinator:
         self.policy = RunPolicy(same_vocab=same_vocab, draft_timeout_s=draft_timeout_s,
                                 drafter_retry_rounds=drafter_retry_rounds,
                                 load_aware_lookahead=load_aware_lookahead, overlap=overlap,
-                                overlap_max_batch=overlap_max_batch)
+                                overlap_max_batch=overlap_max_batch, overlap_miss=overlap_miss)
         self.sink = sink  # hsd_serve.metrics.MetricsSink: gets each request's stats once, at its end
 
     def report(self, stats: RequestStats, outcome: str) -> None:

@@ -53,7 +53,8 @@ class Engine:
 
     def __init__(self, target: LoadedModel, drafter: Optional[LoadedModel] = None, *,
                  slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
-                 proposal_top_m: int = 64, sink=None, overlap: bool = False):
+                 proposal_top_m: int = 64, sink=None, overlap: bool = False,
+                 overlap_miss: str = "plain"):
         """``sink``: a :class:`hsd_serve.metrics.MetricsSink` (e.g. ``PrometheusSink()``) that
         receives every request's stats when it ends.  ``drafter`` may also be a model that names
         its own ``worker_class`` (``serve.vllm.drafter.VllmDraftModel``: the drafter on vLLM)."""
@@ -73,7 +74,7 @@ class Engine:
             LocalDrafter(self.drafter_worker) if self.drafter_worker else None,
             same_vocab=bool(self.drafter_worker and self.drafter_worker.same_vocab), sink=sink,
             drafter_rows=self.drafter_worker is None or self.drafter_worker.returns_rows,
-            overlap=overlap)
+            overlap=overlap, overlap_miss=overlap_miss)
 
     def resolve_method(self, method: str, params) -> str:
         return self.coordinator.resolve_method(method, params)

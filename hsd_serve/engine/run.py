@@ -110,6 +110,9 @@ class Lookahead:
             self.k = max(1, self.k - 1)
 
 
+OVERLAP_MISS = ("plain", "wait")
+
+
 @dataclass(frozen=True)
 class RunPolicy:
     """How the coordinator treats a request's drafter and lookahead (the same for every request)."""
@@ -120,6 +123,10 @@ class RunPolicy:
     load_aware_lookahead: bool = False
     overlap: bool = False  # draft the next round while the target verifies this one
     overlap_max_batch: int = 2  # ... only while the target's batches are at most this large
+    # ... and when no draft made ahead is usable: "plain" takes a plain target step while the
+    # drafter drafts ahead from the committed tokens (the target never waits for a draft);
+    # "wait" asks for a fresh draft and verifies it
+    overlap_miss: str = "plain"  # one of OVERLAP_MISS
 
 
 @dataclass
@@ -179,6 +186,7 @@ class RequestRun:
         self.retry_at = 0  # round index at which a failed drafter is tried again
         self._attempts = itertools.count()  # draft calls: salt the draft randomness
         self.ahead: Optional[_Ahead] = None  # the next draft, drafted while the target verifies
+        self.ahead_failed = False  # the last draft made ahead failed (the next round waits)
         self.t_start = time.perf_counter() if t_start is None else t_start
         stats.method, stats.prompt_tokens = method, self.prompt_len
 
@@ -256,17 +264,24 @@ class RequestRun:
         t0 = time.perf_counter()
         d = await self._drafter_call(lambda: self.drafter.draft(
             self.rid, k, position, attempt=next(self._attempts), **kwargs))
+        self.ahead_failed = False
         self.span("draft", t0)
         self.stats.draft_s += d.draft_s
         self.stats.drafter_forwards += d.forwards
         return d
 
     # ---- drafting ahead (policy.overlap) -------------------------------------------------------
+    def drafting_ahead(self) -> bool:
+        """Whether this round drafts ahead: overlap is on and the target's last batch was small
+        (under load the drafter has no idle time to hide, docs/overlap.md)."""
+        return self.policy.overlap and self.lookahead.load <= self.policy.overlap_max_batch
+
     def draft_ahead(self, k: int, position: int, cands: list[int]) -> None:
         """While the target verifies ``cands``, ask the drafter to continue them as if all were
-        accepted, by ``k + 1``: its first token is a guess of the target's bonus token."""
-        if not self.policy.overlap or self.lookahead.load > self.policy.overlap_max_batch:
-            return  # under load the drafter has no idle time to hide (docs/overlap.md)
+        accepted, by ``k + 1``: its first token is a guess of the target's bonus token (with no
+        ``cands``, of the token the target's plain step is taking)."""
+        if not self.drafting_ahead():
+            return
         ids = self.committed + list(cands)
         text = bytes(self.generated) + b"".join(self.token_bytes[t] for t in cands)
         kwargs = ({"committed": ids} if self.method.uses_ids(self.policy.same_vocab)
@@ -291,16 +306,34 @@ class RequestRun:
         except Exception as exc:  # noqa: BLE001 - a fresh draft call follows
             log.info("request %s: drafting ahead failed (%s)", self.rid, exc)
             self.stats.ahead_waited += 1
+            self.ahead_failed = True
             return None
         self.stats.draft_s += d.draft_s
         self.stats.drafter_forwards += d.forwards
         ready = ahead.follow(d, self.committed, bytes(self.generated), k)
         if ready is None:
-            self.stats.ahead_waited += 1
             self.stats.ahead_stale += max(len(d.target_ids), len(d.drafter_ids))
+            if not self.plain_on_miss():
+                self.stats.ahead_waited += 1
             return None
         self.stats.ahead_ready += 1
         return ready
+
+    def plain_on_miss(self) -> bool:
+        """With no usable draft made ahead: whether this round takes a plain target step while
+        the drafter drafts ahead from the committed tokens (``policy.overlap_miss == "plain"``,
+        drafting ahead on, and the last draft made ahead did not fail: a failing drafter is
+        asked directly, so that its failure turns the rounds target-only)."""
+        return (self.policy.overlap_miss == "plain" and self.drafting_ahead()
+                and not self.ahead_failed)
+
+    async def plain_while_drafting(self, k: int, position: int) -> Round:
+        """The target's plain step, while the drafter drafts ``k + 1`` tokens ahead from the
+        committed ones (the first a guess of the token this step takes)."""
+        self.stats.ahead_plain += 1
+        self.draft_ahead(k, position, [])
+        v = await self.verify(position, [], EXACT)
+        return Round(v.tokens, 0, 0)
 
     def drop_ahead(self) -> None:
         """Forget the draft made ahead (cancelling a finished task also marks its error seen)."""

@@ -155,9 +155,11 @@ class RequestStats:
     drafter_forwards: int = 0
     lookahead_final: int = 0  # k for the next round when the request ended (adaptive, load-capped)
     # drafting ahead (overlap): rounds whose draft was ready (drafted while the target verified
-    # the previous round), rounds that asked for a fresh one, drafted-ahead tokens dropped
+    # the previous round), rounds that asked for a fresh one, rounds that took a plain target
+    # step while the drafter drafted ahead (overlap_miss: plain), drafted-ahead tokens dropped
     ahead_ready: int = 0
     ahead_waited: int = 0
+    ahead_plain: int = 0
     ahead_stale: int = 0
     transport_s: float = 0.0  # round wall time not spent drafting, verifying or bridging
     replicas: dict = field(default_factory=dict)  # service only: addresses leased per role

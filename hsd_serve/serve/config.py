@@ -93,6 +93,9 @@ class VllmOptions(VllmEngineOptions):
     # ... only in engine steps with at most this many requests: under load the drafters have no
     # spare time, and drafted-ahead ids that get dropped would delay the drafts every step needs
     overlap_max_batch: int = Field(2, ge=1)
+    # ... and a step whose draft is not ready: "plain" decodes plainly (or verifies the part
+    # drafted so far) while the drafter drafts on, "wait" waits for the draft (docs/vllm.md)
+    overlap_miss: Literal["plain", "wait"] = "plain"
     # serve vLLM's own Prometheus metrics (vllm:*) from each target replica on this port
     # (0: any free port, reported in the replica's stats; None: not served)
     metrics_port: Optional[int] = Field(None, ge=0, le=65535)
@@ -232,11 +235,16 @@ class AppConfig(_Strict):
     drafter_executor: Literal["hf", "vllm"] = "hf"
     # HF executor: the drafter drafts the next round while the target verifies this one
     # (docs/overlap.md; the vLLM executor's switch is vllm.overlap).  Off by default: it pays
-    # where the drafter has hardware of its own (measured on a 2-core CPU: bench/README.md)
+    # where the drafter has hardware of its own (measured on a 2-core CPU with the target on a
+    # core of its own: 1.11-1.19x at one stream with overlap_miss plain; bench/README.md)
     overlap: bool = False
     # ... only for requests whose last verification ran in a batch of at most this many (under
     # load the drafter has no idle time, and dropped drafted-ahead tokens delay fresh drafts)
     overlap_max_batch: int = Field(2, ge=1)
+    # ... and a round with no usable draft made ahead: "plain" is the target's plain step while
+    # the drafter drafts ahead from the committed tokens (the target never waits for a draft),
+    # "wait" asks for a fresh draft and verifies it (docs/overlap.md)
+    overlap_miss: Literal["plain", "wait"] = "plain"
     drafter_vllm: VllmDrafterOptions = VllmDrafterOptions()
     # request limits and defaults, checked as one RequestLimits (request_limits())
     default_method: str = "auto"

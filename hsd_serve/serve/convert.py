@@ -471,6 +471,7 @@ def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None, *,
                     drafter_forwards=stats.drafter_forwards,
                     lookahead_final=stats.lookahead_final, ahead_ready=stats.ahead_ready,
                     ahead_waited=stats.ahead_waited, ahead_stale=stats.ahead_stale,
+                    ahead_plain=stats.ahead_plain,
                     timeline=[span_to_proto(sp) for sp in stats.timeline])
 
 

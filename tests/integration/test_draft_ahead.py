@@ -88,23 +88,108 @@ def test_drafts_ahead_only_with_overlap(pair, k):
 
     target_dir, address, refs, worker = pair
     results = {}
-    for overlap in (True, False):
-        broker = DraftBroker(target_dir, overlap=overlap)
+    for mode, overlap, plain in (("wait", True, False), ("plain", True, True),
+                                 ("off", False, True)):
+        broker = DraftBroker(target_dir, overlap=overlap, plain_on_miss=plain)
         totals = [0, 0, 0]
         for i, (p, (prompt_ids, out)) in enumerate(zip(PROMPTS, refs)):
             for j, v in enumerate(_replay(broker, address, p, prompt_ids, out, k,
-                                          f"r{overlap}{k}{i}")):
+                                          f"r{mode}{k}{i}")):
                 totals[j] += v
-        results[overlap] = (totals, dict(broker.stats))
-    (d_on, a_on, steps_on), on = results[True]
-    (d_off, a_off, steps_off), off = results[False]
-    assert on["failed"] == off["failed"] == 0
+        results[mode] = (totals, dict(broker.stats))
+    (d_on, a_on, steps_on), on = results["wait"]
+    (d_pl, a_pl, steps_pl), pl = results["plain"]
+    (d_off, a_off, steps_off), off = results["off"]
+    assert on["failed"] == pl["failed"] == off["failed"] == 0
     # overlap: some steps found their draft drafted during the previous verification
-    assert on["ready"] > 0 and on["ready"] + on["waited"] == steps_on
+    assert on["ready"] > 0 and on["ready"] + on["waited"] == steps_on and on["plain"] == 0
     assert on["stale"] > 0  # and steps after a partial acceptance dropped drafted-ahead ids
-    assert off["ready"] == 0 and off["stale"] == 0 and off["waited"] == steps_off
+    assert off["ready"] == off["stale"] == off["plain"] == 0 and off["waited"] == steps_off
+    # overlap_miss plain: no step waited; those with no draft ready took what was drafted
+    assert pl["waited"] == 0 and pl["ready"] > 0 and pl["plain"] > 0
+    assert pl["ready"] + pl["plain"] == steps_pl and pl["stale"] > 0
     # drafts of the same quality either way: acceptance per drafted token within a wide band
-    assert a_on > 0 and a_off > 0
+    assert a_on > 0 and a_off > 0 and a_pl > 0
     assert abs(a_on / d_on - a_off / d_off) < 0.25
-    # overlap cost drafter work (drafted-ahead ids) but never more steps than 1.25x
+    assert abs(a_pl / d_pl - a_off / d_off) < 0.25
+    # overlap cost drafter work (drafted-ahead ids) but never more steps than 1.25x; a plain
+    # step emits one token, so not waiting takes more (cheaper) steps, never more than 2x
     assert steps_on <= 1.25 * steps_off
+    assert steps_off < steps_pl <= 2 * steps_off
+
+
+class GatedDrafter:
+    """A token-level drafter (shared vocabulary) that proposes ``script`` after the committed ids,
+    each call held until ``gate`` is set: a drafter slower than the target's steps."""
+
+    def __init__(self, script: list[int]):
+        self.script, self.calls, self.gate = script, 0, asyncio.Event()
+
+    async def open(self, rid, method, prompt, params, prompt_ids):
+        return None
+
+    async def draft(self, rid, k, position, *, committed=None, generated=None, attempt=0):
+        from hsd_serve.engine.protocol import Draft
+
+        self.calls += 1
+        n = len(committed)  # the run's list: read it before waiting
+        await self.gate.wait()
+        return Draft(target_ids=list(self.script[n:n + k]))
+
+    async def free(self, rid):
+        return None
+
+
+@pytest.mark.parametrize("guessed", [True, False])
+def test_plain_steps_keep_the_extension_that_is_out(pair, guessed):
+    """``overlap_miss: plain`` with a drafter slower than the target's steps: while the one
+    extension is out, plain steps commit ids along the chain without dropping it and without
+    asking the drafter again (each call would come back too late in turn); when it is back, its
+    ids after the ones committed meanwhile are the next draft — or, when the plain step took
+    another token than the extension's first, they are stale and the next step drafts afresh."""
+    from hsd_serve.core.sampling import SamplingParams
+    from hsd_serve.engine.run import RequestRun, RunPolicy
+    from hsd_serve.engine.types import RequestStats
+    from hsd_serve.serve.vllm.proposer import DraftBroker
+
+    target_dir, address, refs, _ = pair
+    prompt_ids, out = refs[0]
+    full = prompt_ids + out
+    drafter = GatedDrafter(full)
+
+    class Broker(DraftBroker):
+        def _run(self, spec, ids, prompt_len):
+            req = GenerationRequest(spec.prompt, params=SamplingParams(), method="sd",
+                                    lookahead=spec.k)
+            return RequestRun(req, "sd", ids[:prompt_len], spec.request_id, self.info, None,
+                              drafter, RunPolicy(same_vocab=True, draft_timeout_s=30),
+                              RequestStats())
+
+    broker = Broker(target_dir, overlap=True, plain_on_miss=True)
+    spec = DraftSpec("g", "sd", address, PROMPTS[0], 2, same_vocab=True)
+    p = len(prompt_ids)
+
+    def step(n_ids, ids=None):
+        ids = list(full[:n_ids]) if ids is None else ids
+        return broker.submit("g", spec, ids, p, 2, len(full)).result(timeout=30)
+
+    assert step(p + 1) == []  # nothing drafted yet: a plain step; the extension (3 ids) goes out
+    took = full[p + 1] if guessed else (full[p + 1] + 1) % broker.info.tokenizer.vocab.size
+    assert step(p + 2, full[:p + 1] + [took]) == []  # still out: another plain step
+    assert drafter.calls == 1  # ... which did not ask the drafter again
+    broker.loop.call_soon_threadsafe(drafter.gate.set)
+    s = broker.sessions["g"]
+
+    async def settle():
+        await asyncio.shield(s.task)
+
+    asyncio.run_coroutine_threadsafe(settle(), broker.loop).result(30)
+    if guessed:  # its first id was the plain step's token: after the next one, what is left
+        assert step(p + 3) == [full[p + 3]]  # verified as far as it goes
+        assert broker.stats["stale"] == 0
+    else:
+        assert broker.stats["stale"] == 3  # none of it continues what was committed
+        assert step(p + 3, full[:p + 1] + [took, full[p + 2]]) == []
+    assert broker.stats["plain"] == 3 and broker.stats["ready"] == 0
+    assert broker.stats["waited"] == 0 and broker.stats["failed"] == 0
+    broker.retire(set())

@@ -98,14 +98,17 @@ def test_drafting_ahead_is_token_identical(loaded_model, families, ar_outputs):
                     failures.append((drafter_fam, target_fam, i, method))
     assert not failures, failures
     model = loaded_model(families[0])
-    engine = Engine(model, model, overlap=True)
-    for method in ("sd", "slem"):
-        res = engine.generate(GenerationRequest(PROMPTS[0], max_new_tokens=24, method=method,
-                                                lookahead=4))
-        assert res.token_ids == Engine(model).generate(GenerationRequest(
-            PROMPTS[0], max_new_tokens=24, method="ar")).token_ids
-        assert res.stats.ahead_ready >= res.stats.rounds - 2 > 0, (method, res.stats)
-        assert res.stats.ahead_stale <= 4 * 5  # at most the last rounds' drafts
+    for miss in ("plain", "wait"):
+        engine = Engine(model, model, overlap=True, overlap_miss=miss)
+        for method in ("sd", "slem"):
+            res = engine.generate(GenerationRequest(PROMPTS[0], max_new_tokens=24, method=method,
+                                                    lookahead=4))
+            assert res.token_ids == Engine(model).generate(GenerationRequest(
+                PROMPTS[0], max_new_tokens=24, method="ar")).token_ids
+            # plain: the first round is a plain step (its draft made ahead under it)
+            assert res.stats.ahead_plain == (miss == "plain"), (method, miss, res.stats)
+            assert res.stats.ahead_ready >= res.stats.rounds - 2 > 0, (method, res.stats)
+            assert res.stats.ahead_stale <= 4 * 5  # at most the last rounds' drafts
 
 
 def test_sampled_slem_equals_sampled_ar_for_the_same_seed(loaded_model, families):

@@ -58,9 +58,10 @@ def toy(tmp_path_factory):
     return {name: LoadedModel(ModelSpec(str(path))) for name, path in dirs.items()}
 
 
-def _engine(toy, method, force_attempt=None, overlap=False):
+def _engine(toy, method, force_attempt=None, overlap=False, overlap_miss="plain"):
     drafter = toy["drafter_same_vocab"] if method == "sd" else toy["drafter"]
-    engine = Engine(toy["target"], None if method == "ar" else drafter, overlap=overlap)
+    engine = Engine(toy["target"], None if method == "ar" else drafter, overlap=overlap,
+                    overlap_miss=overlap_miss)
     port = None
     if method != "ar":
         port = RecordingDrafter(engine.drafter_worker, force_attempt)
@@ -71,7 +72,7 @@ def _engine(toy, method, force_attempt=None, overlap=False):
 def _run(engine, method, seeds):
     strings = engine.target.vocab.token_bytes
     out, drafted, accepted = [], 0, 0
-    engine.ready = 0  # rounds that used a draft made ahead (overlap)
+    engine.ready = engine.plain = 0  # rounds that used a draft made ahead / a plain step (overlap)
     for seed in range(seeds):
         res = engine.generate(GenerationRequest(PROMPT, max_new_tokens=NEW_TOKENS, method=method,
                                                 lookahead=LOOKAHEAD,
@@ -81,6 +82,7 @@ def _run(engine, method, seeds):
         drafted += res.stats.drafted
         accepted += res.stats.accepted
         engine.ready += res.stats.ahead_ready
+        engine.plain += res.stats.ahead_plain
     return out, drafted, accepted
 
 
@@ -139,16 +141,24 @@ def test_every_later_token_follows_the_target_given_the_earlier_ones(toy, method
     assert pvalue > 1e-3, (method, pvalue, worst)
 
 
-@pytest.mark.parametrize("method,seeds", [("tli", 3000), ("sd", 1500)])
-def test_drafting_ahead_keeps_every_later_token_the_targets(toy, method, seeds):
+@pytest.mark.parametrize("method,miss,seeds", [("tli", "plain", 3000), ("tli", "wait", 3000),
+                                               ("sd", "plain", 1500)])
+def test_drafting_ahead_keeps_every_later_token_the_targets(toy, method, miss, seeds):
     """With overlap the drafter continues each draft (guessing the bonus token) while the target
     verifies it, and a round uses that draft when the committed tokens went its way: a choice
     made from the committed tokens and the drafter's own draws only, so the law is unchanged —
-    and rounds did use drafts made ahead."""
-    engine, port = _engine(toy, method, overlap=True)
+    and rounds did use drafts made ahead.  ``overlap_miss="plain"``: a round with no usable
+    draft is the target's plain step (its own draw) while the drafter drafts ahead from the
+    committed tokens, guessing that step's token; the next round uses the draft when the guess
+    was the target's draw — again a choice from committed tokens and the drafter's draws."""
+    engine, port = _engine(toy, method, overlap=True, overlap_miss=miss)
     samples, drafted, accepted = _run(engine, method, seeds)
     assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)
     assert engine.ready >= seeds // 100, engine.ready  # the overlap path ran
+    if miss == "plain":  # every request's first round at least
+        assert engine.plain >= seeds, engine.plain
+    else:
+        assert engine.plain == 0
     attempts = collections.defaultdict(list)
     for rid, _, _, attempt in port.calls:
         attempts[rid].append(attempt)

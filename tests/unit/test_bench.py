@@ -13,7 +13,7 @@ from hsd_serve.bench.metrics import (alpha_from_tokens_per_round, conditional_al
                                      ideal_speedup, percentile)
 from hsd_serve.bench.report import PLOTS, markdown, write_outputs
 from hsd_serve.bench.runner import (BenchConfig, RunSpec, build_specs, check_identity,
-                                    run_inprocess)
+                                    overlap_variant, run_inprocess)
 
 REQUIRED = ("dataset", "method", "temperature", "lookahead", "prompts", "tokens_per_s", "tpot_ms",
             "ttft_ms", "acceptance_rate", "tokens_per_round", "speedup_vs_ar", "ideal_speedup",
@@ -211,8 +211,18 @@ def test_cli_parses_bench_arguments():
         ["bench", "--executor", "vllm", "--overlap", "on,off"]))
     assert both.overlap == (True, False)
     assert RunSpec("slem", 0.0, 2, "no overlap").label == "slem k=2 (no overlap)"
+    three = config_from_args(build_parser().parse_args(
+        ["bench", "--executor", "vllm", "--overlap", "on,wait,off"]))
+    three.validate()
+    assert three.overlap == (True, "wait", False)
+    assert [overlap_variant(v) for v in three.overlap] == ["overlap", "overlap, wait",
+                                                           "no overlap"]
+    assert RunSpec("slem", 0.0, 2, "overlap, wait").label == "slem k=2 (overlap, wait)"
     with pytest.raises(SystemExit):
         config_from_args(build_parser().parse_args(["bench", "--overlap", "maybe"]))
+    with pytest.raises(ValueError, match="at most once"):
+        config_from_args(build_parser().parse_args(
+            ["bench", "--executor", "vllm", "--overlap", "on,true"])).validate()
     from hsd_serve.zoo import bundled_model_dir
 
     named = config_from_args(build_parser().parse_args(
@@ -484,9 +494,12 @@ def test_proposer_counters_become_a_table_per_engine():
         "drafter hf": {"draft_calls": 10, "steps": 20, "wait_s": 0.1, "rpc_s": 0.05,
                        "drafter_model_s": 0.03, "drafter_forwards": 27, "bridge_s": 0.002,
                        "ready": 1, "waited": 9},
+        "True": {"draft_calls": 4, "steps": 10, "ready": 3, "plain": 7},
         "idle": {"draft_calls": 0}})
     row = next(line for line in lines if line.startswith("| drafter hf"))
-    assert row == "| drafter hf | 10 | 20 | 5.00 | 5.00 | 3.00 | 2.70 | 0.20 | 1 | 9 |"
+    assert row == "| drafter hf | 10 | 20 | 5.00 | 5.00 | 3.00 | 2.70 | 0.20 | 1 | 9 | 0 |"
+    row = next(line for line in lines if line.startswith("| overlap"))  # --overlap on's engine
+    assert row.endswith("| 3 | 0 | 7 |")
     assert not any(line.startswith("| idle") for line in lines)
     assert proposer_table({}) == []
 

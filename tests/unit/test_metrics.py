@@ -88,12 +88,13 @@ def test_drafting_ahead_counts_reach_the_shared_counters():
     the vLLM proposer feeds; a request without drafting ahead adds none."""
     sink = M.PrometheusSink()
     s = _stats()
-    s.ahead_ready, s.ahead_waited, s.ahead_stale = 3, 5, 11
+    s.ahead_ready, s.ahead_waited, s.ahead_plain, s.ahead_stale = 3, 5, 2, 11
     sink.record_request(s, "ok")
     sink.record_request(_stats(), "ok")
     got = _scrape(sink)
     assert M.total(got, "hsd_draft_steps_total", result="ready") == 3
     assert M.total(got, "hsd_draft_steps_total", result="waited") == 5
+    assert M.total(got, "hsd_draft_steps_total", result="plain") == 2
     assert M.total(got, "hsd_stale_draft_tokens_total") == 11
 
 
@@ -349,7 +350,8 @@ def test_draft_step_counters_add_what_the_proposer_counted_since_the_last_poll()
     sink = M.PrometheusSink()
     polls = iter([{"ready": 3, "waited": 5, "late": 0, "stale": 7},
                   RuntimeError("engine busy"),
-                  {"ready": 10, "waited": 6, "late": 2, "stale": 9, "busy_steps": 4}])
+                  {"ready": 10, "waited": 6, "late": 2, "stale": 9, "busy_steps": 4,
+                   "plain": 3}])
 
     async def poll():
         v = next(polls)
@@ -365,4 +367,5 @@ def test_draft_step_counters_add_what_the_proposer_counted_since_the_last_poll()
     assert M.total(got, "hsd_draft_steps_total", result="waited") == 6
     assert M.total(got, "hsd_draft_steps_total", result="late") == 2
     assert M.total(got, "hsd_draft_steps_total", result="busy") == 4
+    assert M.total(got, "hsd_draft_steps_total", result="plain") == 3
     assert M.total(got, "hsd_stale_draft_tokens_total") == 9

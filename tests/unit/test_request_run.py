@@ -294,16 +294,19 @@ class SlowDrafter(ScriptedDrafter):
         return await super().draft(rid, k, position, **kw)
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_a_traced_request_records_its_timeline(tok, overlap):
+@pytest.mark.parametrize("overlap,miss", [(True, "wait"), (True, "plain"), (False, "plain")])
+def test_a_traced_request_records_its_timeline(tok, overlap, miss):
     """``trace``: every round's verify span, and with overlap the drafts made ahead, which run
-    while the target verifies the round before; untraced requests record nothing."""
+    while the target verifies the round before; untraced requests record nothing.  With
+    ``overlap_miss="plain"`` the target never waits for a draft: the first round is a plain
+    step during which the drafter drafts ahead, and no round has a ``draft`` span."""
     script = _script(tok, "abcdefghijkl")
     n = len(ids(tok, "abcdefghijkl"))
 
     async def main(trace):
         coord = Coordinator(PausingTarget(script, 512), TargetInfo(tok, frozenset(tok.eos_ids), 512),
-                            SlowDrafter(script, delay_s=0.004), same_vocab=True, overlap=overlap)
+                            SlowDrafter(script, delay_s=0.004), same_vocab=True, overlap=overlap,
+                            overlap_miss=miss)
         return await coord.generate(GenerationRequest(PROMPT, max_new_tokens=n, method="slem",
                                                       lookahead=2, trace=trace))
 
@@ -315,13 +318,20 @@ def test_a_traced_request_records_its_timeline(tok, overlap):
     assert len(verify) == res.stats.rounds == len({s[1] for s in verify})
     assert all(0 <= a < b <= res.stats.wall_s for _, _, a, b in timeline)
     if overlap:  # the script is always right, so every round after the first drafted ahead
-        assert res.stats.ahead_ready == res.stats.rounds - 1 > 0
         ahead = [s for s in timeline if s[0] == "draft ahead"]
         assert len(ahead) >= res.stats.ahead_ready
         by_round = {s[1]: s for s in verify}
         for _, r, a, b in ahead:  # asked for as round r's verify began, drafted during it
             assert a < by_round[r][3] and b > by_round[r][2]
-        assert [s[1] for s in timeline if s[0] == "draft"] == [0]
+        if miss == "wait":
+            assert res.stats.ahead_ready == res.stats.rounds - 1 > 0
+            assert [s[1] for s in timeline if s[0] == "draft"] == [0]
+            assert res.stats.ahead_plain == 0
+        else:  # round 0: a plain step (drafting ahead under it); the last: 1 token of room
+            assert res.stats.ahead_plain == 1 and res.stats.ahead_waited == 0
+            assert res.stats.ahead_ready == res.stats.rounds - 2 > 0
+            assert 0 in {s[1] for s in ahead} and "draft" not in lanes
+            assert res.stats.drafted == res.stats.accepted == n - res.stats.rounds
     else:
         assert lanes == {"draft", "verify"}
         for lane_draft in (s for s in timeline if s[0] == "draft"):
@@ -332,3 +342,25 @@ def test_a_traced_request_records_its_timeline(tok, overlap):
 
 def by_round_start(verify, r):
     return next(s[2] for s in verify if s[1] == r)
+
+
+def test_overlap_miss_takes_plain_or_wait_only(tok):
+    """``overlap_miss`` is ``plain`` (the default: the target never waits for a draft) or
+    ``wait``; anything else is refused where it is set, in the coordinator and in the serve
+    config (both executors)."""
+    from pydantic import ValidationError
+
+    from hsd_serve.serve.config import AppConfig
+
+    info = TargetInfo(tok, frozenset(tok.eos_ids), 512)
+    script = _script(tok, "ab")
+    assert Coordinator(PausingTarget(script, 512), info, overlap=True).policy.overlap_miss == \
+        "plain"
+    with pytest.raises(ValueError, match="overlap_miss must be one of plain, wait"):
+        Coordinator(PausingTarget(script, 512), info, overlap=True, overlap_miss="sometimes")
+    assert AppConfig().overlap_miss == AppConfig().vllm.overlap_miss == "plain"
+    assert AppConfig(overlap=True, overlap_miss="wait").overlap_miss == "wait"
+    with pytest.raises(ValidationError, match="overlap_miss"):
+        AppConfig(overlap_miss="never")
+    with pytest.raises(ValidationError, match="overlap_miss"):
+        AppConfig(vllm={"overlap_miss": "later"})

@@ -24,7 +24,9 @@ Coordinator side.  ``speculate(run, k, position)`` is the speculative part of on
 default is draft → ``bridge`` (drafter output → target candidates, and which verification rule)
 → verify; SLRS overrides it (the target's row first, then the drafter decides).  With drafting
 ahead (``RunPolicy.overlap``) the draft may be one the drafter made while the target verified the
-previous round (``RequestRun.ready_draft``/``draft_ahead``).
+previous round (``RequestRun.ready_draft``/``draft_ahead``); with none usable the round is the
+target's plain step while the drafter drafts ahead from the committed tokens
+(``RequestRun.plain_while_drafting``, ``RunPolicy.overlap_miss``).
 """
 
 from __future__ import annotations
@@ -78,7 +80,11 @@ class Method:
         return self.rule, list(draft.target_ids), draft.proposals
 
     async def speculate(self, run: "RequestRun", k: int, position: int) -> Optional[Round]:
-        draft = await run.ready_draft(k) or await run.draft(k, position)
+        draft = await run.ready_draft(k)
+        if draft is None:
+            if run.plain_on_miss():  # overlap: the target never waits for a draft
+                return await run.plain_while_drafting(k, position)
+            draft = await run.draft(k, position)
         try:
             rule, cands, proposals = self.bridge(draft, run, k)
         except Exception as exc:  # noqa: BLE001 - odd drafted text costs a round, not the request

@@ -148,6 +148,7 @@ class VllmTarget:
         os.environ["HSD_VLLM_SAMPLED_DRAFTS"] = "1" if self.sampled_drafts else "0"
         os.environ["HSD_VLLM_OVERLAP"] = "1" if o.overlap else "0"
         os.environ["HSD_VLLM_OVERLAP_MAX_BATCH"] = str(o.overlap_max_batch)
+        os.environ["HSD_VLLM_OVERLAP_MISS"] = o.overlap_miss
         os.environ["HSD_VLLM_DRAFT_MAX_BATCH"] = str(o.draft_max_batch)
         if self.k > 0:  # the proposer adds the time it spends getting drafts here
             from hsd_serve.serve.vllm.clock import ENV, DraftClock

@@ -66,6 +66,11 @@ class _Drafting:
         if n <= len(chain) and chain[self.known:n] == ids[self.known:n]:
             self.known = n
             return 0
+        if chain[self.known:] == ids[self.known:len(chain)]:
+            # the target went past every drafted id, along them (plain steps while an extension
+            # is out): the extension continues a prefix of ``ids`` and may still be of use
+            self.chain, self.known = list(ids), n
+            return 0
         same = max(self.known, common_prefix_len(chain, ids, start=self.known))
         dropped = len(chain) - same
         self.chain, self.known = list(ids), n
@@ -101,10 +106,13 @@ class DraftBroker:
     drafter continues it (assuming it is accepted) by ``k + 1`` ids, the first a guess of the
     target's bonus token.  When the verdict took that path the next draft is ready at once;
     otherwise the drafted-ahead ids are dropped and drafting restarts from the committed ids.
-    Without it every step asks for its draft after the previous verdict."""
+    ``plain_on_miss`` (``vllm.overlap_miss: plain``): a step whose ``k`` drafts are not ready
+    does not wait for them — it verifies the ids drafted so far (none: a plain step) while the
+    drafter drafts on, past a guess of the token that step takes.  Without overlap every step
+    asks for its draft after the previous verdict and waits for it."""
 
     def __init__(self, target_path: str, *, retry_steps: int = 8, timeout_s: float = 5.0,
-                 overlap: bool = False):
+                 overlap: bool = False, plain_on_miss: bool = True):
         from hsd_serve.engine.engine import TargetInfo
         from hsd_serve.models.hf import ModelSpec, describe_model
         from hsd_serve.serve.dataplane import ChannelPool
@@ -114,6 +122,7 @@ class DraftBroker:
         self.retry_steps = retry_steps
         self.timeout_s = timeout_s
         self.overlap = overlap
+        self.plain_on_miss = plain_on_miss
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="hsd-drafts",
                                        daemon=True)
@@ -124,9 +133,11 @@ class DraftBroker:
         self.channels = ChannelPool(security=DataPlaneSecurity.from_env())
         self.sessions: dict[str, _Drafting] = {}
         # ready: steps whose draft was there when the step came (drafted during the previous
-        # verification); waited: steps that waited for theirs; stale: drafted-ahead ids dropped
+        # verification); waited: steps that waited for theirs; plain: steps that did not wait
+        # (plain_on_miss) and took what was drafted so far; stale: drafted-ahead ids dropped
         self.stats = {"draft_calls": 0, "late": 0, "failed": 0, "drafted": 0, "steps": 0,
-                      "ready": 0, "waited": 0, "stale": 0, "wait_s": 0.0, "propose_s": 0.0,
+                      "ready": 0, "waited": 0, "plain": 0, "stale": 0, "wait_s": 0.0,
+                      "propose_s": 0.0,
                       # per draft call: the round trip to the drafter, the drafter's model
                       # time inside it, and bridging the drafted text into target ids
                       "rpc_s": 0.0, "drafter_model_s": 0.0, "bridge_s": 0.0,
@@ -191,8 +202,13 @@ class DraftBroker:
             return
         vocab = self.info.tokenizer.vocab.size
         cands = [c for c in cands[:n] if 0 <= c < vocab]
-        if s.epoch == epoch and len(s.chain) == len(base):
-            s.chain.extend(cands)
+        if s.epoch != epoch:  # the target took another path meanwhile
+            return
+        grown = s.chain[len(base):]  # committed while this extension was out (plain steps)
+        if cands[:len(grown)] == grown:
+            s.chain.extend(cands[len(grown):])
+        else:
+            self.stats["stale"] += len(cands)
 
     def _launch(self, s: _Drafting, n: int) -> None:
         if n > 0 and (s.task is None or s.task.done()):
@@ -214,14 +230,20 @@ class DraftBroker:
             s.follow(ids)
         if len(s.chain) - n >= k:
             self.stats["ready"] += 1
+        elif ahead and self.plain_on_miss:  # the target never waits: what is drafted so far
+            self.stats["plain"] += 1
         else:
             self.stats["waited"] += 1
-            self._launch(s, n + k - len(s.chain))
-            if s.task is not None:
+            for _ in range(2):  # an extension still out may end short of k: then one more
+                self._launch(s, n + k - len(s.chain))
+                if s.task is None:
+                    break
                 await asyncio.shield(s.task)
+                if len(s.chain) - n >= k or s.steps < s.run.retry_at:
+                    break
         draft = s.chain[n:n + k]
-        if ahead:  # draft on while the target verifies: this draft, the bonus, k more
-            self._launch(s, n + len(draft) + 1 + k - len(s.chain))
+        if ahead:  # draft on while the target verifies: this draft, the bonus (or the plain
+            self._launch(s, n + len(draft) + 1 + k - len(s.chain))  # step's token), k more
         return draft
 
     async def _free(self, s: _Drafting) -> None:
@@ -313,6 +335,7 @@ class HsdProposer:
         self.load_aware = os.environ.get("HSD_VLLM_LOAD_AWARE", "1") == "1"
         self.overlap = os.environ.get("HSD_VLLM_OVERLAP", "0") == "1"
         self.overlap_max_batch = int(os.environ.get("HSD_VLLM_OVERLAP_MAX_BATCH", "2"))
+        self.overlap_miss = os.environ.get("HSD_VLLM_OVERLAP_MISS", "plain")
         self.draft_max_batch = int(os.environ.get("HSD_VLLM_DRAFT_MAX_BATCH", "1"))
         self.runner = None
         self.broker: Optional[DraftBroker] = None
@@ -326,7 +349,8 @@ class HsdProposer:
     def attach(self, runner) -> None:
         self.runner = runner
         if self.broker is None:
-            self.broker = DraftBroker(self.target_path, overlap=self.overlap)
+            self.broker = DraftBroker(self.target_path, overlap=self.overlap,
+                                      plain_on_miss=self.overlap_miss != "wait")
         if self.clock is None and _first_rank():
             from hsd_serve.serve.vllm.clock import DraftClock
 

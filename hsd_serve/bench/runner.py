@@ -55,6 +55,8 @@ def overlap_variant(setting) -> str:
     """The variant label of an ``--overlap`` setting (True, False or "wait")."""
     return next(v for v, s in OVERLAP_SETTINGS.items()
                 if s == setting and type(s) is type(setting))
+
+
 # in-process HF target, the drafter on each backend measured side by side (--drafter-executor)
 DRAFTER_VARIANTS = {"drafter hf": "hf", "drafter vllm": "vllm",
                     "drafter hf-transformers": "hf-transformers"}

@@ -252,7 +252,9 @@ def proposer_table(stats: dict) -> list[str]:
              "| engine | draft calls | steps | wait ms/step | round trip ms | drafter model ms "
              "| drafter forwards | bridge ms | ready | waited | plain |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"True": "overlap", "wait": "overlap, wait", "False": "no overlap"}
+    from hsd_serve.bench.runner import OVERLAP_LABELS
+
+    names = {str(s): v for s, v in OVERLAP_LABELS.items()}  # engines keyed by --overlap setting
     for name, v in rows.items():
         calls, steps = max(1, v["draft_calls"]), max(1, v.get("steps", 0))
         lines.append(

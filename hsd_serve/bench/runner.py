@@ -49,12 +49,12 @@ PLAIN = ("ar", HF_AR, VLLM_AR, VLLM_SERVE)  # no drafting
 OVERLAP_SETTINGS = {"overlap": True, "overlap, wait": "wait", "no overlap": False}
 OVERLAP_VARIANTS = {v: bool(s) for v, s in OVERLAP_SETTINGS.items()}  # variant -> overlap on
 OVERLAP_MISS = {"overlap": "plain", "overlap, wait": "wait"}  # variant -> overlap_miss
+OVERLAP_LABELS = {s: v for v, s in OVERLAP_SETTINGS.items()}  # setting -> variant
 
 
 def overlap_variant(setting) -> str:
     """The variant label of an ``--overlap`` setting (True, False or "wait")."""
-    return next(v for v, s in OVERLAP_SETTINGS.items()
-                if s == setting and type(s) is type(setting))
+    return OVERLAP_LABELS[setting]
 
 
 # in-process HF target, the drafter on each backend measured side by side (--drafter-executor)

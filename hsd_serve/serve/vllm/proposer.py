@@ -234,13 +234,12 @@ class DraftBroker:
             self.stats["plain"] += 1
         else:
             self.stats["waited"] += 1
-            for _ in range(2):  # an extension still out may end short of k: then one more
+            if s.task is not None and not s.task.done():  # out since an earlier step: it
+                await asyncio.shield(s.task)  # continues a prefix of ids and may cover this one
+            if s.steps >= s.run.retry_at:  # (unless it failed)
                 self._launch(s, n + k - len(s.chain))
-                if s.task is None:
-                    break
-                await asyncio.shield(s.task)
-                if len(s.chain) - n >= k or s.steps < s.run.retry_at:
-                    break
+                if s.task is not None:
+                    await asyncio.shield(s.task)
         draft = s.chain[n:n + k]
         if ahead:  # draft on while the target verifies: this draft, the bonus (or the plain
             self._launch(s, n + len(draft) + 1 + k - len(s.chain))  # step's token), k more

@@ -107,6 +107,10 @@ METRICS: dict[str, MetricDef] = {m.name: m for m in (
               "(vLLM: the step decoded plainly); vLLM: busy = engine steps over "
               "vllm.draft_max_batch requests, decoded plainly without asking for drafts.",
               ("result",)),
+    MetricDef("branch_drafts", "counter",
+              "Drafting ahead (overlap, HF executor): of the rounds whose draft was ready, those "
+              "whose draft was a branch: another path the drafter guessed (a runner-up token "
+              "where the target rejected a candidate or took its bonus token).", ()),
     MetricDef("stale_draft_tokens", "counter",
               "Drafting ahead (overlap): drafted-ahead tokens dropped because the target took "
               "another path.", ()),
@@ -171,6 +175,8 @@ def request_samples(stats: RequestStats, outcome: str) -> list[Sample]:
                           ("plain", stats.ahead_plain)):
         if value:  # HF executor drafting ahead (the vLLM executor's come from its replicas)
             out.append(Sample("draft_steps", (("result", result),), float(value)))
+    if stats.ahead_branch:
+        out.append(Sample("branch_drafts", (), float(stats.ahead_branch)))
     if stats.ahead_stale:
         out.append(Sample("stale_draft_tokens", (), float(stats.ahead_stale)))
     if outcome == "ok":

@@ -15,12 +15,13 @@ DEFAULT_METHODS = "ar,slem,tli,hf-uag"
 
 
 def _on_off(value: str):
-    """An ``--overlap`` value: True (on), False (off) or "wait" (on, rounds that miss wait)."""
+    """An ``--overlap`` value: True (on), False (off), "branches" (on, drafts made ahead with
+    branches) or "wait" (on, rounds that miss wait)."""
     v = value.strip().lower()
-    if v == "wait":
-        return "wait"
+    if v in ("wait", "branches"):
+        return v
     if v not in ("on", "off", "true", "false"):
-        raise SystemExit(f"--overlap: expected on, wait or off, got {value!r}")
+        raise SystemExit(f"--overlap: expected on, branches, wait or off, got {value!r}")
     return v in ("on", "true")
 
 
@@ -88,7 +89,8 @@ def configure_parser(b: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "e.g. '{\"draft_max_batch\": 64}'")
     b.add_argument("--overlap", type=_csv(str), default=["off"],
                    help="drafting ahead while the target verifies (overlap / vllm.overlap): on "
-                        "(the target never waits for a draft: overlap_miss plain), wait (on, "
+                        "(the target never waits for a draft: overlap_miss plain), branches (on, "
+                        "each draft made ahead with branches: overlap_branches > 0), wait (on, "
                         "with rounds whose draft made ahead missed waiting for a fresh one: "
                         "overlap_miss wait), off, or a comma list (on,off; on,wait,off) to "
                         "measure them side by side in one run (in-process on "

@@ -44,16 +44,19 @@ BASELINES = (HF, HF_AR) + VLLM_BASELINES
 PLAIN = ("ar", HF_AR, VLLM_AR, VLLM_SERVE)  # no drafting
 
 
-# drafting ahead (--overlap on,wait,off): variant -> the setting measured (True: overlap with the
-# target never waiting, overlap_miss plain; "wait": overlap, rounds that miss wait for a draft)
-OVERLAP_SETTINGS = {"overlap": True, "overlap, wait": "wait", "no overlap": False}
+# drafting ahead (--overlap on,branches,wait,off): variant -> the setting measured (True: overlap
+# with the target never waiting, overlap_miss plain; "branches": the same, each draft made ahead
+# also drafting branches, overlap_branches > 0; "wait": overlap, rounds that miss wait for a draft)
+OVERLAP_SETTINGS = {"overlap": True, "overlap, branches": "branches", "overlap, wait": "wait",
+                    "no overlap": False}
 OVERLAP_VARIANTS = {v: bool(s) for v, s in OVERLAP_SETTINGS.items()}  # variant -> overlap on
-OVERLAP_MISS = {"overlap": "plain", "overlap, wait": "wait"}  # variant -> overlap_miss
+OVERLAP_MISS = {"overlap": "plain", "overlap, branches": "plain",
+                "overlap, wait": "wait"}  # variant -> overlap_miss
 OVERLAP_LABELS = {s: v for v, s in OVERLAP_SETTINGS.items()}  # setting -> variant
 
 
 def overlap_variant(setting) -> str:
-    """The variant label of an ``--overlap`` setting (True, False or "wait")."""
+    """The variant label of an ``--overlap`` setting (True, False, "branches" or "wait")."""
     return OVERLAP_LABELS[setting]
 
 
@@ -230,7 +233,11 @@ class BenchConfig:
         if self.repeats < 1:
             raise ValueError("--repeats must be >= 1")
         if len({repr(v) for v in self.overlap}) != len(self.overlap):
-            raise ValueError("--overlap: give each of on, wait, off at most once")
+            raise ValueError("--overlap: give each of on, branches, wait, off at most once")
+        if "branches" in self.overlap and self.endpoint is None:
+            raise ValueError("--overlap branches (drafting ahead with branches) measures a "
+                             "service's HF-executor application (--endpoint); the vLLM "
+                             "executor drafts one path ahead")
         if self.executor not in ("hf", "vllm"):
             raise ValueError("--executor must be hf or vllm")
         if self.endpoint is None and self.executor == "hf" and any(c != 1 for c in

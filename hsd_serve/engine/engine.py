@@ -32,7 +32,8 @@ class DrafterPort(Protocol):
                    prompt_ids: list[int]) -> None: ...
 
     async def draft(self, rid: str, k: int, position: int, *, committed=None,
-                    generated=None, attempt: int = 0) -> Draft: ...
+                    generated=None, attempt: int = 0, branches: int = 0,
+                    span: int = 0) -> Draft: ...
 
     async def slrs_step(self, rid: str, generated: bytes, row, position: int): ...
 
@@ -75,16 +76,20 @@ class Coordinator:
                  *, same_vocab: bool = False, draft_timeout_s: Optional[float] = None,
                  drafter_retry_rounds: int = 8, sink=None, load_aware_lookahead: bool = False,
                  target_generates: bool = False, drafter_rows: bool = True,
-                 overlap: bool = False, overlap_max_batch: int = 2, overlap_miss: str = "plain"):
+                 overlap: bool = False, overlap_max_batch: int = 2, overlap_miss: str = "plain",
+                 overlap_branches: int = 0):
         """``target_generates``: the target runs whole requests itself (``target.generate``: the
         vLLM executor, ``RequestRun.follow``) instead of verifying the coordinator's rounds.
         ``drafter_rows``: the drafter returns its distribution (False: tokens only, vLLM's;
         methods whose drafts are not argmaxes are refused, ``auto`` picks slem).  ``overlap``:
         the drafter drafts the next round while the target verifies (``RunPolicy.overlap``;
-        ``overlap_miss``: what a round with no usable draft made ahead does, "plain" or "wait")."""
+        ``overlap_miss``: what a round with no usable draft made ahead does, "plain" or "wait";
+        ``overlap_branches``: other paths each draft made ahead also drafts, 0 for none)."""
         if overlap_miss not in OVERLAP_MISS:
             raise ValueError(f"overlap_miss must be one of {', '.join(OVERLAP_MISS)}, "
                              f"got {overlap_miss!r}")
+        if not isinstance(overlap_branches, int) or overlap_branches < 0:
+            raise ValueError(f"overlap_branches must be an integer >= 0, got {overlap_branches!r}")
         self.target = target
         self.target_generates = target_generates
         self.drafter_rows = drafter_rows
@@ -93,7 +98,8 @@ class Coordinator:
         self.policy = RunPolicy(same_vocab=same_vocab, draft_timeout_s=draft_timeout_s,
                                 drafter_retry_rounds=drafter_retry_rounds,
                                 load_aware_lookahead=load_aware_lookahead, overlap=overlap,
-                                overlap_max_batch=overlap_max_batch, overlap_miss=overlap_miss)
+                                overlap_max_batch=overlap_max_batch, overlap_miss=overlap_miss,
+                                overlap_branches=overlap_branches)
         self.sink = sink  # hsd_serve.metrics.MetricsSink: gets each request's stats once, at its end
 
     def report(self, stats: RequestStats, outcome: str) -> None:

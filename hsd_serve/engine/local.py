@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Iterator, Optional
 
 from hsd_serve.engine.drafter import DrafterWorker
@@ -18,6 +19,10 @@ class LocalTarget:
         self.worker = worker
 
     async def verify(self, rid, committed, candidates, rule, params, position, proposals=None):
+        # let a draft made ahead (a task started just before, ``overlap``) run first: in one
+        # process the two cannot overlap, and it is then done at the verdict, as a drafter
+        # that keeps up with the target is
+        await asyncio.sleep(0)
         return self.worker.verify(rid, committed, candidates, rule, params, position, proposals)
 
     async def free(self, rid):
@@ -33,9 +38,10 @@ class LocalDrafter:
     async def open(self, rid, method, prompt, params, prompt_ids):
         self.worker.open(rid, method, prompt, params, prompt_ids)
 
-    async def draft(self, rid, k, position, *, committed=None, generated=None, attempt=0):
+    async def draft(self, rid, k, position, *, committed=None, generated=None, attempt=0,
+                    branches=0, span=0):
         return self.worker.draft(rid, k, position, committed=committed, generated=generated,
-                                 attempt=attempt)
+                                 attempt=attempt, branches=branches, span=span)
 
     async def slrs_step(self, rid, generated, row, position):
         return self.worker.slrs_step(rid, generated, row, position)
@@ -54,7 +60,7 @@ class Engine:
     def __init__(self, target: LoadedModel, drafter: Optional[LoadedModel] = None, *,
                  slrs_max_forwards: int = 64, slrs_max_target_bytes: Optional[int] = 8,
                  proposal_top_m: int = 64, sink=None, overlap: bool = False,
-                 overlap_miss: str = "plain"):
+                 overlap_miss: str = "plain", overlap_branches: int = 0):
         """``sink``: a :class:`hsd_serve.metrics.MetricsSink` (e.g. ``PrometheusSink()``) that
         receives every request's stats when it ends.  ``drafter`` may also be a model that names
         its own ``worker_class`` (``serve.vllm.drafter.VllmDraftModel``: the drafter on vLLM)."""
@@ -74,7 +80,7 @@ class Engine:
             LocalDrafter(self.drafter_worker) if self.drafter_worker else None,
             same_vocab=bool(self.drafter_worker and self.drafter_worker.same_vocab), sink=sink,
             drafter_rows=self.drafter_worker is None or self.drafter_worker.returns_rows,
-            overlap=overlap, overlap_miss=overlap_miss)
+            overlap=overlap, overlap_miss=overlap_miss, overlap_branches=overlap_branches)
 
     def resolve_method(self, method: str, params) -> str:
         return self.coordinator.resolve_method(method, params)

@@ -111,6 +111,7 @@ class Lookahead:
 
 
 OVERLAP_MISS = ("plain", "wait")
+BRANCH_PACE_ROUNDS = 4  # drafts made ahead in time before the next one may draft one more branch
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,10 @@ class RunPolicy:
     # drafter drafts ahead from the committed tokens (the target never waits for a draft);
     # "wait" asks for a fresh draft and verifies it
     overlap_miss: str = "plain"  # one of OVERLAP_MISS
+    # ... and also draft from up to this many other tokens where the target may leave the
+    # draft's path (the drafter's runner-ups; methods with ``Method.branches_ahead``), so that a
+    # round after a rejection finds a draft ready more often (0: one path; docs/overlap.md)
+    overlap_branches: int = 0
 
 
 @dataclass
@@ -139,8 +144,21 @@ class _Ahead:
     text: bytes
 
     def follow(self, d, committed: list[int], generated: bytes, k: int):
-        """The part of draft ``d`` after what was committed since, if the committed tokens went
-        its way (None: they did not)."""
+        """``(draft, from_branch)``: the part of draft ``d`` — or of one of its branches — after
+        what was committed since, if the committed tokens went its way (None: they went none of
+        them).  Of several branches that fit, the one reaching furthest."""
+        ready = self._follow(d, committed, generated, k)
+        if ready is not None:
+            return ready, False
+        best, size = None, 0
+        for b in d.branches:
+            ready = self._follow_branch(b, committed, generated, k)
+            n = len(ready.target_ids) + len(ready.text) if ready is not None else 0
+            if n > size:
+                best, size = ready, n
+        return best, best is not None
+
+    def _follow(self, d, committed, generated, k):
         if d.target_ids:  # token-level (TLI, SD; SLEM on a shared vocabulary)
             n = len(self.ids)
             if len(committed) != n + 1 or committed[:n] != self.ids or \
@@ -149,7 +167,26 @@ class _Ahead:
             rows = d.proposals[1:k + 1] if d.proposals is not None else None
             return Draft(drafter_ids=list(d.drafter_ids[1:k + 1]),
                          target_ids=list(d.target_ids[1:k + 1]), proposals=rows)
-        full = self.text + d.text  # SLEM: drafted text; the committed text must be a prefix
+        return self._rest(self.text + d.text, generated)
+
+    def _follow_branch(self, b, committed, generated, k):
+        """A branch (``protocol.Branch``, SLEM only: greedy, no rows): the committed tokens
+        left the draft's path at its fork point and took its first token."""
+        if b.target_ids:
+            n = b.at
+            if not 0 <= n < len(self.ids) + 1 or len(committed) != n + 1 or \
+                    committed[:n] != self.ids[:n] or committed[n] != b.target_ids[0] or \
+                    len(b.target_ids) < 2:
+                return None
+            return Draft(drafter_ids=list(b.drafter_ids[1:k + 1]),
+                         target_ids=list(b.target_ids[1:k + 1]))
+        if not 0 <= b.at <= len(self.text):
+            return None
+        return self._rest(self.text[:b.at] + b.text, generated)
+
+    @staticmethod
+    def _rest(full: bytes, generated: bytes):
+        """SLEM's text: drafted text whose start the committed text is; the rest is the draft."""
         if len(full) <= len(generated) or not full.startswith(generated):
             return None
         return Draft(text=full[len(generated):])
@@ -187,6 +224,10 @@ class RequestRun:
         self._attempts = itertools.count()  # draft calls: salt the draft randomness
         self.ahead: Optional[_Ahead] = None  # the next draft, drafted while the target verifies
         self.ahead_failed = False  # the last draft made ahead failed (the next round waits)
+        # branches the next draft made ahead asks for: policy.overlap_branches, fewer while the
+        # drafts made ahead come after the verdict (``ready_draft``)
+        self.branches = policy.overlap_branches
+        self._on_time = 0  # drafts made ahead done by the verdict since branches last changed
         self.t_start = time.perf_counter() if t_start is None else t_start
         stats.method, stats.prompt_tokens = method, self.prompt_len
 
@@ -284,8 +325,11 @@ class RequestRun:
             return
         ids = self.committed + list(cands)
         text = bytes(self.generated) + b"".join(self.token_bytes[t] for t in cands)
-        kwargs = ({"committed": ids} if self.method.uses_ids(self.policy.same_vocab)
-                  else {"generated": text})
+        ids_level = self.method.uses_ids(self.policy.same_vocab)
+        kwargs = {"committed": ids} if ids_level else {"generated": text}
+        if self.branches > 0 and self.method.branches_ahead:
+            kwargs["branches"] = self.branches
+            kwargs["span"] = len(cands) if ids_level else len(text) - len(self.generated)
         call = self._drafter_call(lambda: self.drafter.draft(
             self.rid, k + 1, position + len(cands), attempt=next(self._attempts), **kwargs))
         task = asyncio.ensure_future(call)
@@ -301,6 +345,7 @@ class RequestRun:
         ahead, self.ahead = self.ahead, None
         if ahead is None:
             return None
+        self._pace_branches(late=not ahead.task.done())
         try:
             d = await ahead.task
         except Exception as exc:  # noqa: BLE001 - a fresh draft call follows
@@ -310,14 +355,31 @@ class RequestRun:
             return None
         self.stats.draft_s += d.draft_s
         self.stats.drafter_forwards += d.forwards
-        ready = ahead.follow(d, self.committed, bytes(self.generated), k)
-        if ready is None:
+        ready, branch = ahead.follow(d, self.committed, bytes(self.generated), k)
+        if ready is None or branch:
             self.stats.ahead_stale += max(len(d.target_ids), len(d.drafter_ids))
+        if ready is None:
             if not self.plain_on_miss():
                 self.stats.ahead_waited += 1
             return None
         self.stats.ahead_ready += 1
+        self.stats.ahead_branch += branch
         return ready
+
+    def _pace_branches(self, late: bool) -> None:
+        """Branches cost the drafter time, and a draft made ahead still out at the verdict makes
+        the target wait for it: then halve the branches the next ones draft; after
+        ``BRANCH_PACE_ROUNDS`` drafts made ahead in a row were done by the verdict, allow one
+        more, up to ``policy.overlap_branches`` (slow up, fast down: the branches settle where
+        the drafter keeps up with the target)."""
+        if late:
+            self.branches //= 2
+            self._on_time = 0
+            return
+        self._on_time += 1
+        if self._on_time >= BRANCH_PACE_ROUNDS:
+            self.branches = min(self.policy.overlap_branches, self.branches + 1)
+            self._on_time = 0
 
     def plain_on_miss(self) -> bool:
         """With no usable draft made ahead: whether this round takes a plain target step while

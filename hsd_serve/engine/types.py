@@ -160,6 +160,7 @@ class RequestStats:
     ahead_ready: int = 0
     ahead_waited: int = 0
     ahead_plain: int = 0
+    ahead_branch: int = 0  # ... of the ahead_ready rounds, those whose draft was a branch
     ahead_stale: int = 0
     transport_s: float = 0.0  # round wall time not spent drafting, verifying or bridging
     replicas: dict = field(default_factory=dict)  # service only: addresses leased per role

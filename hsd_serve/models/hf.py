@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from hsd_serve.core.prefix import common_prefix_len
-from hsd_serve.models.kv import append_rows, batch_cache, new_cache
+from hsd_serve.models.kv import append_rows, batch_cache, copy_cache, new_cache
 from hsd_serve.models.tokenizer import TokenizerAdapter, load_tokenizer
 
 _DTYPES = {
@@ -252,6 +252,14 @@ class Session:
         if drop > 0:
             self._cache.crop(-drop)
             del self.ids[n:]
+
+    def fork(self, n: int) -> "Session":
+        """A new session holding a copy of this one's first ``n`` cached tokens."""
+        n = min(n, len(self.ids))
+        out = Session(self.owner)
+        out._cache = copy_cache(self._cache, n) if n else out._cache
+        out.ids = self.ids[:n]
+        return out
 
     def common_prefix(self, context: list[int]) -> int:
         return common_prefix_len(self.ids, context)

@@ -18,6 +18,8 @@ windows, linear attention, …) keep transformers' own cache.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -101,6 +103,27 @@ def supports_slab(config) -> bool:
 def new_cache(config):
     """The cache a session of this model starts with."""
     return SlabCache() if supports_slab(config) else DynamicCache()
+
+
+def copy_cache(cache, n: int):
+    """A new cache holding the first ``n`` positions of ``cache`` (copied: the two then grow
+    apart)."""
+    if not isinstance(cache, SlabCache):
+        out = copy.deepcopy(cache)
+        drop = out.get_seq_length() - n
+        if drop > 0:
+            out.crop(-drop)
+        return out
+    out = SlabCache()
+    for keys, values in layer_kv(cache):
+        layer = SlabLayer()
+        layer.reserve(keys, values, n)
+        layer._k[..., :n, :] = keys[..., :n, :]
+        layer._v[..., :n, :] = values[..., :n, :]
+        layer.length = n
+        layer._views()
+        out.layers.append(layer)
+    return out
 
 
 def layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

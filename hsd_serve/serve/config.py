@@ -245,6 +245,11 @@ class AppConfig(_Strict):
     # the drafter drafts ahead from the committed tokens (the target never waits for a draft),
     # "wait" asks for a fresh draft and verifies it (docs/overlap.md)
     overlap_miss: Literal["plain", "wait"] = "plain"
+    # ... and each draft made ahead also drafts up to this many other paths, from the drafter's
+    # runner-up tokens where the target may reject a candidate (SLEM).  0 (one path) by default:
+    # on a 2-core CPU, where the drafter shares its core, they cost more drafter time than the
+    # rounds they save (docs/overlap.md, "Branches"); for drafters with spare batch width
+    overlap_branches: int = Field(0, ge=0, le=16)
     drafter_vllm: VllmDrafterOptions = VllmDrafterOptions()
     # request limits and defaults, checked as one RequestLimits (request_limits())
     default_method: str = "auto"

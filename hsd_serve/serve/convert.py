@@ -42,7 +42,7 @@ import torch
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from hsd_serve.core.sampling import SamplingParams, seed_for
-from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, SLRSOutcome, Verdict
+from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Branch, Draft, SLRSOutcome, Verdict
 from hsd_serve.engine.types import (Chunk, GenerationRequest, GenerationResult, RequestError,
                                     RequestLimits, RequestStats, Span)
 from hsd_serve.pb import hsd_pb2 as pb
@@ -267,14 +267,16 @@ def open_request_args(msg: pb.OpenRequest) -> dict:
 
 
 def draft_request(rid: str, k: int, position: int, committed: Optional[Sequence[int]],
-                  generated: Optional[bytes], attempt: int = 0) -> pb.DraftRequest:
+                  generated: Optional[bytes], attempt: int = 0, branches: int = 0,
+                  span: int = 0) -> pb.DraftRequest:
     """The ``context`` oneof holds ``committed`` (target ids) when it is not ``None``, else
     ``generated`` (bytes; ``None`` sends ``b""``, which is still set)."""
+    extra = {"attempt": attempt, "branches": branches, "branch_span": span}
     if committed is not None:
         return pb.DraftRequest(request_id=rid, k=k, position=position,
-                               committed=pb.TokenIds(ids=list(committed)), attempt=attempt)
+                               committed=pb.TokenIds(ids=list(committed)), **extra)
     return pb.DraftRequest(request_id=rid, k=k, position=position,
-                           generated=bytes(generated or b""), attempt=attempt)
+                           generated=bytes(generated or b""), **extra)
 
 
 def draft_request_args(msg: pb.DraftRequest) -> dict:
@@ -282,24 +284,31 @@ def draft_request_args(msg: pb.DraftRequest) -> dict:
     ``committed`` / ``generated`` not on the wire is ``None``).  Raises ValueError when the
     ``context`` oneof is unset."""
     context = msg.WhichOneof("context")
+    extra = {"attempt": msg.attempt, "branches": msg.branches, "span": msg.branch_span}
     if context == "committed":
-        return {"committed": list(msg.committed.ids), "generated": None, "attempt": msg.attempt}
+        return {"committed": list(msg.committed.ids), "generated": None, **extra}
     if context == "generated":
-        return {"committed": None, "generated": bytes(msg.generated), "attempt": msg.attempt}
+        return {"committed": None, "generated": bytes(msg.generated), **extra}
     raise ValueError("DraftRequest: set one of committed / generated")
 
 
 def draft_to_proto(d: Draft) -> pb.DraftReply:
     return pb.DraftReply(drafter_ids=list(d.drafter_ids), text=bytes(d.text),
                          target_ids=list(d.target_ids), proposals=rows_to_proto(d.proposals),
-                         forwards=int(d.forwards), draft_s=float(d.draft_s))
+                         forwards=int(d.forwards), draft_s=float(d.draft_s),
+                         branches=[pb.DraftBranch(at=b.at, drafter_ids=list(b.drafter_ids),
+                                                  text=bytes(b.text),
+                                                  target_ids=list(b.target_ids))
+                                   for b in d.branches])
 
 
 def draft_from_proto(msg: pb.DraftReply, width: int) -> Draft:
     """``width``: the target vocabulary size the proposal rows span."""
     return Draft(drafter_ids=list(msg.drafter_ids), text=bytes(msg.text),
                  target_ids=list(msg.target_ids), proposals=rows_from_proto(msg.proposals, width),
-                 forwards=msg.forwards, draft_s=msg.draft_s)
+                 forwards=msg.forwards, draft_s=msg.draft_s,
+                 branches=[Branch(b.at, drafter_ids=list(b.drafter_ids), text=bytes(b.text),
+                                  target_ids=list(b.target_ids)) for b in msg.branches])
 
 
 def slrs_request(rid: str, generated: bytes, row: torch.Tensor, position: int) -> pb.SLRSRequest:
@@ -471,7 +480,7 @@ def stats_to_proto(stats: RequestStats, transport_s: Optional[float] = None, *,
                     drafter_forwards=stats.drafter_forwards,
                     lookahead_final=stats.lookahead_final, ahead_ready=stats.ahead_ready,
                     ahead_waited=stats.ahead_waited, ahead_stale=stats.ahead_stale,
-                    ahead_plain=stats.ahead_plain,
+                    ahead_plain=stats.ahead_plain, ahead_branch=stats.ahead_branch,
                     timeline=[span_to_proto(sp) for sp in stats.timeline])
 
 

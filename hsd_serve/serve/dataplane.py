@@ -477,10 +477,11 @@ class GrpcDrafter(_GrpcPort):
                                                               prompt_ids))
 
     async def draft(self, rid: str, k: int, position: int, *, committed=None,
-                    generated=None, attempt: int = 0) -> Draft:
+                    generated=None, attempt: int = 0, branches: int = 0,
+                    span: int = 0) -> Draft:
         reply = await self._call(self.stub.Draft,
                                  convert.draft_request(rid, k, position, committed, generated,
-                                                       attempt),
+                                                       attempt, branches, span),
                                  lambda r: r.draft_s)
         if reply.session_missing:
             raise SessionMissing(rid)

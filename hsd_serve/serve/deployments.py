@@ -261,7 +261,7 @@ class CoordinatorDeployment:
             target_generates=self.config.target_executor == "vllm",
             drafter_rows=self.config.drafter_executor == "hf", overlap=self.config.overlap,
             overlap_max_batch=self.config.overlap_max_batch,
-            overlap_miss=self.config.overlap_miss)
+            overlap_miss=self.config.overlap_miss, overlap_branches=self.config.overlap_branches)
         self.ongoing = 0  # requests in flight here (hsd_ongoing_requests{component="coordinator"})
         self.gauges = None  # started with the first request (needs the replica's event loop)
         self.limits = self.config.request_limits()  # both front doors (gRPC, HTTP)

@@ -85,11 +85,13 @@ def test_identical_drafter_accepts_every_greedy_draft(loaded_model, families):
 
 def test_drafting_ahead_is_token_identical(loaded_model, families, ar_outputs):
     """Overlap (the next draft made while the target verifies): greedy SLEM and TLI stay AR's on
-    ordered pairs of four families; with an identical drafter every round after the first takes
+    ordered pairs of four families (SLEM's drafts made ahead with branches: text forked at byte
+    offsets of odd tokenizations); with an identical drafter every round after the first takes
     the draft made ahead (all accepted, the bonus guessed) and SD/SLEM are still AR's."""
     failures = []
     for drafter_fam, target_fam in itertools.permutations(families[:4], 2):
-        engine = Engine(loaded_model(target_fam), loaded_model(drafter_fam, seed=1), overlap=True)
+        engine = Engine(loaded_model(target_fam), loaded_model(drafter_fam, seed=1), overlap=True,
+                        overlap_branches=4)
         for i, prompt in enumerate(PROMPTS):
             for method in ("slem", "tli"):
                 got = engine.generate(GenerationRequest(prompt, max_new_tokens=MAX_NEW,

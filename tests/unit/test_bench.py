@@ -218,6 +218,15 @@ def test_cli_parses_bench_arguments():
     assert [overlap_variant(v) for v in three.overlap] == ["overlap", "overlap, wait",
                                                            "no overlap"]
     assert RunSpec("slem", 0.0, 2, "overlap, wait").label == "slem k=2 (overlap, wait)"
+    four = config_from_args(build_parser().parse_args(
+        ["bench", "--endpoint", "grpc://h:1", "--application", "a,b,c,d",
+         "--overlap", "on,branches,wait,off"]))
+    four.validate()
+    assert [overlap_variant(v) for v in four.overlap] == ["overlap", "overlap, branches",
+                                                          "overlap, wait", "no overlap"]
+    with pytest.raises(ValueError, match="branches"):  # the vLLM executor has no branches
+        config_from_args(build_parser().parse_args(
+            ["bench", "--executor", "vllm", "--overlap", "on,branches"])).validate()
     with pytest.raises(SystemExit):
         config_from_args(build_parser().parse_args(["bench", "--overlap", "maybe"]))
     with pytest.raises(ValueError, match="at most once"):

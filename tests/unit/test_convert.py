@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.core.speculative import truncate_proposal
-from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Draft, DraftSpec, SLRSOutcome, Step, \
+from hsd_serve.engine.protocol import EXACT, ROW, SPECULATIVE, Branch, Draft, DraftSpec, SLRSOutcome, Step, \
     Verdict
 from hsd_serve.engine.types import (METHODS, Chunk, GenerationRequest, GenerationResult,
                                     RequestError, RequestLimits, RequestStats, Span)
@@ -126,7 +126,9 @@ def test_sampling_params_round_trip():
 def test_engine_messages_round_trip():
     rows = truncate_proposal(torch.softmax(torch.randn(2, 100), -1)[0], 5).repeat(2, 1)
     d = Draft(drafter_ids=[5, 6], text=b"\xe6\x9d", target_ids=[1, 2], proposals=rows,
-              forwards=2, draft_s=0.25)
+              forwards=2, draft_s=0.25,
+              branches=[Branch(3, drafter_ids=[7, 8], text=b" x\xe6"),
+                        Branch(0, drafter_ids=[9], target_ids=[9])])
     wire = pb.DraftReply.FromString(convert.draft_to_proto(d).SerializeToString())
     back = convert.draft_from_proto(wire, 100)
     assert_bit_identical(back.proposals, rows)
@@ -150,12 +152,12 @@ def test_engine_messages_round_trip():
     for bad in (-1, -2):  # no marker values: "no token" is None
         with pytest.raises(ValueError):
             convert.slrs_to_proto(SLRSOutcome(token=bad, accepted=False, proposed=False))
-    ids_req = convert.draft_request("r", 3, 4, [1, 2], None, attempt=5)
+    ids_req = convert.draft_request("r", 3, 4, [1, 2], None, attempt=5, branches=3, span=2)
     assert convert.draft_request_args(ids_req) == {"committed": [1, 2], "generated": None,
-                                                   "attempt": 5}
+                                                   "attempt": 5, "branches": 3, "span": 2}
     txt_req = convert.draft_request("r", 3, 4, None, b"")
     assert convert.draft_request_args(txt_req) == {"committed": None, "generated": b"",
-                                                   "attempt": 0}
+                                                   "attempt": 0, "branches": 0, "span": 0}
     # the oneof says which, empty values included (they are on the wire)
     for req, which in ((convert.draft_request("r", 3, 4, [], None), "committed"),
                        (txt_req, "generated")):
@@ -715,6 +717,9 @@ PAIRS = {
                      make_engine=lambda: [3, 5, 8]),
     "DraftReply": Pair(convert.draft_to_proto, lambda m: convert.draft_from_proto(m, WIDTH),
                        Draft, control=("session_missing",)),  # GrpcDrafter: SessionMissing
+    "DraftBranch": Pair(lambda b: convert.draft_to_proto(Draft(branches=[b])).branches[0],
+                        lambda m: convert.draft_from_proto(pb.DraftReply(branches=[m]),
+                                                           WIDTH).branches[0], Branch),
     "SLRSRequest": Pair(lambda a: convert.slrs_request(**a),
                         lambda m: convert.slrs_request_args(m), convert.slrs_request),
     "SLRSReply": Pair(convert.slrs_to_proto, convert.slrs_from_proto, SLRSOutcome,

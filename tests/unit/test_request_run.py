@@ -13,7 +13,7 @@ import pytest
 
 from hsd_serve.core.sampling import SamplingParams
 from hsd_serve.engine.engine import Coordinator, TargetInfo
-from hsd_serve.engine.protocol import EXACT, Draft, SessionMissing, Verdict
+from hsd_serve.engine.protocol import EXACT, Branch, Draft, SessionMissing, Verdict
 from hsd_serve.engine.types import GenerationRequest
 from hsd_serve.models.tokenizer import TokenizerAdapter
 from tests.support.toy import build_tokenizer
@@ -66,13 +66,16 @@ class ScriptedDrafter:
         self.opens = 0
         self.attempts: list[int] = []
         self.freed: list[str] = []
+        self.branch_asks: list[tuple[int, int]] = []  # (branches, span) per draft call
 
     async def open(self, rid, method, prompt, params, prompt_ids):
         self.opens += 1
 
-    async def draft(self, rid, k, position, *, committed=None, generated=None, attempt=0):
+    async def draft(self, rid, k, position, *, committed=None, generated=None, attempt=0,
+                    branches=0, span=0):
         n = len(self.attempts)
         self.attempts.append(attempt)
+        self.branch_asks.append((branches, span))
         if n in self.fail_at:
             if self.fail == "missing":
                 raise SessionMissing(rid)
@@ -364,3 +367,86 @@ def test_overlap_miss_takes_plain_or_wait_only(tok):
         AppConfig(overlap_miss="never")
     with pytest.raises(ValidationError, match="overlap_miss"):
         AppConfig(vllm={"overlap_miss": "later"})
+
+
+class BranchingDrafter(ScriptedDrafter):
+    """Proposes ``proposal`` (wrong where it differs from the script) and, when asked to draft
+    branches, guesses each fork point of the span: a branch with the script's token there (right
+    where the proposal is wrong) and one with a token the script never has (always wrong)."""
+
+    def __init__(self, proposal, script, wrong):
+        super().__init__(proposal)
+        self.script, self.wrong = script, wrong
+
+    async def draft(self, rid, k, position, *, committed=None, **kw):
+        d = await super().draft(rid, k, position, committed=committed, **kw)
+        branches, span = kw.get("branches", 0), kw.get("span", 0)
+        start = len(committed) - position  # the prompt's length
+        for at in range(len(committed) - span, len(committed) + 1)[:branches]:
+            out = at - start
+            right = self.script[out:out + k]
+            d.branches += [Branch(at, drafter_ids=right, target_ids=right),
+                           Branch(at, drafter_ids=[self.wrong] * k, target_ids=[self.wrong] * k)]
+        if branches:  # past the end: ignored
+            d.branches.append(Branch(len(committed) + 5, target_ids=self.script[:k]))
+        return d
+
+
+@pytest.mark.parametrize("branches", [0, 4])
+def test_a_round_after_a_rejection_takes_the_branch_that_guessed_it(tok, branches):
+    """Drafting ahead with branches (``overlap_branches``): when the target rejects a candidate,
+    the next round's draft is the branch made ahead at that fork point whose first token is the
+    target's, if there is one — never a branch the committed tokens did not take.  The output is
+    the script whatever the drafter guesses, and with branches fewer rounds are plain steps."""
+    script = _script(tok, "abcdefghijklmnop")
+    proposal = list(script)
+    for i in range(2, len(proposal), 5):  # the drafter is wrong every fifth token
+        proposal[i] = ids(tok, "q")[0]
+    n = len(ids(tok, "abcdefghijklmnop"))
+    drafter = BranchingDrafter(proposal, script, wrong=ids(tok, "w")[0])
+
+    async def main():
+        coord = Coordinator(PausingTarget(script, 512), TargetInfo(tok, frozenset(tok.eos_ids), 512),
+                            drafter, same_vocab=True, overlap=True, overlap_branches=branches)
+        return await coord.generate(GenerationRequest(PROMPT, max_new_tokens=n, method="slem",
+                                                      lookahead=3))
+
+    res = asyncio.run(main())
+    assert res.token_ids == script[:n]
+    asks = [a for a in drafter.branch_asks if a[0]]
+    if not branches:  # every rejection is followed by a plain step
+        assert not asks and res.stats.ahead_branch == 0 and res.stats.ahead_plain >= 3
+        return
+    assert asks and all(b == branches for b, _ in asks)
+    assert {span for _, span in asks} > {0}  # ahead of a verification: its candidates
+    assert res.stats.ahead_branch >= 2, res.stats
+    assert res.stats.ahead_plain == 1  # only the first round: every rejection was guessed
+    assert res.stats.ahead_ready == res.stats.rounds - 1
+
+
+class SlowBranchingDrafter(BranchingDrafter):
+    """A ``BranchingDrafter`` slower than the target's verification: every draft made ahead is
+    still out at the verdict."""
+
+    async def draft(self, rid, k, position, **kw):
+        await asyncio.sleep(0.03)
+        return await super().draft(rid, k, position, **kw)
+
+
+def test_branches_back_off_while_drafts_made_ahead_are_late(tok):
+    """A draft made ahead still out at the verdict makes the target wait: the next ones ask for
+    half the branches, down to none (``RequestRun._pace_branches``); the output is unchanged."""
+    script = _script(tok, "abcdefghijklmnopqrstuvwx")
+    n = len(ids(tok, "abcdefghijklmnopqrstuvwx"))
+    drafter = SlowBranchingDrafter(list(script), script, wrong=ids(tok, "w")[0])
+
+    async def main():
+        coord = Coordinator(PausingTarget(script, 512), TargetInfo(tok, frozenset(tok.eos_ids), 512),
+                            drafter, same_vocab=True, overlap=True, overlap_branches=4)
+        return await coord.generate(GenerationRequest(PROMPT, max_new_tokens=n, method="slem",
+                                                      lookahead=2))
+
+    res = asyncio.run(main())
+    assert res.token_ids == script[:n]
+    asked = [b for b, _ in drafter.branch_asks]
+    assert asked[:4] == [4, 2, 1, 0] and not any(asked[4:]), asked

@@ -56,6 +56,9 @@ class Method:
     name: ClassVar[str]
     needs_drafter: ClassVar[bool] = True
     rule: ClassVar[str] = SPECULATIVE  # how the target verifies this method's candidates
+    # a draft made ahead may carry branches (``RunPolicy.overlap_branches``): its proposer
+    # drafts them (``branches = True``) and its drafts are greedy with no rows (SLEM)
+    branches_ahead: ClassVar[bool] = False
 
     def uses_ids(self, same_vocab: bool) -> bool:
         """Whether the drafter works on the committed target ids (else on the committed bytes)."""

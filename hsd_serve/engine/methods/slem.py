@@ -24,6 +24,7 @@ MAX_DRAFT_PER_K = 4  # cap on drafter tokens per unit of k (whitespace runs)
 class SLEM(Method):
     name = "slem"
     rule = EXACT
+    branches_ahead = True
 
     def uses_ids(self, same_vocab: bool) -> bool:
         return same_vocab  # a shared vocabulary needs no re-encoding
@@ -44,6 +45,8 @@ class SLEM(Method):
 
 
 class SLEMProposer:
+    branches = True  # it drafts branches of a draft made ahead (``DrafterWorker._branch_from``)
+
     def __init__(self, token_bytes: list[bytes]):
         self.token_bytes = token_bytes
 

@@ -160,6 +160,7 @@ class VllmDrafterWorker(DrafterWorker):
     """``DrafterWorker`` with its forwards on vLLM (greedy drafting methods only)."""
 
     returns_rows = False
+    branches_ok = False  # its sessions are vLLM's: no branches of drafts made ahead
 
     def __init__(self, model: VllmDraftModel, target_vocab, **kwargs):
         super().__init__(model, target_vocab, **kwargs)
@@ -192,10 +193,10 @@ class VllmDrafterWorker(DrafterWorker):
                                extra_args={MASKED: True} if masked else None,
                                output_kind=RequestOutputKind.DELTA)
 
-    def _drive(self, active: dict, finish, results: list) -> None:
+    def _drive(self, active: dict, finish, results: dict) -> None:
         self.model.thread.submit(self._drive_here, active, finish, results).result()
 
-    def _drive_here(self, active: dict, finish, results: list) -> None:
+    def _drive_here(self, active: dict, finish, results: dict) -> None:
         from vllm.inputs import TokensPrompt
 
         engine = self.engine

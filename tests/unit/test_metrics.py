@@ -89,6 +89,7 @@ def test_drafting_ahead_counts_reach_the_shared_counters():
     sink = M.PrometheusSink()
     s = _stats()
     s.ahead_ready, s.ahead_waited, s.ahead_plain, s.ahead_stale = 3, 5, 2, 11
+    s.ahead_branch = 1  # of the ready ones, a branch
     sink.record_request(s, "ok")
     sink.record_request(_stats(), "ok")
     got = _scrape(sink)
@@ -96,6 +97,7 @@ def test_drafting_ahead_counts_reach_the_shared_counters():
     assert M.total(got, "hsd_draft_steps_total", result="waited") == 5
     assert M.total(got, "hsd_draft_steps_total", result="plain") == 2
     assert M.total(got, "hsd_stale_draft_tokens_total") == 11
+    assert M.total(got, "hsd_branch_drafts_total") == 1
 
 
 def test_failed_requests_count_work_but_not_request_latency():

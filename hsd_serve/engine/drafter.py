@@ -208,11 +208,11 @@ class DrafterWorker(SessionBounds):
                 if st.text is not None and st.text.pending(c.generated):  # mid-character
                     results[i] = Draft()
                     continue
-                proposer = self.proposer(METHODS[st.method])
+                method = METHODS[st.method]
+                proposer = self.proposer(method)
                 gen = proposer.draft(st, c.k, c.position, c.attempt)
                 active[i] = [gen, st, next(gen), f0, t0, c.k]
-                if c.branches > 0 and c.k > 1 and self.branches_ok and \
-                        getattr(proposer, "branches", False):
+                if c.branches > 0 and c.k > 1 and self.branches_ok and method.branches_ahead:
                     try:
                         forks[i] = self._branch_from(i, c, st, proposer, active, finish, results)
                     except Exception as exc:  # noqa: BLE001 - branches are optional guesses

@@ -56,8 +56,9 @@ class Method:
     name: ClassVar[str]
     needs_drafter: ClassVar[bool] = True
     rule: ClassVar[str] = SPECULATIVE  # how the target verifies this method's candidates
-    # a draft made ahead may carry branches (``RunPolicy.overlap_branches``): its proposer
-    # drafts them (``branches = True``) and its drafts are greedy with no rows (SLEM)
+    # a draft made ahead may carry branches (``RunPolicy.overlap_branches``, drafted by
+    # ``DrafterWorker._branch_from`` with this method's proposer): its drafts are greedy with no
+    # rows (SLEM)
     branches_ahead: ClassVar[bool] = False
 
     def uses_ids(self, same_vocab: bool) -> bool:

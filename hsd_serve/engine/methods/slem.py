@@ -45,8 +45,6 @@ class SLEM(Method):
 
 
 class SLEMProposer:
-    branches = True  # it drafts branches of a draft made ahead (``DrafterWorker._branch_from``)
-
     def __init__(self, token_bytes: list[bytes]):
         self.token_bytes = token_bytes
 

@@ -155,7 +155,23 @@ def _summ(results) -> dict:
     return out
 
 
-async def run(args, t_addr: str, d_addr: str) -> dict:
+def _write(args, out: dict, partial: bool) -> None:
+    """``results.json`` (and ``results.md`` once a summary exists) under ``--out``; written
+    after every phase, so that a run cut short keeps what it measured (``partial``)."""
+    if not args.out:
+        return
+    d = Path(args.out)
+    d.mkdir(parents=True, exist_ok=True)
+    out = dict(out, partial=partial,
+               config={k: v for k, v in vars(args).items()
+                       if k not in ("worker", "port_file", "cpus")})
+    (d / "results.json").write_text(json.dumps(out, indent=1, default=str))
+    if "summary" in out:
+        (d / "results.md").write_text(_table(out["summary"], args.settings[0],
+                                             out["ar"]["tokens_per_s"]))
+
+
+async def run(args, t_addr: str, d_addr: str, machine: dict) -> dict:
     from hsd_serve.bench.datasets import load_prompts
 
     coords, pool, _ = _coordinators(args, t_addr, d_addr)
@@ -167,7 +183,10 @@ async def run(args, t_addr: str, d_addr: str) -> dict:
             await _phase(coords[name], prompts[:2], args, args.method, max(args.lookahead), 1)
         ar_wall, ar_results = await _phase(ar_coord, prompts, args, "ar", 1, 1)
         ar_ids = [r.token_ids for r in ar_results]
+        ar = {"wall_s": ar_wall, "tokens": sum(map(len, ar_ids)),
+              "tokens_per_s": sum(map(len, ar_ids)) / ar_wall}
         runs = []
+        out = {"ar": ar, "runs": runs, "machine": machine}
         for c in args.concurrency:
             for k in args.lookahead:
                 for rep in range(args.repeats):
@@ -187,11 +206,12 @@ async def run(args, t_addr: str, d_addr: str) -> dict:
                               f"{summ['tokens'] / wall:7.1f} tok/s, ready {summ['ahead_ready']}"
                               f", plain {summ['ahead_plain']}, branch {summ['ahead_branch']}, "
                               f"identical {identical}/{len(results)}", flush=True)
+                        _write(args, dict(out, summary=summarize(runs, args.settings[0])),
+                               partial=True)
     finally:
         await pool.close()
-    return {"ar": {"wall_s": ar_wall, "tokens": sum(map(len, ar_ids)),
-                   "tokens_per_s": sum(map(len, ar_ids)) / ar_wall},
-            "runs": runs, "summary": summarize(runs, args.settings[0])}
+    out["summary"] = summarize(runs, args.settings[0])
+    return out
 
 
 def summarize(runs: list[dict], reference: str) -> list[dict]:
@@ -284,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  _spawn("drafter", passthrough, tmp, args.drafter_cpus)]
         try:
             t_addr, d_addr = (_wait_port(p, f, args.start_timeout) for p, f in procs)
-            out = asyncio.run(run(args, t_addr, d_addr))
+            out = asyncio.run(run(args, t_addr, d_addr, machine_info()))
         finally:
             for proc, _ in procs:
                 proc.stdin.close()
@@ -293,16 +313,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    out["config"] = {k: v for k, v in vars(args).items()
-                     if k not in ("worker", "port_file", "cpus")}
-    out["machine"] = machine_info()
-    table = _table(out["summary"], args.settings[0], out["ar"]["tokens_per_s"])
-    print(table)
-    if args.out:
-        d = Path(args.out)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "results.json").write_text(json.dumps(out, indent=1, default=str))
-        (d / "results.md").write_text(table)
+    _write(args, out, partial=False)
+    print(_table(out["summary"], args.settings[0], out["ar"]["tokens_per_s"]))
     return 0
 
 

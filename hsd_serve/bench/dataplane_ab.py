@@ -104,8 +104,8 @@ def _coordinators(args, t_addr: str, d_addr: str):
     from hsd_serve.serve.dataplane import ChannelPool, GrpcDrafter, GrpcTarget
 
     target_spec, drafter_spec = _specs(args)
-    target = describe_model(target_spec)
-    same = same_vocabulary(describe_model(drafter_spec).tokenizer.vocab, target.tokenizer.vocab)
+    target, drafter = describe_model(target_spec), describe_model(drafter_spec)
+    same = same_vocabulary(drafter.tokenizer.vocab, target.tokenizer.vocab)
     pool = ChannelPool()
     info = TargetInfo(target.tokenizer, target.eos_ids, target.max_context)
     coords = {}
@@ -117,7 +117,7 @@ def _coordinators(args, t_addr: str, d_addr: str):
             GrpcTarget(t_addr, pool=pool), info,
             GrpcDrafter(d_addr, target_vocab_size=target.tokenizer.vocab.size, pool=pool),
             same_vocab=same, **opts)
-    return coords, pool, target
+    return coords, pool, target, drafter
 
 
 async def _one(coord, prompt: str, args, method: str, k: int, seed: int):
@@ -172,10 +172,14 @@ def _write(args, out: dict, partial: bool) -> None:
 
 
 async def run(args, t_addr: str, d_addr: str, machine: dict) -> dict:
-    from hsd_serve.bench.datasets import load_prompts
+    from hsd_serve.bench.datasets import context_fitter, fit_prompts, load_prompts
 
-    coords, pool, _ = _coordinators(args, t_addr, d_addr)
-    prompts = [p.text for p in load_prompts(args.dataset, args.data_dir, args.limit)]
+    coords, pool, target, drafter = _coordinators(args, t_addr, d_addr)
+    fits = context_fitter(target.tokenizer, target.max_context, args.max_new_tokens,
+                          drafter_tokenizer=drafter.tokenizer,
+                          drafter_context=drafter.max_context, lookahead=max(args.lookahead))
+    fitted, _ = fit_prompts(load_prompts(args.dataset, args.data_dir, args.limit), fits)
+    prompts = [p.text for p in fitted]  # cut to fit both contexts, as `hsd-serve bench` does
     try:
         ar_coord = coords[args.settings[0]]
         await _phase(ar_coord, prompts[:2], args, "ar", 1, 1)  # warm both workers

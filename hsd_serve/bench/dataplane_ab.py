@@ -8,7 +8,7 @@ order, and reports per-pass tokens/s and their ratios to no overlap.  Every outp
 token for token against AR run through the same target process.
 
 It exists for machines where Ray Serve is not installed, such as a GPU machine with no package
-index (``bench/README.md``, "Over the data plane, without Ray").  ``hsd-serve bench --endpoint``
+index (``bench/README.md``, "On a GPU").  ``hsd-serve bench --endpoint``
 remains the way to measure the service itself.
 """
 
@@ -173,6 +173,7 @@ def _write(args, out: dict, partial: bool) -> None:
 
 async def run(args, t_addr: str, d_addr: str, machine: dict) -> dict:
     from hsd_serve.bench.datasets import context_fitter, fit_prompts, load_prompts
+    from hsd_serve.bench.metrics import rotated
 
     coords, pool, target, drafter = _coordinators(args, t_addr, d_addr)
     fits = context_fitter(target.tokenizer, target.max_context, args.max_new_tokens,
@@ -194,9 +195,7 @@ async def run(args, t_addr: str, d_addr: str, machine: dict) -> dict:
         for c in args.concurrency:
             for k in args.lookahead:
                 for rep in range(args.repeats):
-                    order = args.settings[rep % len(args.settings):] + \
-                        args.settings[:rep % len(args.settings)]
-                    for name in order:
+                    for name in rotated(args.settings, rep):
                         wall, results = await _phase(coords[name], prompts, args, args.method,
                                                      k, c)
                         summ = _summ(results)
@@ -262,6 +261,8 @@ def _table(summary: list[dict], reference: str, ar_tps: float) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from hsd_serve.bench.cli import _csv
+
     p = argparse.ArgumentParser(prog="python -m hsd_serve.bench.dataplane_ab",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="bundled:target")
@@ -276,9 +277,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="slem")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lookahead", type=lambda s: [int(x) for x in s.split(",")], default=[2])
-    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1])
-    p.add_argument("--settings", type=lambda s: s.split(","), default=["off", "on", "branches"],
+    p.add_argument("--lookahead", type=_csv(int), default=[2])
+    p.add_argument("--concurrency", type=_csv(int), default=[1])
+    p.add_argument("--settings", type=_csv(str), default=["off", "on", "branches"],
                    help="comma list of off, on, branches, wait; the first is the reference")
     p.add_argument("--branches", type=int, default=4, help="overlap_branches of 'branches'")
     p.add_argument("--repeats", type=int, default=3)
@@ -307,10 +308,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--repeats must be >= 1")
     from hsd_serve.bench.runner import machine_info
 
-    passthrough = list(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [_spawn("target", passthrough, tmp, args.target_cpus),
-                 _spawn("drafter", passthrough, tmp, args.drafter_cpus)]
+    with tempfile.TemporaryDirectory() as tmp:  # the workers parse the same arguments
+        procs = [_spawn("target", argv, tmp, args.target_cpus),
+                 _spawn("drafter", argv, tmp, args.drafter_cpus)]
         try:
             t_addr, d_addr = (_wait_port(p, f, args.start_timeout) for p, f in procs)
             out = asyncio.run(run(args, t_addr, d_addr, machine_info()))

@@ -7,6 +7,13 @@ import statistics
 from typing import Optional, Sequence
 
 
+def rotated(seq: Sequence, i: int) -> list:
+    """``seq`` started at item ``i`` (modulo its length): pass or prompt ``i``'s order, so that no
+    configuration always runs first or after the same neighbour."""
+    i %= len(seq)
+    return list(seq[i:]) + list(seq[:i])
+
+
 def ideal_speedup(alpha: float, k: int, c: float) -> float:
     """``S_ideal = (1 − α^(k+1)) / ((1 − α)(k·c + 1))``: expected tokens per round over the cost
     of a round (``k`` drafter steps at ``c`` target steps each, plus one target step)."""

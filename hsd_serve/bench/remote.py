@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 from urllib.parse import urlparse
 
+from hsd_serve.bench.metrics import rotated
 from hsd_serve.bench.datasets import Prompt, context_fitter, fit_prompts, load_prompts, LONG_CONTEXT
 from hsd_serve.bench.runner import (BASELINES, HF, HF_AR, OVERLAP_MISS, PLAIN, VLLM_SERVE,
                                     BenchConfig, RunSpec, Sample, _config_dict, _progress,
@@ -353,8 +354,7 @@ def _single_stream(pick, cfg, dataset, prompts, specs, progress):
     samples = []
     bar = _progress(len(prompts) * len(specs), progress, f"bench {dataset} (endpoint)")
     for i, prompt in enumerate(prompts):
-        order = specs[i % len(specs):] + specs[:i % len(specs)]
-        for spec in order:
+        for spec in rotated(specs, i):
             bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}")
             samples.append(pick(spec).generate(dataset, prompt, spec, cfg.max_new_tokens,
                                                cfg.seed + i))
@@ -371,7 +371,7 @@ def _load_phases(pick, cfg, dataset, prompts, specs, conc, progress):
     total = None if cfg.duration else len(prompts) * len(specs) * cfg.repeats
     bar = _progress(total or 0, progress, f"bench {dataset} ×{conc}")
     for rep in range(cfg.repeats):
-        for spec in specs[rep % len(specs):] + specs[:rep % len(specs)]:
+        for spec in rotated(specs, rep):
             bar.set_postfix_str(f"{spec.label} T={spec.temperature:g}"
                                 + (f" pass {rep + 1}/{cfg.repeats}" if cfg.repeats > 1 else ""))
             phase, tps = _load_phase(pick, cfg, dataset, prompts, spec, conc, bar, rep)

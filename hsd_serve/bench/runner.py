@@ -26,7 +26,7 @@ import torch
 from hsd_serve.bench.datasets import (LONG_CONTEXT, Prompt, context_fitter, fit_prompts,
                                       load_prompts)
 from hsd_serve.bench.metrics import (alpha_from_tokens_per_round, conditional_alpha, geomean,
-                                     ideal_speedup, mean, percentile, ratio, rnd)
+                                     ideal_speedup, mean, percentile, ratio, rnd, rotated)
 from hsd_serve.engine.types import MAX_LOOKAHEAD
 
 log = logging.getLogger(__name__)
@@ -818,7 +818,7 @@ def run_inprocess(cfg: BenchConfig, *, target=None, drafter=None, progress: bool
         bar = _progress(len(prompts) * len(specs), progress, f"bench {dataset}")
         with _StopOnSignal() as stop:
             for i, prompt in enumerate(prompts):
-                order = specs[i % len(specs):] + specs[:i % len(specs)]
+                order = rotated(specs, i)
                 done: list[Sample] = []
                 for spec in order:
                     if stop.requested:
